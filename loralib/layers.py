@@ -1,0 +1,415 @@
+"""LoRA layers: drop-in replacements for Microsoft's ``loralib==0.1.2`` layers.
+
+Low-rank adaptation (Hu et al., 2021) freezes a pre-trained weight ``W`` and learns a low-rank update::
+
+    h = W x + (lora_alpha / r) * B A x        A: (r, in), B: (out, r), B = 0 at init
+
+so the adapted layer starts out equal to the frozen one. ``scaling = lora_alpha / r``. With
+``merge_weights=True`` the update is folded into ``W`` when the layer enters eval mode (``W += scaling * B A``)
+and taken back out when it returns to train mode, so merged inference costs exactly what the base layer costs.
+
+Every class keeps 0.1.2's constructor signature, defaults, attribute names and state-dict keys, so code and
+checkpoints move across unchanged. What differs (all of it fixes) is listed in the README.
+"""
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LoRALayer", "Embedding", "Linear", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d", "Conv3d"]
+
+
+def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ValueError(f"r must be a non-negative int (the LoRA rank), got r={r!r}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0 (0 disables LoRA), got r={r}")
+    if r > 0 and not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
+        raise ValueError(f"lora_alpha must be a positive number when r > 0, got lora_alpha={lora_alpha!r}")
+    if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+        raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
+
+
+# --- state-dict hooks --------------------------------------------------------------------------------------------
+# A merged layer holds W + scaling*BA in its weight. Checkpoints must always carry the plain W, or loading them
+# into a fresh (unmerged) model would apply the update twice. Module-level functions, so modules stay picklable.
+
+def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
+    if module.merged and module.r > 0 and module._has_lora():
+        key = prefix + module._weight_key
+        state_dict[key] = (state_dict[key] - module._delta_weight().to(state_dict[key].dtype)).detach()
+
+
+def _unmerge_before_load(module, state_dict, prefix, *args):
+    # Loading replaces W and/or A, B: take the old update out first, put the new one in after (post hook).
+    module._remerge_after_load = module.merged
+    if module.merged:
+        module.unmerge()
+
+
+def _remerge_after_load(module, incompatible_keys):
+    if getattr(module, "_remerge_after_load", False):
+        module._remerge_after_load = False
+        module.merge()
+
+
+class LoRALayer():
+    """Mixin holding the LoRA hyper-parameters shared by every layer.
+
+    Args:
+        r: rank of the update; 0 makes the layer a plain torch layer with no LoRA parameters.
+        lora_alpha: the update is scaled by ``lora_alpha / r``.
+        lora_dropout: dropout probability applied to the input of the LoRA path only.
+        merge_weights: fold the update into the frozen weight in eval mode, unfold it in train mode.
+
+    Raises:
+        ValueError: for a negative or non-integer ``r``, a non-positive ``lora_alpha`` when ``r > 0``,
+            or ``lora_dropout`` outside [0, 1).
+    """
+
+    _weight_key = "weight"  # where the frozen weight lives in this module's state dict
+
+    def __init__(self, r: int, lora_alpha: int, lora_dropout: float, merge_weights: bool):
+        _check_lora_args(r, lora_alpha, lora_dropout)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        # A module even when disabled, so that deepcopy / torch.save(model) work (0.1.2 used a lambda).
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.merged = False
+        self.merge_weights = merge_weights
+        if isinstance(self, nn.Module):
+            self.register_state_dict_post_hook(_save_unmerged_weight)
+            self.register_load_state_dict_pre_hook(_unmerge_before_load)
+            self.register_load_state_dict_post_hook(_remerge_after_load)
+
+    # Subclasses implement these two.
+    def _has_lora(self) -> bool:
+        return hasattr(self, "lora_A")
+
+    def _delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _frozen_weight(self) -> torch.Tensor:
+        return self.weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scaling * B A`` into the frozen weight. Merging a merged layer is a no-op."""
+        if not self.merged:
+            if self.r > 0 and self._has_lora():
+                w = self._frozen_weight()
+                w.add_(self._delta_weight().to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ``scaling * B A`` back out of the frozen weight. Unmerging an unmerged layer is a no-op."""
+        if self.merged:
+            if self.r > 0 and self._has_lora():
+                w = self._frozen_weight()
+                w.sub_(self._delta_weight().to(w.dtype))
+            self.merged = False
+
+    def _train_merge(self, mode: bool) -> None:
+        if self.merge_weights:
+            if mode:
+                self.unmerge()
+            else:
+                self.merge()
+
+
+# --- the fused LoRA linear path ---------------------------------------------------------------------------------
+
+def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
+    # Regenerated from the seed in backward instead of being stored: dropout then costs no activation memory.
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    mask = _dropout_mask(x.shape, p, seed, x.device)
+    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """y = x W^T + b + scaling * drop(x) A^T B^T, saving only x (already alive), the (N, r) intermediate and a seed.
+
+    A plain autograd graph would also keep the dropped copy of x and its mask for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
+        result = F.linear(x, weight, bias)
+        dx = _dropped(x, p, seed) if p > 0 else x
+        h = dx.reshape(-1, dx.shape[-1]) @ lora_A.t()  # (N, r)
+        result.view(-1, result.shape[-1]).addmm_(h, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
+        ctx.scaling, ctx.p, ctx.seed, ctx.has_bias = scaling, p, seed, bias is not None
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        need = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        gh = (g @ lora_B).mul_(s) if (need[0] or need[3]) else None  # (N, r)
+        if need[0]:
+            gdx = gh @ lora_A  # (N, in)
+            if p > 0:
+                gdx = _dropped(gdx.view(x.shape), p, ctx.seed).reshape(gdx.shape)
+            grad_x = gdx.addmm_(g, weight).view(x.shape)
+        if need[1]:
+            grad_w = g.t() @ x2
+        if need[2] and ctx.has_bias:
+            grad_b = g.sum(0)
+        if need[3]:
+            dx = _dropped(x, p, ctx.seed).reshape(x2.shape) if p > 0 else x2
+            grad_A = gh.t() @ dx
+        if need[4]:
+            grad_B = (g.t() @ h).mul_(s)
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
+
+
+def _lora_linear(layer, x: torch.Tensor, weight: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """The unmerged forward of Linear/MergedLinear. ``lora_B`` is (out, R), ``weight`` is (out, in)."""
+    dropout = layer.lora_dropout
+    p = dropout.p if (isinstance(dropout, nn.Dropout) and dropout.training) else 0.0
+    if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        return _LoRALinearFn.apply(x, weight, layer.bias, layer.lora_A, lora_B, layer.scaling, p, seed)
+    # Inference (or autocast): plain ops, nothing is saved anyway.
+    result = F.linear(x, weight, layer.bias)
+    h = F.linear(dropout(x), layer.lora_A)
+    return result + F.linear(h, lora_B) * layer.scaling
+
+
+class Embedding(nn.Embedding, LoRALayer):
+    """``nn.Embedding`` with a LoRA update: ``E[x] + scaling * (A^T)[x] B^T``. A: (r, num_embeddings), B: (dim, r).
+
+    As in 0.1.2, A starts at zero and B normal, so the layer starts equal to the plain embedding.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: int = 1,
+                 merge_weights: bool = True, **kwargs):
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0, merge_weights=merge_weights)
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, num_embeddings)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
+            self.scaling = self.lora_alpha / self.r
+            self.weight.requires_grad = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.Embedding.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def _delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).t() * self.scaling
+
+    def train(self, mode: bool = True):
+        nn.Embedding.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor):
+        if self.r == 0 or self.merged:
+            return nn.Embedding.forward(self, x)
+        result = nn.Embedding.forward(self, x)
+        after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)
+        return result + (after_A @ self.lora_B.t()) * self.scaling
+
+
+class Linear(nn.Linear, LoRALayer):
+    """``nn.Linear`` with a LoRA update. A: (r, in_features) Kaiming-uniform, B: (out_features, r) zeros.
+
+    Args:
+        fan_in_fan_out: the weight is stored (in, out), as in GPT-2's ``Conv1D``; set it when loading such weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0., fan_in_fan_out: bool = False, merge_weights: bool = True, **kwargs):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
+            self.scaling = self.lora_alpha / self.r
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.t().contiguous()
+
+    def reset_parameters(self):
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+            nn.init.zeros_(self.lora_B)
+
+    def _T(self, w: torch.Tensor) -> torch.Tensor:
+        return w.t() if self.fan_in_fan_out else w
+
+    def _delta_weight(self) -> torch.Tensor:
+        return self._T(self.lora_B @ self.lora_A) * self.scaling
+
+    def train(self, mode: bool = True):
+        nn.Linear.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor):
+        if self.r == 0 or self.merged:
+            return F.linear(x, self._T(self.weight), bias=self.bias)
+        return _lora_linear(self, x, self._T(self.weight), self.lora_B)
+
+
+class MergedLinear(nn.Linear, LoRALayer):
+    """A fused projection (e.g. GPT-2's q|k|v) whose output splits into ``len(enable_lora)`` equal groups; each
+    group with ``enable_lora[i]`` gets its own rank-r update. A: (r * n_enabled, in), B: (out / len * n_enabled, r).
+
+    The update is computed on the input (x A^T, then a block-diagonal B), never as a dense out x in matrix.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
+                 lora_dropout: float = 0., enable_lora: List[bool] = [False], fan_in_fan_out: bool = False,
+                 merge_weights: bool = True, **kwargs):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
+        enable_lora = list(enable_lora)
+        if len(enable_lora) == 0 or out_features % len(enable_lora) != 0:
+            raise ValueError(f"len(enable_lora) must divide out_features: got len(enable_lora)={len(enable_lora)} "
+                             f"for out_features={out_features}")
+        self.enable_lora = enable_lora
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0 and any(enable_lora):
+            n_on = sum(bool(e) for e in enable_lora)
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r * n_on, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features // len(enable_lora) * n_on, r)))
+            self.scaling = self.lora_alpha / self.r
+            self.weight.requires_grad = False
+            # Non-persistent buffers: they follow .to(device) but add no state-dict key (0.1.2 had none).
+            ind = torch.zeros((len(enable_lora), out_features // len(enable_lora)), dtype=torch.bool)
+            ind[[bool(e) for e in enable_lora], :] = True
+            self.register_buffer("lora_ind", ind.view(-1), persistent=False)
+            groups = torch.tensor([i for i, e in enumerate(enable_lora) if e], dtype=torch.long)
+            self.register_buffer("_lora_groups", groups, persistent=False)
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.t().contiguous()
+
+    def reset_parameters(self):
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _T(self, w: torch.Tensor) -> torch.Tensor:
+        return w.t() if self.fan_in_fan_out else w
+
+    def _expanded_B(self) -> torch.Tensor:
+        """(out_features, r * n_enabled): B's groups on the diagonal, zero rows for the disabled groups."""
+        n_on, n_all = len(self._lora_groups), len(self.enable_lora)
+        per_group = self.out_features // n_all
+        blocks = torch.block_diag(*self.lora_B.split(per_group))  # (per_group * n_on, r * n_on)
+        full = blocks.new_zeros((n_all, per_group, self.r * n_on))
+        return full.index_copy(0, self._lora_groups, blocks.view(n_on, per_group, -1)).view(self.out_features, -1)
+
+    def zero_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Scatter rows of the enabled groups into a zero tensor of out_features rows (0.1.2's helper)."""
+        result = x.new_zeros((len(self.lora_ind), *x.shape[1:]))
+        result[self.lora_ind] = x
+        return result
+
+    def merge_AB(self) -> torch.Tensor:
+        """The unscaled dense update B A in the weight's storage layout (0.1.2's helper, kept for user code)."""
+        return self._T(self._expanded_B() @ self.lora_A)
+
+    def _delta_weight(self) -> torch.Tensor:
+        return self.merge_AB() * self.scaling
+
+    def train(self, mode: bool = True):
+        nn.Linear.train(self, mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x: torch.Tensor):
+        if self.merged or not self._has_lora():
+            return F.linear(x, self._T(self.weight), bias=self.bias)
+        return _lora_linear(self, x, self._T(self.weight), self._expanded_B())
+
+
+class ConvLoRA(nn.Module, LoRALayer):
+    """A convolution (``self.conv``) with a LoRA update of its kernel, reshaped from B A.
+
+    For kernel size (k0, *rest), A is (r * k0, in_channels * prod(rest)) and B is (out_channels / groups * k0,
+    r * k0); for a square Conv2d these are 0.1.2's shapes. Any kernel size and dimensionality works.
+    """
+
+    _weight_key = "conv.weight"
+
+    def __init__(self, conv_module, in_channels, out_channels, kernel_size, r=0, lora_alpha=1, lora_dropout=0.,
+                 merge_weights=True, **kwargs):
+        super(ConvLoRA, self).__init__()
+        self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
+        if r > 0:
+            ks = self.conv.kernel_size
+            k0, k_rest = ks[0], math.prod(ks[1:])
+            self.lora_A = nn.Parameter(self.conv.weight.new_zeros((r * k0, in_channels * k_rest)))
+            self.lora_B = nn.Parameter(
+                self.conv.weight.new_zeros((out_channels // self.conv.groups * k0, r * k0)))
+            self.scaling = self.lora_alpha / self.r
+            self.conv.weight.requires_grad = False
+        self.reset_parameters()
+        self.merged = False
+
+    def reset_parameters(self):
+        self.conv.reset_parameters()
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _frozen_weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def _delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
+
+    def train(self, mode=True):
+        super(ConvLoRA, self).train(mode)
+        self._train_merge(mode)
+        return self
+
+    def forward(self, x):
+        if self.r == 0 or self.merged:
+            return self.conv(x)
+        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
+            # Dropout acts on the LoRA path's input only, so that path needs a convolution of its own.
+            delta = self._delta_weight()
+            return self.conv(x) + self.conv._conv_forward(self.lora_dropout(x), delta, None)
+        return self.conv._conv_forward(x, self.conv.weight + self._delta_weight(), self.conv.bias)
+
+
+class Conv2d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super(Conv2d, self).__init__(nn.Conv2d, *args, **kwargs)
+
+
+class Conv1d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super(Conv1d, self).__init__(nn.Conv1d, *args, **kwargs)
+
+
+class Conv3d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super(Conv3d, self).__init__(nn.Conv3d, *args, **kwargs)
