@@ -1,0 +1,1 @@
+"""Shared pieces of the NLG example scripts (model, data, tokenizer, training helpers)."""

@@ -1,0 +1,216 @@
+"""SimpleGPT2WithLoRA: a real GPT-2 (the Hugging Face layout, module for module) with loralib layers in it.
+
+LoRA sits on the attention's query and value projections (one ``MergedLinear`` over the fused q|k|v projection,
+``enable_lora=[True, False, True]``), on both MLP projections, and on the output projection to the vocabulary.
+Module names follow Hugging Face's ``GPT2LMHeadModel`` so its weights import key by key (see ``hf_checkpoint.py``).
+Weights are stored in ``nn.Linear`` layout (out, in); GPT-2's ``Conv1D`` (in, out) weights are transposed on import.
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import loralib as lora
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2 BPE vocabulary; 50256 is <|endoftext|>
+    max_positions: int = 1024  # learned position embeddings (GPT-2: n_positions)
+    hidden_dim: int = 768  # GPT-2 small: n_embd
+    num_layers: int = 2  # GPT-2 small has 12; 2 keeps a CPU run to minutes
+    num_heads: int = 12  # head size = hidden_dim / num_heads = 64
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0  # base-model dropout (attention, residual, embedding); the base is frozen anyway
+    lora_dim: int = 16  # LoRA rank r; 0 makes every layer a plain one
+    lora_alpha: int = 128  # LoRA scaling = lora_alpha / lora_dim
+    lora_dropout: float = 0.0  # dropout on the LoRA path's input
+
+    def __post_init__(self):
+        if self.hidden_dim % self.num_heads != 0:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
+        for name in ("vocab_size", "max_positions", "hidden_dim", "num_layers", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+KVCache = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, each (B, nh, T_past, hs)
+
+
+class GPTOutput(NamedTuple):
+    logits: Optional[torch.Tensor]  # (B, T, V), or None when only the loss was asked for
+    loss: Optional[torch.Tensor]
+    past_key_values: Optional[KVCache]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.num_heads
+        C = cfg.hidden_dim
+        self.c_attn = lora.MergedLinear(C, 3 * C, r=cfg.lora_dim, lora_alpha=cfg.lora_alpha,
+                                        lora_dropout=cfg.lora_dropout, enable_lora=[True, False, True])
+        self.c_proj = nn.Linear(C, C)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, attn_mask=None, past=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat([past[1], v], dim=2)
+        p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            # No padding on the left and no cache: plain causal attention (right padding never leaks backwards).
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.c_proj(y), p, self.training), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        C, kw = cfg.hidden_dim, dict(r=cfg.lora_dim, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+        self.c_fc = lora.Linear(C, 4 * C, **kw)
+        self.c_proj = lora.Linear(4 * C, C, **kw)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
+        return F.dropout(self.c_proj(h), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_dim, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_dim, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask=None, past=None):
+        a, present = self.attn(self.ln_1(x), attn_mask, past)  # pre-LN
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class SimpleGPT2WithLoRA(nn.Module):
+    """GPT-2 with LoRA. ``forward(input_ids, labels=...)`` computes the 50,257-way output layer only at the
+    positions whose label is not -100, which is where a fine-tuning step on CPU spends most of its time.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.hidden_dim),
+            wpe=nn.Embedding(cfg.max_positions, cfg.hidden_dim),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)]),
+            ln_f=nn.LayerNorm(cfg.hidden_dim, eps=cfg.layer_norm_eps),
+        ))
+        # Its own weight (not tied to wte): merging the head's LoRA must never change the input embedding.
+        self.lm_head = lora.Linear(cfg.hidden_dim, cfg.vocab_size, r=cfg.lora_dim, lora_alpha=cfg.lora_alpha,
+                                   lora_dropout=cfg.lora_dropout, bias=False)
+        self._init_base_weights()
+
+    @torch.no_grad()
+    def _init_base_weights(self):
+        # GPT-2's initialisation for a random base; LoRA's own A/B initialisation is left as loralib made it.
+        std_resid = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std_resid if name.endswith("c_proj") else 0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        self.lm_head.weight.copy_(self.transformer.wte.weight)  # as GPT-2, whose head is the embedding
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        """Final hidden states (B, T, C) and the per-layer key/value cache.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T_past + T), 1 for real tokens, 0 for (left) padding. Optional.
+            position_ids: (B, T). Defaults to T_past .. T_past + T - 1.
+            past_key_values: the cache returned by a previous call, for incremental decoding.
+        """
+        B, T = input_ids.shape
+        t_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if t_past + T > self.config.max_positions:
+            raise ValueError(f"sequence of {t_past + T} tokens exceeds max_positions={self.config.max_positions}")
+        if position_ids is None:
+            position_ids = torch.arange(t_past, t_past + T, device=input_ids.device).unsqueeze(0)
+        attn_mask = None
+        if attention_mask is not None or past_key_values is not None:
+            # Boolean (B, 1, T, T_past + T): causal, and never attend to padding.
+            causal = torch.ones(T, t_past + T, dtype=torch.bool, device=input_ids.device).tril(t_past)
+            attn_mask = causal.view(1, 1, T, t_past + T)
+            if attention_mask is not None:
+                attn_mask = attn_mask & attention_mask.bool().view(B, 1, 1, t_past + T)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        presents = []
+        for i, block in enumerate(self.transformer.h):
+            x, present = block(x, attn_mask, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        return self.transformer.ln_f(x), presents
+
+    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache: bool = False, label_smoothing: float = 0.0) -> GPTOutput:
+        """Logits, or the next-token loss when ``labels`` (aligned with ``input_ids``, -100 = ignore) are given.
+
+        With labels, logits are not returned: the output layer runs only on the positions the loss uses.
+        """
+        h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
+        if labels is None:
+            return GPTOutput(self.lm_head(h), None, presents if use_cache else None)
+        targets = labels[:, 1:]
+        keep = targets != -100  # (B, T-1)
+        logits = self.lm_head(h[:, :-1][keep])  # (N_kept, V)
+        loss = F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
+        return GPTOutput(None, loss, presents if use_cache else None)
+
+
+def build_model(cfg: GPTConfig, base_seed: int = 0) -> SimpleGPT2WithLoRA:
+    """Build the model with its random base drawn from ``base_seed``.
+
+    Without pre-trained weights the frozen base *is* this random draw, so an adapter is only meaningful on the
+    same draw: training records ``base_seed`` and inference rebuilds the base from it (checked by fingerprint).
+    The global RNG state is restored afterwards.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base_seed)
+        return SimpleGPT2WithLoRA(cfg)
+
+
+@torch.no_grad()
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash of the frozen base weights (every non-LoRA tensor of the unmerged state dict)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if "lora_" in k:
+            continue
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
