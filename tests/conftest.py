@@ -83,8 +83,9 @@ def lib(request):
     return request.getfixturevalue("loralib_ours")
 
 
-def ms_fails(reason: str, raises=None):
-    """Parametrize ``lib`` over both libraries, expecting 0.1.2's case to fail (strictly: if it passes, we fail)."""
+def ms_fails(reason: str, raises=AssertionError):
+    """Parametrize ``lib`` over both libraries, expecting 0.1.2's case to fail with ``raises`` (strictly: if it
+    passes, or fails some other way, the test fails)."""
     return pytest.mark.parametrize("lib", [
         "ours",
         pytest.param("ms", marks=pytest.mark.xfail(strict=True, reason=f"0.1.2 defect: {reason}", raises=raises)),
