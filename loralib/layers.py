@@ -12,6 +12,7 @@ Every class keeps 0.1.2's constructor signature, defaults, attribute names and s
 checkpoints move across unchanged. What differs (all of it fixes) is listed in the README.
 """
 import math
+import numbers
 from typing import List, Optional
 
 import torch
@@ -22,13 +23,14 @@ __all__ = ["LoRALayer", "Embedding", "Linear", "MergedLinear", "ConvLoRA", "Conv
 
 
 def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
-    if isinstance(r, bool) or not isinstance(r, int):
+    # numbers.Integral / Real, not int / float: values read from numpy arrays or configs worked in 0.1.2.
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
         raise ValueError(f"r must be a non-negative int (the LoRA rank), got r={r!r}")
     if r < 0:
         raise ValueError(f"r must be >= 0 (0 disables LoRA), got r={r}")
-    if r > 0 and not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
-        raise ValueError(f"lora_alpha must be a positive number when r > 0, got lora_alpha={lora_alpha!r}")
-    if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+    if r > 0 and not (isinstance(lora_alpha, numbers.Real) and 0 < lora_alpha < math.inf):
+        raise ValueError(f"lora_alpha must be a positive finite number when r > 0, got lora_alpha={lora_alpha!r}")
+    if not (isinstance(lora_dropout, numbers.Real) and 0.0 <= lora_dropout < 1.0):
         raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
 
 
@@ -285,10 +287,14 @@ class MergedLinear(nn.Linear, LoRALayer):
                  merge_weights: bool = True, **kwargs):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
-        enable_lora = list(enable_lora)
+        try:
+            enable_lora = [bool(e) for e in enable_lora]
+        except TypeError:
+            raise ValueError(f"enable_lora must be a list of bools, one per output group, "
+                             f"got enable_lora={enable_lora!r}") from None
         if len(enable_lora) == 0 or out_features % len(enable_lora) != 0:
-            raise ValueError(f"len(enable_lora) must divide out_features: got len(enable_lora)={len(enable_lora)} "
-                             f"for out_features={out_features}")
+            raise ValueError(f"len(enable_lora) must divide out_features: got enable_lora={enable_lora} "
+                             f"(len {len(enable_lora)}) for out_features={out_features}")
         self.enable_lora = enable_lora
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0 and any(enable_lora):
