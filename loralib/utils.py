@@ -76,7 +76,8 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
     if bias == "none":
         keep = lambda k: False  # noqa: E731
     elif bias == "all":
-        bias_params = {n for n, _ in model.named_parameters() if "bias" in n}
+        # remove_duplicate=False: a bias shared by two modules has two state-dict keys, keep both.
+        bias_params = {n for n, _ in model.named_parameters(remove_duplicate=False) if "bias" in n}
         keep = bias_params.__contains__
     else:
         keep = _lora_bias_names(model).__contains__

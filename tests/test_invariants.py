@@ -176,6 +176,14 @@ def test_only_lora_and_chosen_biases_get_gradients(bias, extra):
     assert set(lora.lora_state_dict(model, bias=bias)) == lora_names | (extra if bias != "none" else set())
 
 
+def test_lora_state_dict_keeps_every_key_of_a_shared_bias():
+    """A bias tied between two modules has two state-dict keys; bias='all' must save both (0.1.2 did)."""
+    first, second = lora.Linear(4, 4, r=2), nn.Linear(4, 4)
+    second.bias = first.bias
+    model = nn.Sequential(first, second)
+    assert set(lora.lora_state_dict(model, bias="all")) == {"0.lora_A", "0.lora_B", "0.bias", "1.bias"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("name", NAMES)
 def test_low_precision_forward_backward_cpu(name, dtype):
