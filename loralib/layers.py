@@ -38,16 +38,21 @@ def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
 # A merged layer holds W + scaling*BA in its weight. Checkpoints must always carry the plain W, or loading them
 # into a fresh (unmerged) model would apply the update twice. Module-level functions, so modules stay picklable.
 
+def _ours(module) -> bool:
+    # User classes built on LoRALayer (as 0.1.2 allowed) keep their own merge logic: leave them alone.
+    return type(module)._delta_weight is not LoRALayer._delta_weight
+
+
 def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
-    if module.merged and module.r > 0 and module._has_lora():
+    if _ours(module) and module.merged and module.r > 0 and module._has_lora():
         key = prefix + module._weight_key
         state_dict[key] = (state_dict[key] - module._delta_weight().to(state_dict[key].dtype)).detach()
 
 
 def _unmerge_before_load(module, state_dict, prefix, *args):
     # Loading replaces W and/or A, B: take the old update out first, put the new one in after (post hook).
-    module._remerge_after_load = module.merged
-    if module.merged:
+    module._remerge_after_load = module.merged and _ours(module)
+    if module._remerge_after_load:
         module.unmerge()
 
 

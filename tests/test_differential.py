@@ -7,6 +7,7 @@ B (A for Embedding) is made non-zero so the LoRA path is exercised.
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import loralib as ours
 
@@ -171,3 +172,46 @@ def test_utils_match(loralib_ms, bias):
         theirs.train(mode)
         with torch.no_grad():
             torch.testing.assert_close(mine(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def _user_layer_class(lib):
+    """A custom layer built on ``LoRALayer`` with its own merge logic, as third-party code does with 0.1.2."""
+
+    class UserLoRALinear(nn.Linear, lib.LoRALayer):
+        def __init__(self, n):
+            nn.Linear.__init__(self, n, n)
+            lib.LoRALayer.__init__(self, r=2, lora_alpha=2, lora_dropout=0., merge_weights=True)
+            self.lora_A = nn.Parameter(torch.randn(2, n))
+            self.lora_B = nn.Parameter(torch.randn(n, 2))
+
+        def train(self, mode=True):
+            nn.Linear.train(self, mode)
+            if mode == self.merged:  # merge on eval, unmerge on train
+                sign = -1 if mode else 1
+                self.weight.data += sign * (self.lora_B @ self.lora_A)
+                self.merged = not mode
+            return self
+
+        def forward(self, x):
+            y = F.linear(x, self.weight, self.bias)
+            return y if self.merged else y + x @ self.lora_A.t() @ self.lora_B.t()
+
+    return UserLoRALinear
+
+
+def test_user_subclass_of_loralayer_behaves_as_in_012(loralib_ms):
+    """Our state-dict hooks leave such user layers alone: saving and loading do exactly what 0.1.2 does."""
+    torch.manual_seed(0)
+    theirs = _user_layer_class(loralib_ms)(4)
+    torch.manual_seed(0)
+    mine = _user_layer_class(ours)(4)
+    x = torch.randn(3, 4)
+    for layer in (theirs, mine):
+        layer.eval()
+    _assert_dicts_close(mine.state_dict(), theirs.state_dict(), dict(rtol=0, atol=0))
+    mine.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x), theirs(x))
+    mine.train()
+    theirs.train()
+    torch.testing.assert_close(mine(x), theirs(x))
