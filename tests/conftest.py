@@ -90,3 +90,17 @@ def ms_fails(reason: str, raises=AssertionError):
         "ours",
         pytest.param("ms", marks=pytest.mark.xfail(strict=True, reason=f"0.1.2 defect: {reason}", raises=raises)),
     ], indirect=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per test file with its outcome counts, so a ``-q`` run still shows which suites ran."""
+    counts = {}
+    for outcome in ("passed", "failed", "error", "xfailed", "xpassed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            path = getattr(report, "nodeid", "").split("::")[0] or "(collection)"
+            counts.setdefault(path, {}).setdefault(outcome, 0)
+            counts[path][outcome] += 1
+    if counts:
+        terminalreporter.section("results per test file")
+        for path in sorted(counts):
+            terminalreporter.write_line(f"{path}: " + ", ".join(f"{n} {o}" for o, n in counts[path].items()))
