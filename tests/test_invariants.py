@@ -318,3 +318,19 @@ def test_cpu_bfloat16_autocast(name):
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
     assert layer.weight.grad is None
+
+
+def test_readme_usage_block_runs(tmp_path, monkeypatch):
+    """The five-step example in README.md's Usage section runs as written and ends with the adapter loaded."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Usage", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(compile(code, "README.md#usage", "exec"), ns)
+    model = ns["model"]
+    assert model[0].merged and model[0].lora_B.abs().sum() > 0  # trained adapter loaded, merged for inference
+    saved = torch.load(tmp_path / "lora.pt", weights_only=True)
+    assert set(saved) == {"0.lora_A", "0.lora_B"}
+    assert torch.equal(saved["0.lora_B"], model[0].lora_B)
