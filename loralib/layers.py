@@ -285,6 +285,10 @@ class MergedLinear(nn.Linear, LoRALayer):
     group with ``enable_lora[i]`` gets its own rank-r update. A: (r * n_enabled, in), B: (out / len * n_enabled, r).
 
     The update is computed on the input (x A^T, then a block-diagonal B), never as a dense out x in matrix.
+
+    Raises:
+        ValueError: as :class:`LoRALayer`, or ``enable_lora`` is not a list of bools whose length divides
+            ``out_features``.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
