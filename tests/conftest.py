@@ -76,20 +76,11 @@ def loralib_ours():
 def lib(request):
     """Both libraries in turn, for tests whose body runs unchanged against each (``lib.name`` says which).
 
-    Tests that 0.1.2 is known to fail mark the ``ms`` case ``xfail(strict=True)`` through ``ms_fails`` below.
+    Tests that 0.1.2 is known to fail mark the ``ms`` case ``xfail(strict=True)`` (see ``test_defects.py``).
     """
     if request.param == "ms":
         return request.getfixturevalue("loralib_ms")
     return request.getfixturevalue("loralib_ours")
-
-
-def ms_fails(reason: str, raises=AssertionError):
-    """Parametrize ``lib`` over both libraries, expecting 0.1.2's case to fail with ``raises`` (strictly: if it
-    passes, or fails some other way, the test fails)."""
-    return pytest.mark.parametrize("lib", [
-        "ours",
-        pytest.param("ms", marks=pytest.mark.xfail(strict=True, reason=f"0.1.2 defect: {reason}", raises=raises)),
-    ], indirect=True)
 
 
 def pytest_terminal_summary(terminalreporter):
