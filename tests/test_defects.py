@@ -96,6 +96,14 @@ def test_1_loading_into_merged_model_takes_effect(lib):
         f"adapter applied: {applied}, still merged: {still_merged}, frozen weights restored: {restored}"
 
 
+
+@ms_fails("Linear/MergedLinear/Embedding.train() return None, so `layer = lora.Linear(...).eval()` is None")
+def test_1_train_and_eval_return_the_layer(lib):
+    for layer in (lib.Linear(3, 4, r=2), lib.MergedLinear(3, 4, r=2, enable_lora=[True, False]),
+                  lib.Embedding(5, 3, r=2), lib.Conv2d(2, 2, 1, r=2)):
+        assert layer.eval() is layer and layer.merged
+        assert layer.train() is layer and not layer.merged
+
 # --- defect 2: MergedLinear ------------------------------------------------------------------------------------
 
 class _BigAllocations(TorchDispatchMode):
