@@ -113,6 +113,18 @@ def _select(model: nn.Module, target_modules, exclude_modules) -> List[str]:
     return chosen
 
 
+def _shared_weights(model: nn.Module) -> set:
+    """ids of Parameters that more than one module holds (tied weights)."""
+    seen, shared = {}, set()
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                if id(p) in seen and seen[id(p)] is not m:
+                    shared.add(id(p))
+                seen.setdefault(id(p), m)
+    return shared
+
+
 def _make_layer(m: nn.Module, r: int, lora_alpha, lora_dropout: float, merge_weights: bool) -> LoRALayer:
     """A loralib layer built on the meta device (no memory), then given ``m``'s own Parameters."""
     kind, w = _kind(m), m.weight
@@ -164,7 +176,9 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
         init_lora_weights: ``"kaiming"`` (loralib's), ``"gaussian"`` or ``"zeros"``; the update starts at zero in
             every case, so outputs are unchanged.
         safe_merge: merging (``model.eval()``, :func:`merge_and_unload`) raises instead of writing NaN/Inf.
-        merge_weights: as in loralib's layers, merge in eval mode.
+        merge_weights: as in loralib's layers, merge in eval mode. A target whose weight is tied to another
+            module (GPT-2's ``wte`` and ``lm_head``) never merges in place, since the other module would change too;
+            :func:`merge_and_unload` unties it, giving it its own merged weight.
 
     Returns:
         The names of the replaced layers, in model order.
@@ -177,13 +191,18 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
         raise ValueError(f"init_lora_weights must be one of {INIT_MODES}, got {init_lora_weights!r}")
     chosen = _select(model, target_modules, exclude_modules)
     modules = dict(_walk(model))
+    tied = _shared_weights(model)
     layers = {}
     for name in chosen:  # build everything first: a bad per-layer value leaves the model untouched
         rank = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"rank for {name!r} must be a positive int, got {rank!r}")
-        layers[name] = _make_layer(modules[name], rank, alpha, lora_dropout, merge_weights)
+        # A weight tied to another module (GPT-2's wte and lm_head) is never merged in place: the other module
+        # would see the update too. Such a layer computes its update on the fly in eval mode as well.
+        is_tied = id(modules[name].weight) in tied
+        layers[name] = _make_layer(modules[name], rank, alpha, lora_dropout, merge_weights and not is_tied)
+        layers[name]._lora_tied = is_tied
     for name, layer in layers.items():
         orig = modules[name]
         w = layer._frozen_weight()
@@ -255,6 +274,15 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     plain_root = None
     for name, layer in targets:
         layer.adapters_disabled = False
+        if getattr(layer, "_lora_tied", False) and not layer.merged:
+            # Untie: this layer gets its own merged weight; the module it shared the weight with keeps the old one.
+            w = layer._frozen_weight()
+            merged = nn.Parameter(w + layer._lora_view()._delta_weight().to(w.dtype), requires_grad=w.requires_grad)
+            if isinstance(layer, ConvLoRA):
+                layer.conv.weight = merged
+            else:
+                layer.weight = merged
+            layer.merged = True
         layer.merge()
         plain = _plain_layer(layer)
         plain.train(layer.training)
