@@ -21,6 +21,7 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_ORDER = ["I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL"]  # the reference's dtype order
 _MAX_HEADER = 100_000_000  # the reference implementation's limit too
 
 
@@ -35,7 +36,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def save_bytes(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
-    """The safetensors encoding of ``tensors`` (names sorted, as the reference writer does)."""
+    """The safetensors encoding of ``tensors``, byte for byte what the reference writer produces."""
     if sys.byteorder != "little":
         raise SafetensorsError("writing safetensors needs a little-endian machine")
     header, chunks, offset = {}, [], 0
@@ -43,10 +44,12 @@ def save_bytes(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, st
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise SafetensorsError("safetensors metadata must map str to str")
         header["__metadata__"] = dict(metadata)
-    for name in sorted(tensors):
-        t = tensors[name]
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise SafetensorsError(f"{name!r} is a {type(t).__name__}, not a tensor")
+    # The reference writer's order: by dtype, widest first (keeps every tensor aligned), then by name.
+    for name in sorted(tensors, key=lambda n: (_ORDER.index(_NAMES.get(tensors[n].dtype, "BOOL")), n)):
+        t = tensors[name]
         if t.dtype not in _NAMES:
             raise SafetensorsError(f"{name!r} has dtype {t.dtype}, which this writer does not support")
         data = _tensor_bytes(t)
