@@ -114,14 +114,14 @@ def _select(model: nn.Module, target_modules, exclude_modules) -> List[str]:
 
 
 def _shared_weights(model: nn.Module) -> set:
-    """ids of Parameters that more than one module holds (tied weights)."""
-    seen, shared = {}, set()
-    for m in model.modules():
+    """ids of Parameters reachable under more than one module path (tied weights, or a module used twice)."""
+    seen, shared = set(), set()
+    for _, m in model.named_modules(remove_duplicate=False):
         for p in m._parameters.values():
             if p is not None:
-                if id(p) in seen and seen[id(p)] is not m:
+                if id(p) in seen:
                     shared.add(id(p))
-                seen.setdefault(id(p), m)
+                seen.add(id(p))
     return shared
 
 
@@ -192,6 +192,11 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
     chosen = _select(model, target_modules, exclude_modules)
     modules = dict(_walk(model))
     tied = _shared_weights(model)
+    seen = {}
+    for name in chosen:
+        other = seen.setdefault(id(modules[name]), name)
+        if other != name:  # one module object reachable under two names: two LoRA layers would share one weight
+            raise ValueError(f"{other!r} and {name!r} are the same module object; target only one of them")
     layers = {}
     for name in chosen:  # build everything first: a bad per-layer value leaves the model untouched
         rank = pattern_value(rank_pattern, name, r)

@@ -316,3 +316,18 @@ def test_injected_conv_net_checkpoint_interop_with_convnet_state_dict():
     net = ConvNet()
     lora.inject(net, ["head"], r=2)
     assert {k for k in net.state_dict() if "lora_" in k} == {"head.lora_A", "head.lora_B"}
+
+
+def test_a_module_used_twice_is_treated_as_tied():
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert lora.inject(model, "all-linear", r=2) == ["0"]  # named_children lists a module once
+    assert model[2] is shared and model[0].weight is shared.weight
+    randomize_lora(model)
+    x = torch.randn(4, 3)
+    model.train()
+    want = model(x)
+    model.eval()  # merging in place would change model[2] too
+    assert not model[0].merged
+    torch.testing.assert_close(model(x), want)
