@@ -117,7 +117,7 @@ def _model_layers(model: nn.Module, adapter: str) -> Dict[str, LoRALayer]:
 # --- save ----------------------------------------------------------------------------------------------------------
 
 def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, format: str = "loralib",
-                 task_type: Optional[str] = None) -> dict:
+                 task_type: Optional[str] = None, extra: Optional[dict] = None) -> dict:
     """Write adapter ``adapter`` of ``model`` to ``save_directory``.
 
     Args:
@@ -126,6 +126,8 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
         adapter: which adapter (``"default"``: the layers' own ``lora_A`` / ``lora_B``).
         format: ``"loralib"``, or ``"peft"`` for ``peft.PeftModel.from_pretrained(hf_model, save_directory)``.
         task_type: ``format="peft"`` only: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``); None loads as a PeftModel.
+        extra: ``format="loralib"`` only: JSON-serialisable information stored as the config's ``"extra"``
+            (how the base model was built, training arguments, ...); ``load_adapter`` returns it untouched.
 
     Returns:
         The config written to ``adapter_config.json``.
@@ -136,6 +138,8 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
     """
     if format not in ("loralib", "peft"):
         raise ValueError(f"format must be 'loralib' or 'peft', got {format!r}")
+    if format == "peft" and extra is not None:
+        raise ValueError("extra is stored only with format='loralib' (PEFT's config has no place for it)")
     layers = _model_layers(model, adapter)
     if format == "peft":
         config, tensors = _peft_export(layers, adapter, task_type)
@@ -151,6 +155,12 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
             "layers": {name: _layer_spec(layer, adapter) for name, layer in layers.items()},
             "base_fingerprint": base_fingerprint(model),
         }
+        if extra is not None:
+            try:
+                json.dumps(extra)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"extra must be JSON-serialisable: {e}") from e
+            config["extra"] = extra
     data = save_bytes(tensors, metadata={"format": "pt"})
     if format == "loralib":  # PEFT warns about keys it does not know
         config["weights_sha256"] = hashlib.sha256(data).hexdigest()
@@ -306,18 +316,21 @@ def _peft_specs(config: dict, tensors: Dict[str, torch.Tensor], model: nn.Module
     for key in [k for k in out if k.endswith(".lora_A")]:
         name = key[: -len(".lora_A")]
         module = modules.get(name)
-        base = getattr(module, "_lora_base_module", module)
         r = out[key].shape[0]
         alpha = _pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
         rslora = bool(config.get("use_rslora", False))
-        kind = _kind(base) if base is not None else None
+        if isinstance(module, LoRALayer):  # already adapted: its own class and layout
+            kind = "conv" if isinstance(module, ConvLoRA) else None
+            ltype, fan_in_fan_out = type(module).__name__, bool(getattr(module, "fan_in_fan_out", False))
+        else:
+            kind = _kind(module) if module is not None else None
+            ltype, fan_in_fan_out = ("Embedding" if kind == "embedding" else "Linear"), kind == "conv1d_t"
         specs[name] = {
-            "type": {"embedding": "Embedding"}.get(kind, "Linear"),
-            "base_type": type(base).__name__ if base is not None else None,
+            "type": ltype,
             "r": r, "lora_alpha": alpha, "use_rslora": rslora,
             "scaling": alpha / math.sqrt(r) if rslora else alpha / r,
             "lora_dropout": float(config.get("lora_dropout", 0.0) or 0.0),
-            "fan_in_fan_out": kind == "conv1d_t",
+            "fan_in_fan_out": fan_in_fan_out,
             "from_peft": True,  # alpha and rsLoRA are PEFT's spelling of the scaling: compare the scaling only
         }
         if kind == "conv":

@@ -303,3 +303,14 @@ def test_loading_into_a_model_built_otherwise_is_refused(tmp_path):
     lora.save_adapter(model, str(tmp_path))
     with pytest.raises(lora.AdapterError, match="saved from a MergedLinear"):
         lora.load_adapter(nn.Sequential(nn.Linear(4, 6)), str(tmp_path))
+
+
+def test_extra_information_round_trips(tmp_path):
+    _, model = adapted_gpt2()
+    info = {"model": "tiny-gpt2", "train": {"lr": 2e-4, "steps": 10}}
+    lora.save_adapter(model, str(tmp_path), extra=info)
+    assert lora.load_adapter(tiny_gpt2(), str(tmp_path))["extra"] == info
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        lora.save_adapter(model, str(tmp_path / "x"), extra={"t": torch.ones(1)})
+    with pytest.raises(ValueError, match="only with format='loralib'"):
+        lora.save_adapter(model, str(tmp_path / "y"), format="peft", extra=info)

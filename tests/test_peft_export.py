@@ -78,6 +78,16 @@ def test_peft_made_adapter_loads_into_loralib(tmp_path):
     torch.testing.assert_close(model(x).logits, want, rtol=1e-5, atol=1e-5)
     assert model.transformer.h[0].mlp.c_fc.r == 2
     assert model.transformer.h[0].attn.c_attn.scaling == pytest.approx(6 / 2)  # rsLoRA: alpha / sqrt(4)
+    # into a model already adapted the same way; a different rank is named
+    same = clone(base)
+    lora.inject(same, ["c_attn", "c_fc", "wte"], r=4, lora_alpha=6, rank_pattern={"c_fc": 2}, use_rslora=True)
+    lora.load_adapter(same, str(tmp_path))
+    same.eval()
+    torch.testing.assert_close(same(x).logits, want, rtol=1e-5, atol=1e-5)
+    other = clone(base)
+    lora.inject(other, ["c_attn", "c_fc", "wte"], r=4, lora_alpha=6, use_rslora=True)
+    with pytest.raises(lora.AdapterError, match="'transformer.h.0.mlp.c_fc' has r=4 here but 2"):
+        lora.load_adapter(other, str(tmp_path))
 
 
 def test_nlg_example_model_adapter_moves_to_hugging_face_gpt2(tmp_path):
