@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import __version__
 from .adapters import DEFAULT, LoRAAdapter, delete_adapter, list_adapters, lora_layers
-from .inject import _kind, inject, merge_and_unload
+from .injection import _kind, inject, merge_and_unload
 from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, _AdapterView
 from .safetensors_format import SafetensorsError, load_bytes, save_bytes
 from .utils import _adapter_entries
