@@ -64,40 +64,40 @@ def _describe(names: Sequence[str], limit: int = 12) -> str:
 
 
 def _select(model: nn.Module, target_modules, exclude_modules) -> List[str]:
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        pass
-    elif isinstance(target_modules, str):
-        pass
-    elif isinstance(target_modules, (list, tuple, set)) and target_modules and all(
+    if isinstance(target_modules, (list, tuple, set)) and target_modules and all(
             isinstance(t, str) and t for t in target_modules):
         target_modules = list(target_modules)
-    else:
+    elif not (isinstance(target_modules, str) and target_modules):
         raise ValueError(f"target_modules must be a non-empty list of module names, a regex string, or "
                          f"'all-linear'; got {target_modules!r}")
+    if exclude_modules is not None and not isinstance(exclude_modules, (str, list, tuple, set)):
+        raise ValueError(f"exclude_modules must be a list of names or a regex string, got {exclude_modules!r}")
     modules = dict(_walk(model))
     candidates = [n for n, m in modules.items() if _kind(m) is not None]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no layer inject can adapt ({_SUPPORTED})")
-    if exclude_modules is not None and not isinstance(exclude_modules, (str, list, tuple, set)):
-        raise ValueError(f"exclude_modules must be a list of names or a regex string, got {exclude_modules!r}")
 
     if target_modules == "all-linear":
         heads = _output_head_names(model, modules)
         chosen = [n for n in candidates if _kind(modules[n]) in ("linear", "conv1d_t") and n not in heads]
+        if not chosen:
+            raise ValueError(f"'all-linear': {type(model).__name__} has no linear layer besides its output head. "
+                             f"Candidates: {_describe(candidates)}")
     else:
-        chosen = [n for n in modules if matches(n, target_modules)]
-        unsupported = [n for n in chosen if _kind(modules[n]) is None and not isinstance(modules[n], LoRALayer)]
-        # A name that matches a container (e.g. "attn") is fine as long as it is not the only thing matched.
-        leaf_unsupported = [n for n in unsupported if not list(modules[n].children())]
-        if leaf_unsupported:
-            n = leaf_unsupported[0]
-            raise ValueError(f"target {n!r} is a {type(modules[n]).__name__}, which inject cannot adapt "
-                             f"(supported: {_SUPPORTED}); remove it from target_modules")
-        already = [n for n in chosen if isinstance(modules[n], LoRALayer)]
+        matched = [n for n in modules if matches(n, target_modules)]
+        already = [n for n in matched if isinstance(modules[n], LoRALayer)]
         if already:
             raise ValueError(f"{already[0]!r} is already a loralib layer; add a second update to it with "
                              "lora.add_adapter(model, name, ...) instead of injecting again")
-        chosen = [n for n in chosen if _kind(modules[n]) is not None]
+        if isinstance(target_modules, list):
+            # A name given explicitly must be a layer inject can adapt. (Names of containers, e.g. "attn",
+            # and parameter-free leaves are not layers anyone means to adapt: they only count as unmatched.)
+            for n in matched:
+                m = modules[n]
+                if _kind(m) is None and not list(m.children()) and list(m.parameters(recurse=False)):
+                    raise ValueError(f"target {n!r} is a {type(m).__name__}, which inject cannot adapt "
+                                     f"(supported: {_SUPPORTED}); remove it from target_modules")
+        chosen = [n for n in matched if _kind(modules[n]) is not None]
         if isinstance(target_modules, list):
             unmatched = [t for t in target_modules if not any(matches(n, [t]) for n in chosen)]
         else:
@@ -107,9 +107,9 @@ def _select(model: nn.Module, target_modules, exclude_modules) -> List[str]:
                              f"can adapt. Candidates: {_describe(candidates)}")
     if exclude_modules:
         chosen = [n for n in chosen if not matches(n, exclude_modules)]
-    if not chosen:
-        raise ValueError(f"exclude_modules={exclude_modules!r} leaves no layer to adapt. "
-                         f"Candidates: {_describe(candidates)}")
+        if not chosen:
+            raise ValueError(f"exclude_modules={exclude_modules!r} leaves no layer to adapt. "
+                             f"Candidates: {_describe(candidates)}")
     return chosen
 
 

@@ -331,3 +331,13 @@ def test_a_module_used_twice_is_treated_as_tied():
     model.eval()  # merging in place would change model[2] too
     assert not model[0].merged
     torch.testing.assert_close(model(x), want)
+
+
+def test_regex_targets_skip_layers_inject_cannot_adapt():
+    m = tiny_gpt2()
+    # matches c_attn, c_proj (Conv1D) and attn_dropout / resid_dropout (no parameters): only the former count
+    assert lora.inject(m, r"transformer\.h\.0\.attn\..*") == ["transformer.h.0.attn.c_attn",
+                                                             "transformer.h.0.attn.c_proj"]
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    with pytest.raises(ValueError, match="'all-linear': Sequential has no linear layer"):
+        lora.inject(net, "all-linear")
