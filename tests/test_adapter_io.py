@@ -314,3 +314,21 @@ def test_extra_information_round_trips(tmp_path):
         lora.save_adapter(model, str(tmp_path / "x"), extra={"t": torch.ones(1)})
     with pytest.raises(ValueError, match="only with format='loralib'"):
         lora.save_adapter(model, str(tmp_path / "y"), format="peft", extra=info)
+
+
+def test_wrong_tensor_shape_is_named_and_the_injection_undone(tmp_path):
+    base, model = adapted_gpt2()
+    lora.save_adapter(model, str(tmp_path))
+    path = str(tmp_path / "adapter_model.safetensors")
+    sd = sf.load_file(path)
+    sd["transformer.h.1.mlp.c_fc.lora_B"] = torch.zeros(64, 5)
+    sf.save_file(sd, path)
+    _edit_config(str(tmp_path), weights_sha256=None)
+    target = clone(base)
+    with pytest.raises(lora.AdapterError, match=r"transformer.h.1.mlp.c_fc.lora_B in .* has shape \(64, 5\), "
+                                                r"the model expects \(64, 4\)"):
+        lora.load_adapter(target, str(tmp_path))
+    assert not any(isinstance(m, lora.LoRALayer) for m in target.modules())
+    assert type(target.transformer.h[1].mlp.c_fc).__name__ == "Conv1D"
+    x = ids()
+    torch.testing.assert_close(target(x).logits, base(x).logits, rtol=0, atol=0)
