@@ -1,7 +1,6 @@
 """save_adapter / load_adapter, and loralib's own safetensors reader/writer."""
 import json
 import os
-import pickle
 
 import pytest
 import torch
