@@ -331,3 +331,22 @@ def test_wrong_tensor_shape_is_named_and_the_injection_undone(tmp_path):
     assert type(target.transformer.h[1].mlp.c_fc).__name__ == "Conv1D"
     x = ids()
     torch.testing.assert_close(target(x).logits, base(x).logits, rtol=0, atol=0)
+
+
+def test_library_needs_only_torch(tmp_path):
+    """Inject, save and load with transformers, peft, safetensors and numpy made unimportable."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys\n"
+            "for m in ('transformers', 'peft', 'safetensors', 'numpy'): sys.modules[m] = None\n"
+            "import warnings; warnings.simplefilter('ignore')\n"
+            "import torch, torch.nn as nn, loralib as lora\n"
+            "torch.manual_seed(0); m = nn.Sequential(nn.Linear(3, 4)); base = nn.Sequential(nn.Linear(3, 4))\n"
+            "base.load_state_dict(m.state_dict()); lora.inject(m, ['0'], r=2)\n"
+            "nn.init.normal_(m[0].lora_B); lora.save_adapter(m, sys.argv[1]); lora.load_adapter(base, sys.argv[1])\n"
+            "x = torch.randn(2, 3); assert torch.allclose(base(x), m(x)); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
