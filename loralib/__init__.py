@@ -4,3 +4,6 @@ __version__ = "0.2.0"
 
 from .layers import *  # noqa: F401,F403
 from .utils import *  # noqa: F401,F403
+from .adapters import add_adapter, delete_adapter, disable_adapters, list_adapters, set_adapter  # noqa: F401
+from .injection import inject, merge_and_unload  # noqa: F401
+from .serialization import AdapterError, load_adapter, save_adapter  # noqa: F401

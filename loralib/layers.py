@@ -13,6 +13,7 @@ checkpoints move across unchanged. What differs (all of it fixes) is listed in t
 """
 import math
 import numbers
+import types
 from typing import List, Optional
 
 import torch
@@ -44,9 +45,12 @@ def _ours(module) -> bool:
 
 
 def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
-    if _ours(module) and module.merged and module.r > 0 and module._has_lora():
+    if not _ours(module):
+        return
+    lora = module._lora_view()  # the adapter that is merged in (the default one unless set_adapter chose another)
+    if module.merged and lora.r > 0 and lora._has_lora():
         key = prefix + module._weight_key
-        state_dict[key] = (state_dict[key] - module._delta_weight().to(state_dict[key].dtype)).detach()
+        state_dict[key] = (state_dict[key] - lora._delta_weight().to(state_dict[key].dtype)).detach()
 
 
 def _unmerge_before_load(module, state_dict, prefix, *args):
@@ -77,6 +81,11 @@ class LoRALayer():
     """
 
     _weight_key = "weight"  # where the frozen weight lives in this module's state dict
+    # Named adapters (loralib/adapters.py). Class-level defaults, so every layer, however built, behaves as in
+    # 0.1.2 until an adapter is added: the default adapter is the layer's own lora_A / lora_B.
+    active_adapter = "default"
+    adapters_disabled = False
+    safe_merge = False  # when True, merge() refuses a merged weight with NaN/Inf (set by lora.inject)
 
     def __init__(self, r: int, lora_alpha: int, lora_dropout: float, merge_weights: bool):
         _check_lora_args(r, lora_alpha, lora_dropout)
@@ -101,22 +110,45 @@ class LoRALayer():
     def _frozen_weight(self) -> torch.Tensor:
         return self.weight
 
+    def _lora_view(self):
+        """The active adapter as an object this layer's own methods run on: ``self`` for the default adapter."""
+        if self.active_adapter == "default":
+            return self
+        return _AdapterView(self, self.lora_adapters[self.active_adapter])
+
+    def _forward_other(self, x):
+        # A named adapter is active, or adapters are disabled: run this class's forward on a view of the layer.
+        view = _AdapterView(self, None if self.adapters_disabled else self.lora_adapters[self.active_adapter])
+        return type(self).forward(view, x)
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scaling * B A`` into the frozen weight. Merging a merged layer is a no-op."""
-        if not self.merged:
-            if self.r > 0 and self._has_lora():
+        """Fold ``scaling * B A`` (of the active adapter) into the frozen weight. Merging a merged layer, or a
+        layer inside ``lora.disable_adapters``, is a no-op.
+
+        Raises:
+            ValueError: ``safe_merge`` is set and the merged weight would contain NaN or Inf.
+        """
+        if not self.merged and not self.adapters_disabled:
+            lora = self._lora_view()
+            if lora.r > 0 and lora._has_lora():
                 w = self._frozen_weight()
-                w.add_(self._delta_weight().to(w.dtype))
+                delta = lora._delta_weight().to(w.dtype)
+                if self.safe_merge and not torch.isfinite(w + delta).all():
+                    raise ValueError(f"safe_merge: merging adapter {self.active_adapter!r} into this "
+                                     f"{type(self).__name__} would put NaN/Inf in its weight; the adapter is "
+                                     "broken (check the learning rate / loss scaling), the layer stays unmerged")
+                w.add_(delta)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take ``scaling * B A`` back out of the frozen weight. Unmerging an unmerged layer is a no-op."""
         if self.merged:
-            if self.r > 0 and self._has_lora():
+            lora = self._lora_view()
+            if lora.r > 0 and lora._has_lora():
                 w = self._frozen_weight()
-                w.sub_(self._delta_weight().to(w.dtype))
+                w.sub_(lora._delta_weight().to(w.dtype))
             self.merged = False
 
     def _train_merge(self, mode: bool) -> None:
@@ -125,6 +157,32 @@ class LoRALayer():
                 self.unmerge()
             else:
                 self.merge()
+
+
+class _AdapterView:
+    """Reads as ``layer`` except for the LoRA attributes, which come from the named adapter ``adapter``; methods of
+    the layer's class run with the view as ``self``, so the layer's own code computes with that adapter.
+    ``adapter=None`` reads as a merged layer, which sends every forward down its plain base-layer path (used while
+    adapters are disabled, when the layer is never merged).
+    """
+
+    _FROM_ADAPTER = frozenset(("r", "lora_alpha", "scaling", "lora_dropout", "lora_A", "lora_B"))
+
+    def __init__(self, layer, adapter):
+        self._layer, self._adapter = layer, adapter
+
+    def __getattr__(self, name):
+        layer, adapter = self._layer, self._adapter
+        if name in ("active_adapter", "adapters_disabled"):
+            return getattr(LoRALayer, name)  # the view itself is the default, enabled case: no recursion
+        if adapter is None and name == "merged":
+            return True
+        if adapter is not None and name in self._FROM_ADAPTER:
+            return getattr(adapter, name)
+        attr = getattr(type(layer), name, None)
+        if isinstance(attr, types.FunctionType):
+            return attr.__get__(self)  # a method: bind it to the view
+        return getattr(layer, name)
 
 
 # --- the fused LoRA linear path ---------------------------------------------------------------------------------
@@ -228,6 +286,8 @@ class Embedding(nn.Embedding, LoRALayer):
         return self
 
     def forward(self, x: torch.Tensor):
+        if self.active_adapter != "default" or self.adapters_disabled:
+            return self._forward_other(x)
         if self.r == 0 or self.merged:
             return nn.Embedding.forward(self, x)
         result = nn.Embedding.forward(self, x)
@@ -275,6 +335,8 @@ class Linear(nn.Linear, LoRALayer):
         return self
 
     def forward(self, x: torch.Tensor):
+        if self.active_adapter != "default" or self.adapters_disabled:
+            return self._forward_other(x)
         if self.r == 0 or self.merged:
             return F.linear(x, self._T(self.weight), bias=self.bias)
         return _lora_linear(self, x, self._T(self.weight), self.lora_B)
@@ -358,6 +420,8 @@ class MergedLinear(nn.Linear, LoRALayer):
         return self
 
     def forward(self, x: torch.Tensor):
+        if self.active_adapter != "default" or self.adapters_disabled:
+            return self._forward_other(x)
         if self.merged or not self._has_lora():
             return F.linear(x, self._T(self.weight), bias=self.bias)
         return _lora_linear(self, x, self._T(self.weight), self._expanded_B())
@@ -406,6 +470,8 @@ class ConvLoRA(nn.Module, LoRALayer):
         return self
 
     def forward(self, x):
+        if self.active_adapter != "default" or self.adapters_disabled:
+            return self._forward_other(x)
         if self.r == 0 or self.merged:
             return self.conv(x)
         if isinstance(self.lora_dropout, nn.Dropout) and self.training:

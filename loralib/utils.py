@@ -1,5 +1,5 @@
 """The two verbs of loralib: freeze everything but LoRA, and save only LoRA."""
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -55,7 +55,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
             p.requires_grad = False
 
 
-def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, bias: str = "none", adapter: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The LoRA entries of ``model.state_dict()`` (plus biases, per ``bias``), to save a small adapter.
 
     Load it back with ``model.load_state_dict(sd, strict=False)`` onto a model holding the base weights.
@@ -64,15 +64,22 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
         model: any module containing loralib layers.
         bias: as in :func:`mark_only_lora_as_trainable`; ``"all"`` adds every bias *parameter* (never a buffer
             that happens to be named ``bias``, such as GPT-2's causal mask).
+        adapter: ``None`` (0.1.2's behaviour): every LoRA entry, added adapters included. A name: only that
+            adapter, under 0.1.2's keys (``<layer>.lora_A`` / ``<layer>.lora_B``), so that the checkpoint of any
+            adapter loads into a single-adapter model, loralib 0.1.2's included.
 
     Returns:
         A dict from state-dict key to tensor.
 
     Raises:
-        ValueError: ``bias`` is not one of ``"none"``, ``"all"``, ``"lora_only"``.
+        ValueError: ``bias`` is not one of ``"none"``, ``"all"``, ``"lora_only"``, or no adapter ``adapter``.
     """
     _check_bias(bias)
     sd = model.state_dict()
+    if adapter is not None:
+        lora = _adapter_entries(model, adapter)
+        sd = {k: v for k, v in sd.items() if "lora_" not in k}
+        sd.update(lora)
     if bias == "none":
         keep = lambda k: False  # noqa: E731
     elif bias == "all":
@@ -82,3 +89,25 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Ten
     else:
         keep = _lora_bias_names(model).__contains__
     return {k: v for k, v in sd.items() if "lora_" in k or keep(k)}
+
+
+def _adapter_entries(model: nn.Module, adapter: str) -> Dict[str, torch.Tensor]:
+    """``{<layer>.lora_A: A, <layer>.lora_B: B}`` of adapter ``adapter`` (``"default"``: the layers' own)."""
+    out = {}
+    for name, m in model.named_modules():
+        if not (isinstance(m, LoRALayer) and m.r > 0 and m._has_lora()):
+            continue
+        if adapter == "default":
+            src = m
+        else:
+            adapters = getattr(m, "lora_adapters", {})
+            if adapter not in adapters:
+                raise ValueError(f"layer {name!r} has no adapter {adapter!r} (it has 'default'"
+                                 f"{''.join(', ' + repr(a) for a in adapters)})")
+            src = adapters[adapter]
+        prefix = f"{name}." if name else ""
+        out[prefix + "lora_A"] = src.lora_A.detach()
+        out[prefix + "lora_B"] = src.lora_B.detach()
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no LoRA layer, so no adapter {adapter!r}")
+    return out

@@ -1,0 +1,255 @@
+"""Named adapters: several LoRA updates on the same layers, one active at a time (the multi-task case).
+
+Every loralib layer with ``r > 0`` has the *default* adapter: its own ``lora_A`` / ``lora_B``, exactly as in
+0.1.2, so default checkpoints keep 0.1.2's keys. :func:`add_adapter` gives each such layer a second (third, ...)
+update, stored under ``<layer>.lora_adapters.<name>.lora_A`` / ``.lora_B``; a model with no added adapter has no
+such key. :func:`set_adapter` picks the one that forward() and merge() use; a merged layer is unmerged before the
+switch and merged again after it, so the frozen weight never holds two updates.
+"""
+import contextlib
+import math
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear
+
+__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "list_adapters"]
+
+DEFAULT = "default"
+INIT_MODES = ("kaiming", "gaussian", "zeros")
+
+
+def lora_layers(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
+    """(qualified name, layer) for every loralib layer in ``model`` that carries a LoRA update (r > 0)."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALayer) and m.r > 0 and m._has_lora():
+            yield name, m
+
+
+def lora_shapes(layer: LoRALayer, r: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The shapes of A and B of a rank-``r`` update for ``layer``, in the layout its class uses."""
+    if isinstance(layer, Embedding):
+        return (r, layer.num_embeddings), (layer.embedding_dim, r)
+    if isinstance(layer, MergedLinear):
+        n_on = sum(bool(e) for e in layer.enable_lora)
+        return (r * n_on, layer.in_features), (layer.out_features // len(layer.enable_lora) * n_on, r)
+    if isinstance(layer, ConvLoRA):
+        ks = layer.conv.kernel_size
+        k0, k_rest = ks[0], math.prod(ks[1:])
+        conv = layer.conv
+        return (r * k0, conv.in_channels * k_rest), (conv.out_channels // conv.groups * k0, r * k0)
+    return (r, layer.in_features), (layer.out_features, r)
+
+
+@torch.no_grad()
+def init_lora(A: torch.Tensor, B: torch.Tensor, how: str, embedding: bool, r: int) -> None:
+    """Initialise an update so that it starts at zero: B A = 0.
+
+    ``"kaiming"``: loralib's choice (A Kaiming-uniform, B zero; for embeddings A zero, B normal).
+    ``"gaussian"``: A ~ N(0, 1/r^2), B zero (PEFT's "gaussian"; embeddings as "kaiming").
+    ``"zeros"``: A and B zero; the update stays zero under gradient descent, for layers that will be loaded into.
+    """
+    if how not in INIT_MODES:
+        raise ValueError(f"init_lora_weights must be one of {INIT_MODES}, got {how!r}")
+    if how == "zeros":
+        A.zero_()
+        B.zero_()
+    elif embedding:
+        A.zero_()
+        nn.init.normal_(B)
+    else:
+        if how == "kaiming":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(A, std=1.0 / r)
+        B.zero_()
+
+
+def rslora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """``lora_alpha / sqrt(r)`` with rank-stabilised LoRA (Kalajdzievski, 2023), else loralib's ``lora_alpha / r``."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRAAdapter(nn.Module):
+    """One named update of one layer: ``lora_A``, ``lora_B`` (the layer's layout), ``r``, ``lora_alpha``,
+    ``scaling`` and its own ``lora_dropout``. Built by :func:`add_adapter`."""
+
+    def __init__(self, layer: LoRALayer, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: str = "kaiming"):
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"an added adapter needs a positive int rank, got r={r!r}")
+        if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a positive number, got lora_alpha={lora_alpha!r}")
+        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = rslora_scaling(lora_alpha, r, use_rslora)
+        # loralib's Embedding has no LoRA dropout; keep that for its added adapters too.
+        p = 0.0 if isinstance(layer, Embedding) else lora_dropout
+        self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        w = layer._frozen_weight()
+        a_shape, b_shape = lora_shapes(layer, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=w.device, dtype=w.dtype))
+        init_lora(self.lora_A, self.lora_B, init_lora_weights, isinstance(layer, Embedding), r)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+        raise ValueError(f"adapter name must be an identifier-like string without dots, got {name!r}")
+
+
+def list_adapters(model: nn.Module) -> List[str]:
+    """The adapter names ``model``'s LoRA layers hold: ``"default"`` first, then the added ones in order."""
+    names = [DEFAULT]
+    for _, layer in lora_layers(model):
+        for n in getattr(layer, "lora_adapters", {}):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def _require_layers(model: nn.Module, what: str) -> List[Tuple[str, LoRALayer]]:
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError(f"{what}: {type(model).__name__} has no LoRA layer (r > 0); add some with "
+                         "lora.inject(model, target_modules=...) or build it with loralib layers first")
+    return layers
+
+
+def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, *,
+                rank_pattern: Optional[Dict[str, int]] = None, use_rslora: bool = False,
+                init_lora_weights: str = "kaiming") -> List[str]:
+    """Give every LoRA layer of ``model`` a new, inactive adapter ``name`` (activate it with :func:`set_adapter`).
+
+    Args:
+        model: a model with loralib layers (built with them, or after :func:`lora.inject`).
+        name: the adapter's name, identifier-like, not ``"default"`` (the layers' own ``lora_A`` / ``lora_B``).
+        r, lora_alpha, lora_dropout: the new update's rank, scale (``lora_alpha / r``) and dropout.
+        rank_pattern: per-layer ranks, ``{pattern: r}``; a pattern matches a layer name exactly, as a dotted
+            suffix, or as a regular expression (full match). The first matching pattern wins.
+        use_rslora: scale by ``lora_alpha / sqrt(r)``.
+        init_lora_weights: ``"kaiming"`` (loralib), ``"gaussian"`` or ``"zeros"``; see :func:`init_lora`.
+
+    Returns:
+        The names of the layers that got the adapter.
+
+    Raises:
+        ValueError: a bad or taken name, bad hyper-parameters, or a model without LoRA layers.
+    """
+    _check_name(name)
+    if name == DEFAULT:
+        raise ValueError("'default' is the layers' own lora_A / lora_B and always exists; pick another name")
+    layers = _require_layers(model, "add_adapter")
+    if name in list_adapters(model):
+        raise ValueError(f"adapter {name!r} already exists; delete it first with lora.delete_adapter(model, {name!r})")
+    built = []
+    for lname, layer in layers:
+        rank = pattern_value(rank_pattern, lname, r)
+        built.append((lname, layer, LoRAAdapter(layer, rank, lora_alpha, lora_dropout, use_rslora, init_lora_weights)))
+    for lname, layer, adapter in built:  # all built before any is attached: a bad argument changes nothing
+        if not hasattr(layer, "lora_adapters"):
+            layer.lora_adapters = nn.ModuleDict()
+        adapter.train(layer.training)
+        layer.lora_adapters[name] = adapter
+    return [lname for lname, _, _ in built]
+
+
+def pattern_value(patterns: Optional[Dict[str, object]], name: str, default):
+    """The value of the first pattern in ``patterns`` that matches ``name`` (see :func:`matches`), else ``default``."""
+    for pat, value in (patterns or {}).items():
+        if matches(name, pat):
+            return value
+    return default
+
+
+def matches(name: str, pattern) -> bool:
+    """A module name matches a list of names (exact or dotted-suffix) or one string (exact, suffix, or a regex
+    that must match the whole name)."""
+    if isinstance(pattern, str):
+        if name == pattern or name.endswith("." + pattern):
+            return True
+        try:
+            return re.fullmatch(pattern, name) is not None
+        except re.error:
+            return False
+    return any(name == t or name.endswith("." + t) for t in pattern)
+
+
+@torch.no_grad()
+def _switch(layer: LoRALayer, name: str) -> None:
+    was_merged = layer.merged
+    layer.unmerge()  # takes the old adapter's update out of the weight
+    layer.active_adapter = name
+    if was_merged:
+        layer.merge()
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the adapter every LoRA layer of ``model`` uses, in forward() and when merging.
+
+    Raises:
+        ValueError: no adapter of that name (the message lists the ones there are).
+    """
+    layers = _require_layers(model, "set_adapter")
+    known = list_adapters(model)
+    missing = [n for n, layer in layers if name != DEFAULT and name not in getattr(layer, "lora_adapters", {})]
+    if name not in known or missing:
+        raise ValueError(f"no adapter {name!r} in {'layer ' + missing[0] if missing else 'the model'}; "
+                         f"adapters: {known}")
+    for _, layer in layers:
+        _switch(layer, name)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; when it is the active one, ``"default"`` becomes active.
+
+    Raises:
+        ValueError: ``name`` is ``"default"`` (it is the layers' own parameters) or does not exist.
+    """
+    if name == DEFAULT:
+        raise ValueError("the 'default' adapter is the layers' own lora_A / lora_B and cannot be deleted; "
+                         "use lora.merge_and_unload(model) to drop LoRA altogether")
+    layers = _require_layers(model, "delete_adapter")
+    if name not in list_adapters(model):
+        raise ValueError(f"no adapter {name!r}; adapters: {list_adapters(model)}")
+    for _, layer in layers:
+        if layer.active_adapter == name:
+            _switch(layer, DEFAULT)
+        adapters = getattr(layer, "lora_adapters", None)
+        if adapters is not None and name in adapters:
+            del adapters[name]
+            if len(adapters) == 0:  # back to the exact 0.1.2 layout
+                del layer.lora_adapters
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run ``model`` as its base model: inside the block every LoRA layer computes its frozen layer only.
+
+    Merged layers are unmerged on entry and merged again on exit; ``model.eval()`` inside the block does not
+    merge. Example::
+
+        with lora.disable_adapters(model):
+            base_logits = model(x)
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    states = []
+    for layer in layers:
+        states.append((layer, layer.merged, layer.adapters_disabled))
+        layer.unmerge()
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was_merged, was_disabled in states:
+            layer.adapters_disabled = was_disabled
+            if not was_disabled and (was_merged or (layer.merge_weights and not layer.training)):
+                layer.merge()

@@ -1,0 +1,474 @@
+"""Self-describing adapter directories: ``save_adapter`` / ``load_adapter``, and export to PEFT's layout.
+
+A directory holds ``adapter_config.json`` (which layers, their ranks, alphas, dropout and scaling, the library
+version, and a fingerprint of the base weights' names and shapes) and ``adapter_model.safetensors`` (the adapter's
+tensors under loralib 0.1.2's keys, ``<layer>.lora_A`` / ``<layer>.lora_B``, so that the weights file alone also
+loads with ``model.load_state_dict(sd, strict=False)``). Loading checks the config against the model and names the
+first thing that differs; files are written atomically (temporary file + ``os.replace``), the config last.
+
+``format="peft"`` writes what ``peft.PeftModel.from_pretrained`` reads instead, and ``load_adapter`` reads such
+directories too.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .adapters import DEFAULT, LoRAAdapter, delete_adapter, list_adapters, lora_layers
+from .injection import _kind, inject, merge_and_unload
+from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, _AdapterView
+from .safetensors_format import SafetensorsError, load_bytes, save_bytes
+from .utils import _adapter_entries
+
+__all__ = ["save_adapter", "load_adapter", "AdapterError", "base_fingerprint"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
+FORMAT, FORMAT_VERSION = "loralib-adapter", 1
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter directory that is missing, incomplete, corrupted, unsafe, or does not fit the model."""
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+# --- what describes an adapter -------------------------------------------------------------------------------------
+
+def base_fingerprint(model: nn.Module) -> Dict[str, object]:
+    """Names and shapes of the base (non-LoRA) state-dict entries, as the un-injected model would name them, and
+    their SHA-256. Values are not hashed: the fingerprint says which base an adapter fits, not which checkpoint."""
+    conv_layers = {n for n, m in model.named_modules() if isinstance(m, ConvLoRA)}
+    shapes = {}
+    for key, t in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        owner, _, leaf = key.rpartition(".")
+        head, _, last = owner.rpartition(".")
+        if last == "conv" and head in conv_layers:  # ConvLoRA keeps the convolution as its child `conv`
+            key = f"{head}.{leaf}" if head else leaf
+        shapes[key] = list(t.shape)
+    text = "\n".join(f"{k}:{tuple(v)}" for k, v in sorted(shapes.items()))
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "num_tensors": len(shapes), "shapes": shapes}
+
+
+def _source(layer: LoRALayer, adapter: str):
+    return layer if adapter == DEFAULT else layer.lora_adapters[adapter]
+
+
+def _layer_spec(layer: LoRALayer, adapter: str) -> dict:
+    src = _source(layer, adapter)
+    base = getattr(layer, "_lora_base_module", None)
+    rslora = getattr(src, "use_rslora", False)
+    spec = {
+        "type": type(layer).__name__,
+        "base_type": type(base).__name__ if base is not None else None,
+        "r": src.r,
+        "lora_alpha": src.lora_alpha,
+        "use_rslora": bool(rslora),
+        "scaling": src.scaling,
+        "lora_dropout": src.lora_dropout.p if isinstance(src.lora_dropout, nn.Dropout) else 0.0,
+        "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False)),
+    }
+    if isinstance(layer, MergedLinear):
+        spec["enable_lora"] = [bool(e) for e in layer.enable_lora]
+    return spec
+
+
+def _model_layers(model: nn.Module, adapter: str) -> Dict[str, LoRALayer]:
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise AdapterError(f"{type(model).__name__} has no LoRA layer to save; add some with lora.inject(...)")
+    if adapter not in list_adapters(model):
+        raise AdapterError(f"no adapter {adapter!r}; adapters: {list_adapters(model)}")
+    return layers
+
+
+# --- save ----------------------------------------------------------------------------------------------------------
+
+def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, format: str = "loralib",
+                 task_type: Optional[str] = None, extra: Optional[dict] = None) -> dict:
+    """Write adapter ``adapter`` of ``model`` to ``save_directory``.
+
+    Args:
+        model: a model with LoRA layers (``lora.inject`` or built with loralib layers).
+        save_directory: created if needed; existing adapter files in it are replaced atomically.
+        adapter: which adapter (``"default"``: the layers' own ``lora_A`` / ``lora_B``).
+        format: ``"loralib"``, or ``"peft"`` for ``peft.PeftModel.from_pretrained(hf_model, save_directory)``.
+        task_type: ``format="peft"`` only: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``); None loads as a PeftModel.
+        extra: ``format="loralib"`` only: JSON-serialisable information stored as the config's ``"extra"``
+            (how the base model was built, training arguments, ...); ``load_adapter`` returns it untouched.
+
+    Returns:
+        The config written to ``adapter_config.json``.
+
+    Raises:
+        AdapterError: no such adapter, no LoRA layer, or (PEFT) a layer PEFT cannot represent.
+        ValueError: an unknown ``format``.
+    """
+    if format not in ("loralib", "peft"):
+        raise ValueError(f"format must be 'loralib' or 'peft', got {format!r}")
+    if format == "peft" and extra is not None:
+        raise ValueError("extra is stored only with format='loralib' (PEFT's config has no place for it)")
+    layers = _model_layers(model, adapter)
+    if format == "peft":
+        config, tensors = _peft_export(layers, adapter, task_type)
+    else:
+        tensors = {k: v.detach().cpu() for k, v in _adapter_entries(model, adapter).items()}
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library": "loralib",
+            "library_version": __version__,
+            "adapter_name": adapter,
+            "target_modules": list(layers),
+            "layers": {name: _layer_spec(layer, adapter) for name, layer in layers.items()},
+            "base_fingerprint": base_fingerprint(model),
+        }
+        if extra is not None:
+            try:
+                json.dumps(extra)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"extra must be JSON-serialisable: {e}") from e
+            config["extra"] = extra
+    data = save_bytes(tensors, metadata={"format": "pt"})
+    if format == "loralib":  # PEFT warns about keys it does not know
+        config["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    atomic_write(os.path.join(save_directory, WEIGHTS_NAME), data)
+    atomic_write(os.path.join(save_directory, CONFIG_NAME), _json_bytes(config))  # last: config => complete
+    return config
+
+
+def _number(x: float):
+    return int(round(x)) if abs(x - round(x)) < 1e-9 else x
+
+
+def _peft_export(layers: Dict[str, LoRALayer], adapter: str, task_type) -> Tuple[dict, dict]:
+    # PEFT scales by lora_alpha / r (no rsLoRA here): each layer's alpha is chosen so that this equals the
+    # layer's own scaling, which also covers rsLoRA and MergedLinear's wider rank.
+    tensors, ranks, alphas, dropouts = {}, {}, {}, []
+    for name, layer in layers.items():
+        src = _source(layer, adapter)
+        view = layer if adapter == DEFAULT else _AdapterView(layer, src)
+        A, B = src.lora_A.detach().cpu(), src.lora_B.detach().cpu()
+        if isinstance(layer, ConvLoRA):
+            raise AdapterError(f"{name!r} is a {type(layer).__name__}: PEFT factorises a convolution's update as "
+                               "a convolution followed by a 1x1 convolution, which cannot hold loralib's update; "
+                               "save it with format='loralib'")
+        if isinstance(layer, MergedLinear):
+            B = view._expanded_B().detach().cpu()  # (out, r * n_enabled), zero rows for the disabled groups
+        key = _PEFT_PREFIX + name
+        if isinstance(layer, Embedding):
+            tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = A, B
+        else:
+            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = A, B
+        ranks[name] = A.shape[0]
+        alphas[name] = _number(src.scaling * A.shape[0])
+        if isinstance(src.lora_dropout, nn.Dropout):
+            dropouts.append(src.lora_dropout.p)
+    names = list(layers)
+    r0, a0 = ranks[names[0]], alphas[names[0]]
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": None,
+        "r": r0,
+        "lora_alpha": a0,
+        "target_modules": names,
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != a0},
+        "lora_dropout": max(dropouts, default=0.0),
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
+        "bias": "none",
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    return config, tensors
+
+
+# --- load ----------------------------------------------------------------------------------------------------------
+
+def _read_config(directory: str) -> dict:
+    if not os.path.isdir(directory):
+        raise AdapterError(f"adapter directory {directory!r} does not exist (write one with lora.save_adapter)")
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterError(f"{path} is missing: {directory!r} is not a complete adapter directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); the file is corrupted") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} does not hold a JSON object")
+    if config.get("peft_type") is not None:
+        if config["peft_type"] != "LORA":
+            raise AdapterError(f"{path} is a PEFT {config['peft_type']} adapter; only LoRA adapters load here")
+        return config
+    if config.get("format") != FORMAT or not isinstance(config.get("layers"), dict) or not config["layers"]:
+        raise AdapterError(f"{path} is neither a loralib adapter config ('format': '{FORMAT}' with 'layers') "
+                           "nor a PEFT LoRA config")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterError(f"{path} has format_version {version!r}, written by loralib "
+                           f"{config.get('library_version')}; this loralib ({__version__}) reads version "
+                           f"{FORMAT_VERSION}: upgrade loralib")
+    return config
+
+
+def _read_weights(directory: str, expected_sha: Optional[str]) -> Dict[str, torch.Tensor]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            data = f.read()
+        if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
+            raise AdapterError(f"{path} is not the file {CONFIG_NAME} was written with (SHA-256 differs): the "
+                               "directory is corrupted or was half-overwritten; save the adapter again")
+        try:
+            return load_bytes(data, source=path)[0]
+        except SafetensorsError as e:
+            raise AdapterError(str(e)) from e
+    for name in PICKLE_NAMES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                # weights_only: plain tensors only; a pickle that would import or call anything is refused.
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise AdapterError(f"refusing to load {path}: {type(e).__name__}: {first} (truncated, "
+                                   "corrupted, or a pickle that is not a plain dict of tensors)") from e
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise AdapterError(f"{path} does not hold a dict of tensors")
+            return state
+    raise AdapterError(f"{directory!r} has {CONFIG_NAME} but no weights ({WEIGHTS_NAME} or "
+                       f"{' / '.join(PICKLE_NAMES)})")
+
+
+def _check_base(model: nn.Module, config: dict, directory: str) -> None:
+    saved = config.get("base_fingerprint")
+    if not isinstance(saved, dict) or not isinstance(saved.get("shapes"), dict):
+        raise AdapterError(f"{directory}/{CONFIG_NAME} has no base_fingerprint; it is corrupted")
+    mine = base_fingerprint(model)
+    if mine["sha256"] == saved.get("sha256"):
+        return
+    theirs, ours = saved["shapes"], mine["shapes"]
+    for name in sorted(set(theirs) | set(ours)):
+        if name not in ours:
+            raise AdapterError(f"base model mismatch: the adapter's base has {name!r} {tuple(theirs[name])}, "
+                               f"this {type(model).__name__} has no such weight")
+        if name not in theirs:
+            raise AdapterError(f"base model mismatch: this {type(model).__name__} has {name!r} "
+                               f"{tuple(ours[name])}, which the adapter's base did not have")
+        if list(theirs[name]) != list(ours[name]):
+            raise AdapterError(f"base model mismatch: {name!r} is {tuple(ours[name])} here but was "
+                               f"{tuple(theirs[name])} in the adapter's base (another model size?)")
+    raise AdapterError(f"base model mismatch: the fingerprint in {directory}/{CONFIG_NAME} does not match its "
+                       "own shapes; the config is corrupted")
+
+
+def _peft_specs(config: dict, tensors: Dict[str, torch.Tensor], model: nn.Module):
+    """Turn a PEFT LoRA directory into loralib layer specs and tensors under loralib's keys."""
+    if config.get("use_dora") or config.get("lora_bias") or (config.get("bias") not in (None, "none")):
+        raise AdapterError("this PEFT adapter uses DoRA or trained biases, which loralib does not represent")
+    modules = dict(model.named_modules())
+    specs, out = {}, {}
+    pat = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+                     r"lora_embedding_B)")
+    for key, t in tensors.items():
+        m = pat.fullmatch(key)
+        if not m:
+            raise AdapterError(f"PEFT adapter entry {key!r} is not a LoRA A/B weight loralib can load")
+        name, part = m.groups()
+        out[f"{name}.lora_{part.split('.')[0][-1]}"] = t  # lora_A.weight / lora_embedding_A -> A
+    for key in [k for k in out if k.endswith(".lora_A")]:
+        name = key[: -len(".lora_A")]
+        module = modules.get(name)
+        r = out[key].shape[0]
+        alpha = _pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+        rslora = bool(config.get("use_rslora", False))
+        if isinstance(module, LoRALayer):  # already adapted: its own class and layout
+            kind = "conv" if isinstance(module, ConvLoRA) else None
+            ltype, fan_in_fan_out = type(module).__name__, bool(getattr(module, "fan_in_fan_out", False))
+        else:
+            kind = _kind(module) if module is not None else None
+            ltype, fan_in_fan_out = ("Embedding" if kind == "embedding" else "Linear"), kind == "conv1d_t"
+        specs[name] = {
+            "type": ltype,
+            "r": r, "lora_alpha": alpha, "use_rslora": rslora,
+            "scaling": alpha / math.sqrt(r) if rslora else alpha / r,
+            "lora_dropout": float(config.get("lora_dropout", 0.0) or 0.0),
+            "fan_in_fan_out": fan_in_fan_out,
+            "from_peft": True,  # alpha and rsLoRA are PEFT's spelling of the scaling: compare the scaling only
+        }
+        if kind == "conv":
+            raise AdapterError(f"{name!r}: PEFT convolution adapters cannot be represented by loralib's ConvLoRA")
+    return specs, out
+
+
+def _pattern(patterns, name, default):
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):  # PEFT's own matching rule
+            return value
+    return default
+
+
+def _check_layers(model: nn.Module, specs: Dict[str, dict], adapter: str, directory: str) -> None:
+    have = dict(lora_layers(model))
+    for name in sorted(set(specs) | set(have)):
+        if name not in have:
+            raise AdapterError(f"layer mismatch: the adapter in {directory} adapts {name!r}, which is not a LoRA "
+                               f"layer of this model")
+        if name not in specs:
+            raise AdapterError(f"layer mismatch: this model has the LoRA layer {name!r}, which the adapter in "
+                               f"{directory} does not cover")
+        if adapter != DEFAULT and adapter not in getattr(have[name], "lora_adapters", {}):
+            continue  # will be created from the spec
+        mine, theirs = _layer_spec(have[name], adapter), specs[name]
+        fields = ("type", "r", "fan_in_fan_out") if theirs.get("from_peft") else (
+            "type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "enable_lora")
+        for field in fields:
+            if field in theirs and mine.get(field) != theirs.get(field):
+                raise AdapterError(f"layer mismatch: {name!r} has {field}={mine.get(field)!r} here but "
+                                   f"{theirs.get(field)!r} in {directory}")
+        if not math.isclose(mine["scaling"], float(theirs["scaling"]), rel_tol=1e-6):
+            raise AdapterError(f"layer mismatch: {name!r} has scaling {mine['scaling']} here but "
+                               f"{theirs['scaling']} in {directory}")
+
+
+def _inject_from_specs(model: nn.Module, specs: Dict[str, dict], directory: str) -> None:
+    modules = dict(model.named_modules())
+    for name, spec in specs.items():
+        module = modules.get(name)
+        if module is None:
+            raise AdapterError(f"the adapter in {directory} adapts {name!r}, which this {type(model).__name__} "
+                               "does not have")
+        kind = _kind(module)
+        want = {"Linear": ("conv1d_t",) if spec.get("fan_in_fan_out") else ("linear",),
+                "Embedding": ("embedding",), "Conv1d": ("conv",), "Conv2d": ("conv",),
+                "Conv3d": ("conv",)}.get(spec.get("type"), ())
+        if kind not in want:
+            raise AdapterError(f"{name!r} is a {type(module).__name__} here, but the adapter in {directory} was "
+                               f"saved from a {spec.get('type')} (base {spec.get('base_type')}); "
+                               "build the model the way it was built when the adapter was saved")
+    for name, spec in specs.items():
+        inject(model, [name], r=int(spec["r"]), lora_alpha=spec["lora_alpha"],
+               lora_dropout=float(spec.get("lora_dropout", 0.0)), use_rslora=bool(spec.get("use_rslora")),
+               init_lora_weights="zeros")
+
+
+def _add_from_specs(model: nn.Module, specs: Dict[str, dict], adapter: str) -> None:
+    layers = dict(lora_layers(model))
+    built = {name: LoRAAdapter(layers[name], int(s["r"]), s["lora_alpha"], float(s.get("lora_dropout", 0.0)),
+                               bool(s.get("use_rslora")), "zeros") for name, s in specs.items()}
+    for name, ad in built.items():
+        layer = layers[name]
+        if not hasattr(layer, "lora_adapters"):
+            layer.lora_adapters = nn.ModuleDict()
+        ad.train(layer.training)
+        layer.lora_adapters[adapter] = ad
+
+
+def load_adapter(model: nn.Module, load_directory: str, adapter: str = DEFAULT) -> dict:
+    """Load an adapter directory (loralib's or PEFT's LoRA format) into ``model``, checking that it fits.
+
+    A model without LoRA layers gets them first (as ``lora.inject`` would), so ``load_adapter(plain_model, dir)``
+    rebuilds the adapted model. A model with LoRA layers must have exactly the adapter's layers, ranks and
+    scalings. ``adapter`` names an existing adapter to overwrite, or a new one to add (inactive: see
+    ``lora.set_adapter``).
+
+    Args:
+        model: the base model, plain or with LoRA layers.
+        load_directory: a directory written by :func:`save_adapter` (or by PEFT's ``save_pretrained``).
+        adapter: the adapter to load into.
+
+    Returns:
+        The directory's config.
+
+    Raises:
+        AdapterError: missing or corrupted files, a pickle that is not plain tensors, a base model with other
+            weight names or shapes, other LoRA layers / ranks / scalings, or tensors of the wrong shape. The
+            message names the first mismatch; on error the model is unchanged.
+    """
+    config = _read_config(load_directory)
+    tensors = _read_weights(load_directory, config.get("weights_sha256"))
+    if "peft_type" in config:
+        specs, tensors = _peft_specs(config, tensors, model)
+    else:
+        specs = config["layers"]
+        _check_base(model, config, load_directory)
+    has_lora = bool(dict(lora_layers(model)))
+    if has_lora:
+        _check_layers(model, specs, adapter, load_directory)
+    elif adapter != DEFAULT:
+        raise AdapterError(f"{type(model).__name__} has no LoRA layer yet: load the first adapter as 'default' "
+                           f"(lora.load_adapter(model, dir)), then others with adapter={adapter!r}")
+    expected = [f"{name}.lora_{ab}" for name in specs for ab in "AB"]
+    unexpected = sorted(set(tensors) - set(expected))
+    missing = [k for k in expected if k not in tensors]
+    if unexpected or missing:
+        what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which no adapted layer has"
+        raise AdapterError(f"the weights in {load_directory} do not match its config: it {what}")
+    created = None
+    if not has_lora:
+        _inject_from_specs(model, specs, load_directory)
+        created = "layers"
+    elif adapter not in list_adapters(model):
+        _add_from_specs(model, specs, adapter)
+        created = "adapter"
+    layers = dict(lora_layers(model))
+    for name in specs:
+        src = _source(layers[name], adapter)
+        for ab in "AB":
+            want, got = getattr(src, f"lora_{ab}").shape, tensors[f"{name}.lora_{ab}"].shape
+            if want != got:
+                if created == "layers":  # the new update is zero: unloading gives the original model back
+                    merge_and_unload(model)
+                elif created == "adapter":
+                    delete_adapter(model, adapter)
+                raise AdapterError(f"{name}.lora_{ab} in {load_directory} has shape {tuple(got)}, the model "
+                                   f"expects {tuple(want)}")
+    with torch.no_grad():
+        for name in specs:
+            layer = layers[name]
+            remerge = layer.merged and layer.active_adapter == adapter
+            if remerge:
+                layer.unmerge()
+            src = _source(layer, adapter)
+            src.lora_A.copy_(tensors[f"{name}.lora_A"])
+            src.lora_B.copy_(tensors[f"{name}.lora_B"])
+            if remerge:
+                layer.merge()
+    return config
