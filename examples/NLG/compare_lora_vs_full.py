@@ -57,15 +57,15 @@ def parse_args(argv=None):
     m.add_argument("--lora_alpha", type=float, default=GPTConfig.lora_alpha)
     m.add_argument("--lora_dropout", type=float, default=GPTConfig.lora_dropout)
     t = p.add_argument_group("training and measurement")
-    t.add_argument("--steps", type=int, default=16, help="training steps per mode, warm-up included")
-    t.add_argument("--warmup", type=int, default=3, help="first steps left out of the step-time median")
-    t.add_argument("--batch_size", type=int, default=8)
+    t.add_argument("--steps", type=int, default=10, help="training steps per mode, warm-up included")
+    t.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time median")
+    t.add_argument("--batch_size", type=int, default=4)
     t.add_argument("--max_len", "--seq_len", dest="max_len", type=int, default=128,
                    help="examples are cut to this many tokens (batches are padded to their longest example)")
     t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, both modes")
     t.add_argument("--weight_decay", type=float, default=0.01)
-    t.add_argument("--val_examples", type=int, default=64, help="fixed validation subset for the loss")
-    t.add_argument("--infer_reps", type=int, default=8, help="timed forward passes per model for the latency")
+    t.add_argument("--val_examples", type=int, default=32, help="fixed validation subset for the loss")
+    t.add_argument("--infer_reps", type=int, default=5, help="timed forward passes per model for the latency")
     t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     t.add_argument("--seed", type=int, default=0, help="base weights, data order and subsets")
     t.add_argument("--data_dir", default=None, help="directory with the E2E train.txt/valid.txt "
@@ -187,6 +187,14 @@ def run_mode(args, mode: str) -> dict:
     """Train ``mode`` for ``args.steps`` steps and measure it. Returns the figures as a dict."""
     device = measure.resolve_device(args.device)
     log = lambda msg: print(f"[{mode}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    phases, t_phase = {}, time.perf_counter()
+
+    def phase(name):  # wall time of each part of this process's work, to show where a run's time goes
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[name] = now - t_phase
+        t_phase = now
+
     torch.manual_seed(args.seed)
     model = build_for_mode(args, mode, device)
     model.train()
@@ -202,7 +210,9 @@ def run_mode(args, mode: str) -> dict:
     val_batches = to_device(iterate_batches(valid, select_indices(len(valid), args.val_examples, args.seed),
                                             args.batch_size, args.max_len, shuffle=False), device)
     del train, valid
+    phase("build_and_data")
     val_before = validation_loss(model, val_batches)
+    phase("val_before")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
@@ -232,7 +242,9 @@ def run_mode(args, mode: str) -> dict:
     timed = step_times[args.warmup:]
     log(f"{len(step_times)} steps, median step {measure.median(timed) * 1e3:.1f} ms, "
         f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    phase("train")
     val_after = validation_loss(model, val_batches)
+    phase("val_after")
 
     with tempfile.TemporaryDirectory() as d:
         if mode == "lora":
@@ -241,6 +253,7 @@ def run_mode(args, mode: str) -> dict:
             ckpt_name, sd = "model.pt (model.state_dict())", model.state_dict()
         ckpt_bytes = measure.saved_file_bytes(sd, d)
         del sd
+    phase("checkpoint")
 
     out = {
         "mode": mode,
@@ -266,6 +279,8 @@ def run_mode(args, mode: str) -> dict:
         out["inference"] = inference_latency(args, model, val_batches[0]["input_ids"], device)
         log(f"forward latency: merged LoRA {out['inference']['merged_lora_median_s'] * 1e3:.1f} ms, "
             f"plain {out['inference']['plain_median_s'] * 1e3:.1f} ms")
+        phase("inference")
+    out["phase_wall_s"] = phases
     return out
 
 
@@ -361,7 +376,9 @@ def fmt_mib(x):
 def fmt_ratio(x):
     if x is None:
         return "n/a"
-    return f"{x:.3g}x" if x >= 0.01 else f"1/{1 / x:,.0f}" if x > 0 else "0"
+    if x <= 0:
+        return "0"
+    return f"{x:.3g}x" if x >= 0.1 else f"{x:.2g}x (1/{1 / x:,.0f})"
 
 
 def table(s: dict) -> str:
@@ -439,7 +456,7 @@ def plot(s: dict, path: str) -> None:
             continue
         bars = ax.bar(labels, [a, b], color=["tab:orange", "tab:blue"])
         for bar, v in zip(bars, (a, b)):
-            ax.annotate(f"{v:,.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
         ax.set_ylim(0, max(a, b) * 1.18 or 1)
         if b:
