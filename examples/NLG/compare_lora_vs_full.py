@@ -16,7 +16,8 @@ Each mode runs in its own fresh Python process, so its peak memory is its own. E
 in that run: parameter counts, checkpoint files written and their sizes, optimizer-state and gradient bytes,
 bytes autograd saves for one step, peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak resident
 memory), median step time after warm-up, validation loss on a fixed subset after the same number of steps, and
-the latency of a forward pass of the merged LoRA model vs the plain model. Figures that cannot be measured on the
+the latency of a generation prefill (a batch of prompts in, next-token logits out) of the merged LoRA model vs
+the plain model. Figures that cannot be measured on the
 device say ``n/a`` and why.
 """
 import argparse
@@ -32,12 +33,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `src` next to this script
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
 import loralib as lora  # noqa: E402
 from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
 from src.data import DataError, iterate_batches, load_tokenized, select_indices  # noqa: E402
 from src.model import GPTConfig, base_fingerprint, build_model  # noqa: E402
+from src.train_utils import DeviceError, evaluate, select_device  # noqa: E402
 from src.tokenizer import EOT_ID  # noqa: E402
 
 MODES = ("lora", "full")
@@ -65,8 +68,9 @@ def parse_args(argv=None):
     t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, both modes")
     t.add_argument("--weight_decay", type=float, default=0.01)
     t.add_argument("--val_examples", type=int, default=32, help="fixed validation subset for the loss")
-    t.add_argument("--infer_reps", type=int, default=5, help="timed forward passes per model for the latency")
-    t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    t.add_argument("--infer_reps", type=int, default=10,
+                   help="timed prefill passes (prompt in, next-token logits out) per model for the latency")
+    t.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     t.add_argument("--seed", type=int, default=0, help="base weights, data order and subsets")
     t.add_argument("--data_dir", default=None, help="directory with the E2E train.txt/valid.txt "
                    "(default: $E2E_DATA_DIR, then data/e2e/)")
@@ -128,20 +132,6 @@ def to_device(batches, device):
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-@torch.no_grad()
-def validation_loss(model, batches) -> float:
-    """Mean next-token loss over every completion token of ``batches`` (eval mode: LoRA merged)."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for b in batches:
-        k = int((b["labels"][:, 1:] != -100).sum())
-        total += float(model(b["input_ids"], labels=b["labels"]).loss) * k
-        n += k
-    model.train(was_training)
-    return total / n
-
-
 def memory_window(device: torch.device):
     """The peak-memory measurement for ``device``: CUDA allocator peak, or this process's peak RSS."""
     if device.type == "cuda":
@@ -185,7 +175,7 @@ class _NoPeak:
 
 def run_mode(args, mode: str) -> dict:
     """Train ``mode`` for ``args.steps`` steps and measure it. Returns the figures as a dict."""
-    device = measure.resolve_device(args.device)
+    device = select_device(args.device)
     log = lambda msg: print(f"[{mode}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     phases, t_phase = {}, time.perf_counter()
 
@@ -211,7 +201,7 @@ def run_mode(args, mode: str) -> dict:
                                             args.batch_size, args.max_len, shuffle=False), device)
     del train, valid
     phase("build_and_data")
-    val_before = validation_loss(model, val_batches)
+    val_before = evaluate(model, val_batches, device)
     phase("val_before")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -243,7 +233,7 @@ def run_mode(args, mode: str) -> dict:
     log(f"{len(step_times)} steps, median step {measure.median(timed) * 1e3:.1f} ms, "
         f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     phase("train")
-    val_after = validation_loss(model, val_batches)
+    val_after = evaluate(model, val_batches, device)
     phase("val_after")
 
     with tempfile.TemporaryDirectory() as d:
@@ -277,17 +267,24 @@ def run_mode(args, mode: str) -> dict:
     }
     if mode == "lora":
         out["inference"] = inference_latency(args, model, val_batches[0]["input_ids"], device)
-        log(f"forward latency: merged LoRA {out['inference']['merged_lora_median_s'] * 1e3:.1f} ms, "
+        log(f"prefill latency: merged LoRA {out['inference']['merged_lora_median_s'] * 1e3:.1f} ms, "
             f"plain {out['inference']['plain_median_s'] * 1e3:.1f} ms")
         phase("inference")
     out["phase_wall_s"] = phases
     return out
 
 
+def next_token_logits(model, input_ids):
+    """One prefill step of generation: read the prompts, score the next token (the last position only)."""
+    h, _ = model.hidden_states(input_ids)
+    return model.lm_head(h[:, -1])
+
+
 @torch.inference_mode()
 def inference_latency(args, lora_model, input_ids, device) -> dict:
-    """Forward-pass latency (all positions' logits) of the trained LoRA model in eval mode, where its update is
-    merged into the weights, against the plain model (``lora_dim=0``) holding the same base weights."""
+    """Latency of a generation prefill (:func:`next_token_logits`) with the trained LoRA model in eval mode, where
+    its update is merged into the weights, against the plain model (``lora_dim=0``) holding the same base
+    weights."""
     lora_model.eval()  # merges B A into the weights
     plain = build_model(model_config(args, 0), base_seed=args.seed)
     # The LoRA model's state dict carries its unmerged base weights (loralib's save hook).
@@ -295,8 +292,8 @@ def inference_latency(args, lora_model, input_ids, device) -> dict:
     plain.to(device).eval()
     t_lora, t_plain = [], []
     for r in range(args.infer_reps + 1):  # alternate the two, so a load change on the machine hits both alike
-        _, a = measure.timed(lambda: plain(input_ids).logits, device)
-        _, b = measure.timed(lambda: lora_model(input_ids).logits, device)
+        _, a = measure.timed(lambda: next_token_logits(plain, input_ids), device)
+        _, b = measure.timed(lambda: next_token_logits(lora_model, input_ids), device)
         if r > 0:  # the first pass of each is a warm-up
             t_plain.append(a)
             t_lora.append(b)
@@ -415,7 +412,7 @@ def table(s: dict) -> str:
     lines += [f"{a:<{w0}}  {b:>{w[0]}}  {c:>{w[1]}}  {d:>{w[2]}}" for a, b, c, d in rows]
     shape = "x".join(map(str, inf["input_shape"]))
     lines.append("-" * len(lines[0]))
-    lines.append(f"forward latency, batch {shape}: merged LoRA {inf['merged_lora_median_s'] * 1e3:,.1f} ms, "
+    lines.append(f"prefill latency, batch {shape}: merged LoRA {inf['merged_lora_median_s'] * 1e3:,.1f} ms, "
                  f"plain model {inf['plain_median_s'] * 1e3:,.1f} ms "
                  f"(ratio {fmt_ratio(s['inference_ratio_merged_lora_over_plain'])}, "
                  f"median of {len(inf['plain_times_s'])})")
@@ -443,7 +440,7 @@ def plot(s: dict, path: str) -> None:
         (f"{mem} above model+data (MiB)", mib(lo["peak_memory"]["delta_bytes"]), mib(fu["peak_memory"]["delta_bytes"])),
         ("median step time (ms)", lo["median_step_s"] * 1e3, fu["median_step_s"] * 1e3),
         (f"val loss after {len(lo['step_times_s'])} steps", lo["val_loss_after"], fu["val_loss_after"]),
-        ("forward latency (ms)", inf["merged_lora_median_s"] * 1e3, inf["plain_median_s"] * 1e3),
+        ("prefill latency (ms)", inf["merged_lora_median_s"] * 1e3, inf["plain_median_s"] * 1e3),
     ]
     fig, axes = plt.subplots(2, 4, figsize=(15, 7))
     for ax, (title, a, b) in zip(axes.flat, panels):
@@ -480,11 +477,11 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     try:
-        device = measure.resolve_device(args.device)
+        device = select_device(args.device)
         # Parse and tokenise here, once: bad or missing data stops the run before any training starts.
         n_train = len(load_tokenized("train", args.data_dir))
         load_tokenized("valid", args.data_dir)
-    except (ValueError, DataError) as e:
+    except (DeviceError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.steps * args.batch_size > n_train:

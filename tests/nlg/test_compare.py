@@ -140,16 +140,6 @@ def test_peak_rss_sees_a_transient_allocation():
     assert peak.peak >= peak.baseline + peak.delta
 
 
-def test_resolve_device():
-    assert measure.resolve_device("cpu") == torch.device("cpu")
-    assert measure.resolve_device("auto").type in ("cpu", "cuda", "mps")
-    with pytest.raises(ValueError, match="not a device name"):
-        measure.resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
-            measure.resolve_device("cuda")
-
-
 # --- errors -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
@@ -180,24 +170,19 @@ def test_bad_device_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     assert cmp.main(["--device", "cuda"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no CUDA GPU" in err and "--device cpu" in err
 
 
 # --- a real run of the script ---------------------------------------------------------------------------------------
 
-DATA = os.environ.get("E2E_DATA_DIR")
-needs_data = pytest.mark.skipif(not (DATA and os.path.isfile(os.path.join(DATA, "train.txt"))),
-                                reason="E2E data not found: set E2E_DATA_DIR")
-
-
-@needs_data
-def test_tiny_run_writes_every_measured_figure(tmp_path):
+def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
     out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
     r = 4
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, SCRIPT, *TINY, "--lora_dim", str(r), "--steps", "3", "--warmup", "1", "--batch_size", "2",
-         "--max_len", "48", "--val_examples", "4", "--infer_reps", "2", "--device", "cpu",
+         "--max_len", "48", "--val_examples", "4", "--infer_reps", "2", "--device", "cpu", "--data_dir", e2e_dir,
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -229,3 +214,10 @@ def test_tiny_run_writes_every_measured_figure(tmp_path):
     R = s["ratios_lora_over_full"]
     assert R["checkpoint_bytes"] == lo["checkpoint"]["bytes"] / fu["checkpoint"]["bytes"]
     assert R["median_step_s"] == lo["median_step_s"] / fu["median_step_s"]
+
+
+def test_more_steps_than_data_is_a_clear_error(e2e_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        cmp.main(["--data_dir", e2e_dir, "--steps", "30", "--batch_size", "2"])
+    assert e.value.code == 2
+    assert "more than the 48 training examples" in capsys.readouterr().err

@@ -14,32 +14,6 @@ import torch
 import torch.nn as nn
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then CPU; any other name must be available.
-
-    Raises:
-        ValueError: the device was asked for by name and is not available here.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device name ({e}); use auto, cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
-                         "use --device cpu (or auto)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {name} asked for, but MPS is not available here; use --device cpu (or auto)")
-    return dev
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so a wall-clock reading covers the work (no-op on CPU)."""
     if device.type == "cuda":
