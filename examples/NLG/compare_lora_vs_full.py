@@ -57,18 +57,19 @@ def parse_args(argv=None):
     m.add_argument("--vocab_size", type=int, default=GPTConfig.vocab_size,
                    help="at least 50257, the GPT-2 tokenizer's vocabulary")
     m.add_argument("--lora_dim", type=int, default=GPTConfig.lora_dim, help="LoRA rank r (lora mode)")
-    m.add_argument("--lora_alpha", type=float, default=GPTConfig.lora_alpha)
+    m.add_argument("--lora_alpha", type=int, default=GPTConfig.lora_alpha,
+                   help="LoRA scaling = lora_alpha / lora_dim")
     m.add_argument("--lora_dropout", type=float, default=GPTConfig.lora_dropout)
     t = p.add_argument_group("training and measurement")
-    t.add_argument("--steps", type=int, default=10, help="training steps per mode, warm-up included")
+    t.add_argument("--steps", type=int, default=8, help="training steps per mode, warm-up included")
     t.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time median")
     t.add_argument("--batch_size", type=int, default=4)
     t.add_argument("--max_len", "--seq_len", dest="max_len", type=int, default=128,
                    help="examples are cut to this many tokens (batches are padded to their longest example)")
     t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, both modes")
     t.add_argument("--weight_decay", type=float, default=0.01)
-    t.add_argument("--val_examples", type=int, default=32, help="fixed validation subset for the loss")
-    t.add_argument("--infer_reps", type=int, default=10,
+    t.add_argument("--val_examples", type=int, default=16, help="fixed validation subset for the loss")
+    t.add_argument("--infer_reps", type=int, default=6,
                    help="timed prefill passes (prompt in, next-token logits out) per model for the latency")
     t.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     t.add_argument("--seed", type=int, default=0, help="base weights, data order and subsets")
