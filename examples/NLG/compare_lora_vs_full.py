@@ -133,47 +133,6 @@ def to_device(batches, device):
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def memory_window(device: torch.device):
-    """The peak-memory measurement for ``device``: CUDA allocator peak, or this process's peak RSS."""
-    if device.type == "cuda":
-        return _CudaPeak(device)
-    if device.type == "cpu":
-        return measure.PeakRSS()
-    return _NoPeak(f"n/a: peak memory is not measurable on {device.type} with this torch")
-
-
-class _CudaPeak:
-    method = "torch.cuda.max_memory_allocated (reset after building the model and loading the data)"
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.baseline = torch.cuda.memory_allocated(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.synchronize(self.device)
-        self.peak = torch.cuda.max_memory_allocated(self.device)
-        self.delta = self.peak - self.baseline
-        return False
-
-
-class _NoPeak:
-    baseline = peak = delta = None
-
-    def __init__(self, why):
-        self.method = why
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def run_mode(args, mode: str) -> dict:
     """Train ``mode`` for ``args.steps`` steps and measure it. Returns the figures as a dict."""
     device = select_device(args.device)
@@ -210,7 +169,7 @@ def run_mode(args, mode: str) -> dict:
     saved = measure.SavedTensorBytes(exclude=model.parameters())
     step_times, losses = [], []
     gc.collect()
-    with memory_window(device) as mem:
+    with measure.peak_memory(device) as mem:
         for i, batch in enumerate(train_batches):
             measure.synchronize(device)
             t0 = time.perf_counter()
@@ -471,7 +430,14 @@ def plot(s: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     args, parser = parse_args(argv)
     if args._worker:
         return worker_main(args)

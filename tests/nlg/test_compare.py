@@ -140,6 +140,23 @@ def test_peak_rss_sees_a_transient_allocation():
     assert peak.peak >= peak.baseline + peak.delta
 
 
+def test_peak_memory_picks_the_measurement_for_the_device():
+    assert isinstance(measure.peak_memory(torch.device("cpu")), measure.PeakRSS)
+    with measure.peak_memory(torch.device("meta")) as none:
+        pass
+    assert none.peak is None and none.method.startswith("n/a")
+    assert cmp.fmt_mib(none.peak) == "n/a"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_sees_a_transient_allocation():
+    dev = torch.device("cuda")
+    with measure.peak_memory(dev) as peak:
+        t = torch.ones(64 << 18, device=dev)
+        del t
+    assert peak.delta >= 64 << 20
+
+
 # --- errors -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [

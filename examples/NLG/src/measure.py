@@ -197,6 +197,54 @@ class PeakRSS:
         return False
 
 
+class CudaPeak:
+    """Peak CUDA memory allocated by tensors while the context is active (``torch.cuda.max_memory_allocated``,
+    reset on entry), and that peak minus the memory allocated at entry."""
+
+    method = "torch.cuda.max_memory_allocated (reset after building the model and loading the data)"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = self.peak = self.delta = None
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+        self.delta = self.peak - self.baseline
+        return False
+
+
+class NoPeak:
+    """Stands in where no peak can be measured; ``method`` says why, the figures are None (printed as n/a)."""
+
+    baseline = peak = delta = None
+
+    def __init__(self, why: str):
+        self.method = why
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def peak_memory(device: torch.device):
+    """The peak-memory measurement for ``device``: :class:`CudaPeak` on CUDA, :class:`PeakRSS` (this process) on
+    CPU, :class:`NoPeak` elsewhere."""
+    if device.type == "cuda":
+        return CudaPeak(device)
+    if device.type == "cpu":
+        return PeakRSS()
+    return NoPeak(f"n/a: no peak-memory measurement for {device.type} devices")
+
+
 def timed(fn: Callable[[], object], device: torch.device):
     """``(fn(), seconds)``, the clock read after the device has finished the work."""
     synchronize(device)
