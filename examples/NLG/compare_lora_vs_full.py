@@ -197,11 +197,13 @@ def run_mode(args, mode: str) -> dict:
     phase("val_after")
 
     with tempfile.TemporaryDirectory() as d:
+        # What each mode has to keep: LoRA the adapter (the base is shared and frozen), full the whole model.
         if mode == "lora":
-            ckpt_name, sd = "adapter.pt (loralib.lora_state_dict)", lora.lora_state_dict(model)
+            ckpt_name, sd = "adapter.pt", lora.lora_state_dict(model)
         else:
-            ckpt_name, sd = "model.pt (model.state_dict())", model.state_dict()
-        ckpt_bytes = measure.saved_file_bytes(sd, d)
+            ckpt_name, sd = "model.pt", model.state_dict()
+        ckpt_bytes = measure.saved_file_bytes(sd, d, ckpt_name)
+        sd_keys = list(sd)
         del sd
     phase("checkpoint")
 
@@ -211,7 +213,7 @@ def run_mode(args, mode: str) -> dict:
         "base_fingerprint": fingerprint,
         "params": counts,
         "param_bytes": measure.param_bytes(model),
-        "checkpoint": {"what": ckpt_name, "bytes": ckpt_bytes},
+        "checkpoint": {"file": ckpt_name, "keys": len(sd_keys), "bytes": ckpt_bytes},
         "grad_bytes": grads,
         "optimizer_state_bytes": opt_state,
         "saved_tensor_bytes": saved.bytes,

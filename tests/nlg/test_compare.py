@@ -221,6 +221,7 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
         pm = m["peak_memory"]
         assert pm["peak_bytes"] >= pm["baseline_bytes"] > 0 and pm["delta_bytes"] >= 0
         assert 0 < m["val_loss_after"] < 20
+    assert lo["checkpoint"]["keys"] == 2 * 3 * 2 + 2  # A and B of c_attn, c_fc, c_proj in 2 layers, and lm_head
     assert lo["checkpoint"]["bytes"] < fu["checkpoint"]["bytes"]
     assert lo["optimizer_state_bytes"] < fu["optimizer_state_bytes"]
     # Same base, LoRA's B = 0 at the start: both modes begin at the same validation loss.
