@@ -29,16 +29,16 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("training")
     g.add_argument("--num_epochs", type=int, default=2, help="passes over the (possibly limited) training set")
-    g.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch, padded to their longest")
+    g.add_argument("--batch_size", type=int, default=4, help="examples per micro-batch, padded to their longest")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of AdamW (LoRA weights only)")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (LoRA weights only)")
     g.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps, then linear decay to 0")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
-    g.add_argument("--max_steps", type=int, default=150,
+    g.add_argument("--max_steps", type=int, default=0,
                    help="stop after this many optimizer steps (0: no limit; run --num_epochs epochs)")
-    g.add_argument("--max_train_examples", type=int, default=600,
+    g.add_argument("--max_train_examples", type=int, default=1000,
                    help="train on a fixed random subset of this many examples (0: all 42,061)")
     g.add_argument("--seq_len", type=int, default=128,
                    help="truncate examples to this many tokens (the longest E2E example has 115)")
@@ -46,7 +46,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="seed of the data order and of the LoRA init; also draws the random base when no "
                         "--init_checkpoint is given")
     g.add_argument("--log_interval", type=int, default=10, help="print a log line every N optimizer steps")
-    g.add_argument("--val_examples", type=int, default=200,
+    g.add_argument("--val_examples", type=int, default=100,
                    help="validate on a fixed subset of this many valid.txt examples (0: all 4,672)")
     g.add_argument("--val_batch_size", type=int, default=50, help="batch size of validation")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")

@@ -51,20 +51,31 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device) -> float:
     """Mean next-token loss per predicted token (reference tokens and end-of-text) over ``batches``.
 
-    The model is put in eval mode (which merges LoRA into the weights) and back into train mode afterwards.
+    The model runs in eval mode *without* merging LoRA into the frozen weights: a merge followed by an unmerge is
+    not bit-exact in floating point, so evaluating during training would otherwise nudge the frozen base.
     """
+    import loralib as lora
+
+    layers = [m for m in model.modules() if isinstance(m, lora.LoRALayer)]
+    flags = [m.merge_weights for m in layers]
     was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for b in batches:
-        labels = b["labels"].to(device)
-        n = int((labels[:, 1:] != -100).sum())
-        if n == 0:
-            continue
-        out = model(b["input_ids"].to(device), labels=labels)
-        total += float(out.loss) * n
-        count += n
-    model.train(was_training)
+    try:
+        for m in layers:
+            m.merge_weights = False
+        model.eval()
+        for b in batches:
+            labels = b["labels"].to(device)
+            n = int((labels[:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            out = model(b["input_ids"].to(device), labels=labels)
+            total += float(out.loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+        for m, f in zip(layers, flags):
+            m.merge_weights = f
     if count == 0:
         raise ValueError("evaluation set has no tokens to predict")
     return total / count
