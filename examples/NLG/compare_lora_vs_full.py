@@ -51,23 +51,23 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model (the same configuration for both modes)")
-    m.add_argument("--hidden_dim", type=int, default=GPTConfig.hidden_dim)
-    m.add_argument("--num_layers", type=int, default=GPTConfig.num_layers)
-    m.add_argument("--num_heads", type=int, default=GPTConfig.num_heads)
+    m.add_argument("--hidden_dim", type=int, default=GPTConfig.hidden_dim, help="model width (n_embd)")
+    m.add_argument("--num_layers", type=int, default=GPTConfig.num_layers, help="transformer blocks (GPT-2 small: 12)")
+    m.add_argument("--num_heads", type=int, default=GPTConfig.num_heads, help="attention heads")
     m.add_argument("--vocab_size", type=int, default=GPTConfig.vocab_size,
                    help="at least 50257, the GPT-2 tokenizer's vocabulary")
     m.add_argument("--lora_dim", type=int, default=GPTConfig.lora_dim, help="LoRA rank r (lora mode)")
     m.add_argument("--lora_alpha", type=int, default=GPTConfig.lora_alpha,
                    help="LoRA scaling = lora_alpha / lora_dim")
-    m.add_argument("--lora_dropout", type=float, default=GPTConfig.lora_dropout)
+    m.add_argument("--lora_dropout", type=float, default=GPTConfig.lora_dropout, help="dropout on the LoRA path")
     t = p.add_argument_group("training and measurement")
     t.add_argument("--steps", type=int, default=8, help="training steps per mode, warm-up included")
     t.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time median")
-    t.add_argument("--batch_size", type=int, default=4)
+    t.add_argument("--batch_size", type=int, default=4, help="examples per step, both modes")
     t.add_argument("--max_len", "--seq_len", dest="max_len", type=int, default=128,
                    help="examples are cut to this many tokens (batches are padded to their longest example)")
     t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, both modes")
-    t.add_argument("--weight_decay", type=float, default=0.01)
+    t.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay, both modes")
     t.add_argument("--val_examples", type=int, default=16, help="fixed validation subset for the loss")
     t.add_argument("--infer_reps", type=int, default=6,
                    help="timed prefill passes (prompt in, next-token logits out) per model for the latency")
