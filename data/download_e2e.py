@@ -1,0 +1,109 @@
+"""Get the E2E NLG splits (train/valid/test.txt, Microsoft LoRA's format) into data/e2e/, checked by sha256.
+
+    python data/download_e2e.py                  # download from github.com/microsoft/LoRA (needs internet)
+    python data/download_e2e.py --from DIR       # copy from a directory that already has the three files
+
+A file whose sha256 differs from the published one (corrupted, partial, another version) is refused and never
+replaces a good copy: each file is written to a temporary name and renamed into place only once it checks out.
+"""
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+
+BASE_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/e2e/"
+# sha256 and size of each file, as listed in shared/data/e2e/SOURCE.md (microsoft/LoRA, unchanged since 2021-10-15).
+FILES = {
+    "train.txt": ("eae319082237310913d9f37f6a891d48fb3f821f29d86870d2cb4f92ddd72c5a", 9_624_463),
+    "valid.txt": ("ba963113c8401d3d26216c0dc0a6dae1ea6ea927de3bf830e32c41f65401c80d", 1_198_093),
+    "test.txt": ("81b1bcd40c4f12845ec4eb61a77bf43765d112483cd9b2f91ef10bfc1b3d8f13", 1_351_149),
+}
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e")
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url: str, dst, size: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=60) as r, tqdm(total=size, unit="B", unit_scale=True,
+                                                          desc=os.path.basename(url), disable=not progress) as bar:
+        for chunk in iter(lambda: r.read(1 << 16), b""):
+            dst.write(chunk)
+            bar.update(len(chunk))
+
+
+def install_file(name: str, out_dir: str, src_dir: str = None, progress: bool = True) -> str:
+    """Copy (``src_dir``) or download one file into ``out_dir``; keep it only if its sha256 is the published one.
+
+    Raises:
+        DownloadError: the source is missing or unreachable, or the content does not match (the old file, if any,
+            is left untouched).
+    """
+    expected, size = FILES[name]
+    dst = os.path.join(out_dir, name)
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if src_dir is not None:
+                src = os.path.join(src_dir, name)
+                if not os.path.isfile(src):
+                    raise DownloadError(f"--from {src_dir!r} has no {name}")
+                with open(src, "rb") as s:
+                    shutil.copyfileobj(s, f)
+            else:
+                try:
+                    _fetch(BASE_URL + name, f, size, progress)
+                except OSError as e:
+                    raise DownloadError(f"cannot download {BASE_URL + name}: {e}. Offline? Copy the files from a "
+                                        "directory that has them with --from DIR") from e
+        got = sha256_file(tmp)
+        if got != expected:
+            got_size = os.path.getsize(tmp)
+            what = "partial" if got_size < size else "corrupted or a different version"
+            raise DownloadError(f"{name}: sha256 {got} ({got_size:,} bytes) is not the published {expected} "
+                                f"({size:,} bytes): the file is {what}; refused, {dst} left as it was")
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dst
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="src_dir", default=None, help="copy from this directory instead of downloading")
+    p.add_argument("--out_dir", default=DEFAULT_OUT, help="where the files go (default: data/e2e/ in the repo)")
+    p.add_argument("--force", action="store_true", help="fetch again even when a file already checks out")
+    args = p.parse_args(argv)
+    try:
+        for name, (expected, _) in FILES.items():
+            dst = os.path.join(args.out_dir, name)
+            if not args.force and os.path.isfile(dst) and sha256_file(dst) == expected:
+                print(f"{dst}: present, sha256 ok")
+                continue
+            install_file(name, args.out_dir, args.src_dir)
+            print(f"{dst}: sha256 ok")
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"E2E data ready in {args.out_dir} (licence CC BY-SA 4.0, see data/README.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

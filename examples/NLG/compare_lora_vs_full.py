@@ -1,0 +1,489 @@
+"""LoRA vs full fine-tuning of the same GPT-2, measured side by side in one run.
+
+    python examples/NLG/compare_lora_vs_full.py --json compare.json --plot compare.png
+    python examples/NLG/compare_lora_vs_full.py --num_layers 12 --steps 30 --device cuda   # GPT-2 small on a GPU
+
+Both modes start from the same ``SimpleGPT2WithLoRA`` base weights (same ``--seed``), see the same batches of
+real E2E training data in the same order, use AdamW with the same settings, and run on the same device:
+
+* ``lora``: the model with LoRA (rank ``--lora_dim``) and ``loralib.mark_only_lora_as_trainable``: only the
+  LoRA matrices train.
+* ``full``: the same configuration with ``lora_dim=0`` (plain layers, no LoRA matrices at all) loaded with the
+  same base weights, every weight trainable. Plain layers rather than frozen LoRA ones, so full fine-tuning pays
+  nothing for a LoRA path it does not use.
+
+Each mode runs in its own fresh Python process, so its peak memory is its own. Every figure printed is measured
+in that run: parameter counts, checkpoint files written and their sizes, optimizer-state and gradient bytes,
+bytes autograd saves for one step, peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak resident
+memory), median step time after warm-up, validation loss on a fixed subset after the same number of steps, and
+the latency of a generation prefill (a batch of prompts in, next-token logits out) of the merged LoRA model vs
+the plain model. Figures that cannot be measured on the
+device say ``n/a`` and why.
+"""
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `src` next to this script
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
+
+import loralib as lora  # noqa: E402
+from src import measure  # noqa: E402
+from src.adapter_io import atomic_json, atomic_write  # noqa: E402
+from src.data import DataError, iterate_batches, load_tokenized, select_indices  # noqa: E402
+from src.model import GPTConfig, base_fingerprint, build_model  # noqa: E402
+from src.train_utils import DeviceError, evaluate, select_device  # noqa: E402
+from src.tokenizer import EOT_ID  # noqa: E402
+
+MODES = ("lora", "full")
+MiB = float(1 << 20)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model (the same configuration for both modes)")
+    m.add_argument("--hidden_dim", type=int, default=GPTConfig.hidden_dim, help="model width (n_embd)")
+    m.add_argument("--num_layers", type=int, default=GPTConfig.num_layers, help="transformer blocks (GPT-2 small: 12)")
+    m.add_argument("--num_heads", type=int, default=GPTConfig.num_heads, help="attention heads")
+    m.add_argument("--vocab_size", type=int, default=GPTConfig.vocab_size,
+                   help="at least 50257, the GPT-2 tokenizer's vocabulary")
+    m.add_argument("--lora_dim", type=int, default=GPTConfig.lora_dim, help="LoRA rank r (lora mode)")
+    m.add_argument("--lora_alpha", type=int, default=GPTConfig.lora_alpha,
+                   help="LoRA scaling = lora_alpha / lora_dim")
+    m.add_argument("--lora_dropout", type=float, default=GPTConfig.lora_dropout, help="dropout on the LoRA path")
+    t = p.add_argument_group("training and measurement")
+    t.add_argument("--steps", type=int, default=8, help="training steps per mode, warm-up included")
+    t.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time median")
+    t.add_argument("--batch_size", type=int, default=4, help="examples per step, both modes")
+    t.add_argument("--max_len", "--seq_len", dest="max_len", type=int, default=128,
+                   help="examples are cut to this many tokens (batches are padded to their longest example)")
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, both modes")
+    t.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay, both modes")
+    t.add_argument("--val_examples", type=int, default=16, help="fixed validation subset for the loss")
+    t.add_argument("--infer_reps", type=int, default=6,
+                   help="timed prefill passes (prompt in, next-token logits out) per model for the latency")
+    t.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    t.add_argument("--seed", type=int, default=0, help="base weights, data order and subsets")
+    t.add_argument("--data_dir", default=None, help="directory with the E2E train.txt/valid.txt "
+                   "(default: $E2E_DATA_DIR, then data/e2e/)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
+    o.add_argument("--plot", default=None, metavar="PATH", help="write a bar chart (PNG) to this file")
+    p.add_argument("--_worker", nargs=2, metavar=("MODE", "RESULT_JSON"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    for name in ("hidden_dim", "num_layers", "num_heads", "steps", "batch_size", "max_len", "val_examples",
+                 "infer_reps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.hidden_dim % args.num_heads:
+        p.error(f"--hidden_dim ({args.hidden_dim}) must be divisible by --num_heads ({args.num_heads})")
+    if args.vocab_size < EOT_ID + 1:
+        p.error(f"--vocab_size must be at least {EOT_ID + 1} (the GPT-2 tokenizer's ids go up to {EOT_ID}), "
+                f"got {args.vocab_size}")
+    if args.lora_dim < 1:
+        p.error(f"--lora_dim must be >= 1 (the lora mode needs LoRA matrices), got {args.lora_dim}")
+    if args.lora_alpha <= 0:
+        p.error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not 0 <= args.warmup < args.steps:
+        p.error(f"--warmup ({args.warmup}) must be >= 0 and less than --steps ({args.steps}), "
+                "so at least one step is timed")
+    if args.max_len + 1 > GPTConfig.max_positions:
+        p.error(f"--max_len must be below {GPTConfig.max_positions} (the model's positions)")
+    if args.lr <= 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    return args, p
+
+
+def model_config(args, lora_dim: int) -> GPTConfig:
+    return GPTConfig(vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                     num_heads=args.num_heads, lora_dim=lora_dim, lora_alpha=args.lora_alpha,
+                     lora_dropout=args.lora_dropout)
+
+
+# --- one mode, in its own process --------------------------------------------------------------------------------
+
+def build_for_mode(args, mode: str, device: torch.device):
+    """The model for ``mode``, on ``device``, with the base weights both modes share."""
+    lora_model = build_model(model_config(args, args.lora_dim), base_seed=args.seed)
+    if mode == "lora":
+        lora.mark_only_lora_as_trainable(lora_model)
+        return lora_model.to(device)
+    plain = build_model(model_config(args, 0), base_seed=args.seed)
+    # A plain model's random draw differs (LoRA's A matrices take numbers from the RNG first): copy the base.
+    plain.load_state_dict({k: v for k, v in lora_model.state_dict().items() if "lora_" not in k}, strict=True)
+    del lora_model
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    return plain.to(device)
+
+
+def to_device(batches, device):
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def run_mode(args, mode: str) -> dict:
+    """Train ``mode`` for ``args.steps`` steps and measure it. Returns the figures as a dict."""
+    device = select_device(args.device)
+    log = lambda msg: print(f"[{mode}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    phases, t_phase = {}, time.perf_counter()
+
+    def phase(name):  # wall time of each part of this process's work, to show where a run's time goes
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[name] = now - t_phase
+        t_phase = now
+
+    torch.manual_seed(args.seed)
+    model = build_for_mode(args, mode, device)
+    model.train()
+    counts = measure.param_counts(model)
+    fingerprint = base_fingerprint(model)  # before training: full fine-tuning changes the base
+    log(f"built on {device}: {counts['trainable']:,} of {counts['total']:,} parameters trainable")
+
+    train = load_tokenized("train", args.data_dir)
+    valid = load_tokenized("valid", args.data_dir)
+    train_idx = select_indices(len(train), args.steps * args.batch_size, args.seed)
+    train_batches = to_device(iterate_batches(train, train_idx, args.batch_size, args.max_len, shuffle=True,
+                                              seed=args.seed), device)
+    val_batches = to_device(iterate_batches(valid, select_indices(len(valid), args.val_examples, args.seed),
+                                            args.batch_size, args.max_len, shuffle=False), device)
+    del train, valid
+    phase("build_and_data")
+    val_before = evaluate(model, val_batches, device)
+    phase("val_before")
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    saved = measure.SavedTensorBytes(exclude=model.parameters())
+    step_times, losses = [], []
+    gc.collect()
+    with measure.peak_memory(device) as mem:
+        for i, batch in enumerate(train_batches):
+            measure.synchronize(device)
+            t0 = time.perf_counter()
+            if i == 0:
+                with saved:  # step 0 is a warm-up step, so the hooks' bookkeeping is never timed
+                    loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            else:
+                loss = model(batch["input_ids"], labels=batch["labels"]).loss
+            loss.backward()
+            loss = loss.detach()
+            if i == 0:
+                grads = measure.grad_bytes(model)
+            opt.step()
+            if i == 0:
+                opt_state = measure.optimizer_state_bytes(opt)
+            opt.zero_grad(set_to_none=True)
+            measure.synchronize(device)
+            step_times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+    timed = step_times[args.warmup:]
+    log(f"{len(step_times)} steps, median step {measure.median(timed) * 1e3:.1f} ms, "
+        f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    phase("train")
+    val_after = evaluate(model, val_batches, device)
+    phase("val_after")
+
+    with tempfile.TemporaryDirectory() as d:
+        # What each mode has to keep: LoRA the adapter (the base is shared and frozen), full the whole model.
+        if mode == "lora":
+            ckpt_name, sd = "adapter.pt", lora.lora_state_dict(model)
+        else:
+            ckpt_name, sd = "model.pt", model.state_dict()
+        ckpt_bytes = measure.saved_file_bytes(sd, d, ckpt_name)
+        sd_keys = list(sd)
+        del sd
+    phase("checkpoint")
+
+    out = {
+        "mode": mode,
+        "device": str(device),
+        "base_fingerprint": fingerprint,
+        "params": counts,
+        "param_bytes": measure.param_bytes(model),
+        "checkpoint": {"file": ckpt_name, "keys": len(sd_keys), "bytes": ckpt_bytes},
+        "grad_bytes": grads,
+        "optimizer_state_bytes": opt_state,
+        "saved_tensor_bytes": saved.bytes,
+        "saved_tensor_count": saved.count,
+        "peak_memory": {"method": mem.method, "baseline_bytes": mem.baseline, "peak_bytes": mem.peak,
+                        "delta_bytes": mem.delta},
+        "step_times_s": step_times,
+        "median_step_s": measure.median(timed),
+        "train_losses": losses,
+        "val_loss_before": val_before,
+        "val_loss_after": val_after,
+        "val_tokens": sum(int((b["labels"][:, 1:] != -100).sum()) for b in val_batches),
+    }
+    if mode == "lora":
+        out["inference"] = inference_latency(args, model, val_batches[0]["input_ids"], device)
+        log(f"prefill latency: merged LoRA {out['inference']['merged_lora_median_s'] * 1e3:.1f} ms, "
+            f"plain {out['inference']['plain_median_s'] * 1e3:.1f} ms")
+        phase("inference")
+    out["phase_wall_s"] = phases
+    return out
+
+
+def next_token_logits(model, input_ids):
+    """One prefill step of generation: read the prompts, score the next token (the last position only)."""
+    h, _ = model.hidden_states(input_ids)
+    return model.lm_head(h[:, -1])
+
+
+@torch.inference_mode()
+def inference_latency(args, lora_model, input_ids, device) -> dict:
+    """Latency of a generation prefill (:func:`next_token_logits`) with the trained LoRA model in eval mode, where
+    its update is merged into the weights, against the plain model (``lora_dim=0``) holding the same base
+    weights."""
+    lora_model.eval()  # merges B A into the weights
+    plain = build_model(model_config(args, 0), base_seed=args.seed)
+    # The LoRA model's state dict carries its unmerged base weights (loralib's save hook).
+    plain.load_state_dict({k: v for k, v in lora_model.state_dict().items() if "lora_" not in k}, strict=True)
+    plain.to(device).eval()
+    t_lora, t_plain = [], []
+    for r in range(args.infer_reps + 1):  # alternate the two, so a load change on the machine hits both alike
+        _, a = measure.timed(lambda: next_token_logits(plain, input_ids), device)
+        _, b = measure.timed(lambda: next_token_logits(lora_model, input_ids), device)
+        if r > 0:  # the first pass of each is a warm-up
+            t_plain.append(a)
+            t_lora.append(b)
+    merged = all(m.merged for m in lora_model.modules() if isinstance(m, lora.LoRALayer) and m.r > 0)
+    return {"input_shape": list(input_ids.shape), "lora_is_merged": merged,
+            "merged_lora_times_s": t_lora, "plain_times_s": t_plain,
+            "merged_lora_median_s": measure.median(t_lora), "plain_median_s": measure.median(t_plain)}
+
+
+def worker_main(args) -> int:
+    mode, result_path = args._worker
+    try:
+        result = run_mode(args, mode)
+    except torch.OutOfMemoryError as e:
+        print(f"error: [{mode}] out of memory ({str(e).splitlines()[0]}); lower --batch_size, --max_len, "
+              "--hidden_dim or --num_layers", file=sys.stderr)
+        return 2
+    atomic_json(result_path, result)
+    return 0
+
+
+# --- the comparison ----------------------------------------------------------------------------------------------
+
+def run_worker(mode: str, argv, result_path: str) -> dict:
+    """Run one mode in a fresh Python process (so its peak memory is its own) and read its figures back."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--_worker", mode, result_path]
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0 or not os.path.isfile(result_path):
+        raise RuntimeError(f"the {mode} run failed (exit status {proc.returncode}); its messages are above")
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def summarize(args, res: dict, wall_s: float) -> dict:
+    lo, fu = res["lora"], res["full"]
+    inf = lo.pop("inference")
+    summary = {
+        "command": " ".join([os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:]),
+        "loralib_version": lora.__version__,
+        "torch_version": torch.__version__,
+        "device": lo["device"],
+        "cpu_threads": torch.get_num_threads(),
+        "model_config": model_config(args, args.lora_dim).to_dict(),
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "same_base_weights": lo["base_fingerprint"] == fu["base_fingerprint"],
+        "lora": lo,
+        "full": fu,
+        "inference": inf,
+        "ratios_lora_over_full": {
+            "trainable_params": ratio(lo["params"]["trainable"], fu["params"]["trainable"]),
+            "checkpoint_bytes": ratio(lo["checkpoint"]["bytes"], fu["checkpoint"]["bytes"]),
+            "grad_bytes": ratio(lo["grad_bytes"], fu["grad_bytes"]),
+            "optimizer_state_bytes": ratio(lo["optimizer_state_bytes"], fu["optimizer_state_bytes"]),
+            "saved_tensor_bytes": ratio(lo["saved_tensor_bytes"], fu["saved_tensor_bytes"]),
+            "peak_memory_bytes": ratio(lo["peak_memory"]["peak_bytes"], fu["peak_memory"]["peak_bytes"]),
+            "peak_memory_delta_bytes": ratio(lo["peak_memory"]["delta_bytes"], fu["peak_memory"]["delta_bytes"]),
+            "median_step_s": ratio(lo["median_step_s"], fu["median_step_s"]),
+        },
+        "inference_ratio_merged_lora_over_plain": ratio(inf["merged_lora_median_s"], inf["plain_median_s"]),
+        "wall_s": wall_s,
+    }
+    return summary
+
+
+def fmt_int(x):
+    return f"{x:,}"
+
+
+def fmt_mib(x):
+    return "n/a" if x is None else f"{x / MiB:,.1f} MiB"
+
+
+def fmt_ratio(x):
+    if x is None:
+        return "n/a"
+    if x <= 0:
+        return "0"
+    return f"{x:.3g}x" if x >= 0.1 else f"{x:.2g}x (1/{1 / x:,.0f})"
+
+
+def table(s: dict) -> str:
+    lo, fu, inf, R = s["lora"], s["full"], s["inference"], s["ratios_lora_over_full"]
+    mem_kind = "peak RSS" if s["device"] == "cpu" else "peak allocated"
+    rows = [
+        ("parameters, total", fmt_int(lo["params"]["total"]), fmt_int(fu["params"]["total"]),
+         fmt_ratio(ratio(lo["params"]["total"], fu["params"]["total"]))),
+        ("parameters, trainable", fmt_int(lo["params"]["trainable"]), fmt_int(fu["params"]["trainable"]),
+         fmt_ratio(R["trainable_params"])),
+        ("parameters, frozen", fmt_int(lo["params"]["frozen"]), fmt_int(fu["params"]["frozen"]), ""),
+        ("trainable share", f"{lo['params']['trainable_share']:.2%}", f"{fu['params']['trainable_share']:.2%}", ""),
+        ("checkpoint file written", fmt_mib(lo["checkpoint"]["bytes"]), fmt_mib(fu["checkpoint"]["bytes"]),
+         fmt_ratio(R["checkpoint_bytes"])),
+        ("gradients (.grad)", fmt_mib(lo["grad_bytes"]), fmt_mib(fu["grad_bytes"]), fmt_ratio(R["grad_bytes"])),
+        ("AdamW state", fmt_mib(lo["optimizer_state_bytes"]), fmt_mib(fu["optimizer_state_bytes"]),
+         fmt_ratio(R["optimizer_state_bytes"])),
+        ("saved for backward, 1 step", fmt_mib(lo["saved_tensor_bytes"]), fmt_mib(fu["saved_tensor_bytes"]),
+         fmt_ratio(R["saved_tensor_bytes"])),
+        (f"{mem_kind} while training", fmt_mib(lo["peak_memory"]["peak_bytes"]),
+         fmt_mib(fu["peak_memory"]["peak_bytes"]), fmt_ratio(R["peak_memory_bytes"])),
+        ("  of it above model + data", fmt_mib(lo["peak_memory"]["delta_bytes"]),
+         fmt_mib(fu["peak_memory"]["delta_bytes"]), fmt_ratio(R["peak_memory_delta_bytes"])),
+        (f"median step (of {len(lo['step_times_s']) - s['args']['warmup']})", f"{lo['median_step_s'] * 1e3:,.1f} ms",
+         f"{fu['median_step_s'] * 1e3:,.1f} ms", fmt_ratio(R["median_step_s"])),
+        ("val loss before training", f"{lo['val_loss_before']:.4f}", f"{fu['val_loss_before']:.4f}", ""),
+        (f"val loss after {len(lo['step_times_s'])} steps", f"{lo['val_loss_after']:.4f}",
+         f"{fu['val_loss_after']:.4f}", ""),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w = [max(len(r[i]) for r in rows + [("", "LoRA", "full", "LoRA/full")]) for i in (1, 2, 3)]
+    lines = [f"{'':<{w0}}  {'LoRA':>{w[0]}}  {'full':>{w[1]}}  {'LoRA/full':>{w[2]}}"]
+    lines.append("-" * len(lines[0]))
+    lines += [f"{a:<{w0}}  {b:>{w[0]}}  {c:>{w[1]}}  {d:>{w[2]}}" for a, b, c, d in rows]
+    shape = "x".join(map(str, inf["input_shape"]))
+    lines.append("-" * len(lines[0]))
+    lines.append(f"prefill latency, batch {shape}: merged LoRA {inf['merged_lora_median_s'] * 1e3:,.1f} ms, "
+                 f"plain model {inf['plain_median_s'] * 1e3:,.1f} ms "
+                 f"(ratio {fmt_ratio(s['inference_ratio_merged_lora_over_plain'])}, "
+                 f"median of {len(inf['plain_times_s'])})")
+    lines.append(f"memory: {lo['peak_memory']['method']}")
+    return "\n".join(lines)
+
+
+def plot(s: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    lo, fu, inf = s["lora"], s["full"], s["inference"]
+    mib = lambda x: None if x is None else x / MiB  # noqa: E731
+    mem = "peak RSS" if s["device"] == "cpu" else "peak allocated"
+    panels = [
+        ("trainable parameters (M)", lo["params"]["trainable"] / 1e6, fu["params"]["trainable"] / 1e6),
+        ("checkpoint file (MiB)", lo["checkpoint"]["bytes"] / MiB, fu["checkpoint"]["bytes"] / MiB),
+        ("gradients + AdamW state (MiB)", (lo["grad_bytes"] + lo["optimizer_state_bytes"]) / MiB,
+         (fu["grad_bytes"] + fu["optimizer_state_bytes"]) / MiB),
+        ("saved for backward (MiB)", lo["saved_tensor_bytes"] / MiB, fu["saved_tensor_bytes"] / MiB),
+        (f"{mem} above model+data (MiB)", mib(lo["peak_memory"]["delta_bytes"]), mib(fu["peak_memory"]["delta_bytes"])),
+        ("median step time (ms)", lo["median_step_s"] * 1e3, fu["median_step_s"] * 1e3),
+        (f"val loss after {len(lo['step_times_s'])} steps", lo["val_loss_after"], fu["val_loss_after"]),
+        ("prefill latency (ms)", inf["merged_lora_median_s"] * 1e3, inf["plain_median_s"] * 1e3),
+    ]
+    fig, axes = plt.subplots(2, 4, figsize=(15, 7))
+    for ax, (title, a, b) in zip(axes.flat, panels):
+        labels = ["merged LoRA", "plain"] if "latency" in title else ["LoRA", "full"]
+        ax.set_title(title, fontsize=10)
+        if a is None or b is None:
+            ax.text(0.5, 0.5, "n/a on this device", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        bars = ax.bar(labels, [a, b], color=["tab:orange", "tab:blue"])
+        for bar, v in zip(bars, (a, b)):
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+        ax.set_ylim(0, max(a, b) * 1.18 or 1)
+        if b:
+            ax.set_xlabel(f"ratio {fmt_ratio(a / b)}", fontsize=9)
+    cfg = s["model_config"]
+    fig.suptitle(f"LoRA (r={cfg['lora_dim']}) vs full fine-tuning: GPT-2 {cfg['num_layers']} layers, "
+                 f"d={cfg['hidden_dim']}, batch {s['args']['batch_size']}, {len(lo['step_times_s'])} steps, "
+                 f"on {s['device']} (all measured)", fontsize=12)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def main(argv=None) -> int:
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
+    args, parser = parse_args(argv)
+    if args._worker:
+        return worker_main(args)
+
+    t_start = time.perf_counter()
+    try:
+        device = select_device(args.device)
+        # Parse and tokenise here, once: bad or missing data stops the run before any training starts.
+        n_train = len(load_tokenized("train", args.data_dir))
+        load_tokenized("valid", args.data_dir)
+    except (DeviceError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.steps * args.batch_size > n_train:
+        parser.error(f"--steps x --batch_size = {args.steps * args.batch_size} is more than the "
+                     f"{n_train:,} training examples")
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path and os.path.isdir(path):
+            parser.error(f"{flag} {path!r} is a directory; give a file name")
+    print(f"LoRA vs full fine-tuning on {device}: {args.steps} steps each, batch {args.batch_size}, "
+          f"each mode in its own process", file=sys.stderr)
+
+    results = {}
+    with tempfile.TemporaryDirectory() as d:
+        for mode in MODES:
+            try:
+                results[mode] = run_worker(mode, argv, os.path.join(d, f"{mode}.json"))
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+    s = summarize(args, results, time.perf_counter() - t_start)
+    if not s["same_base_weights"]:
+        print("error: the two modes did not start from the same base weights (fingerprints differ)", file=sys.stderr)
+        return 1
+    print(table(s))
+    print(f"total wall time {s['wall_s']:.1f} s")
+    if args.json:
+        atomic_json(args.json, s)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(s, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Fine-tune GPT-2 with LoRA on E2E NLG: only the LoRA weights train; the adapter is saved as a ~4.6 MB file.
+
+    E2E_DATA_DIR=../shared/data/e2e python examples/NLG/run_training.py
+
+Without --init_checkpoint the frozen base is a *random* GPT-2 (seeded by --seed): no pretrained weights ship with
+this repo. See README.md, "Examples: GPT-2 on E2E NLG", for the measured default run.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
+
+import loralib as lora  # noqa: E402
+from src import data as D  # noqa: E402
+from src import train_utils as U  # noqa: E402
+from src.adapter_io import (AdapterError, WEIGHTS_NAME, load_adapter_weights, read_adapter_weights,  # noqa: E402
+                            save_adapter_dir)
+from src.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights  # noqa: E402
+from src.model import GPTConfig, build_model  # noqa: E402
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("training")
+    g.add_argument("--num_epochs", type=int, default=2, help="passes over the (possibly limited) training set")
+    g.add_argument("--batch_size", type=int, default=4, help="examples per micro-batch, padded to their longest")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (LoRA weights only)")
+    g.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps, then linear decay to 0")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
+    g.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
+    g.add_argument("--max_steps", type=int, default=0,
+                   help="stop after this many optimizer steps (0: no limit; run --num_epochs epochs)")
+    g.add_argument("--max_train_examples", type=int, default=1000,
+                   help="train on a fixed random subset of this many examples (0: all 42,061)")
+    g.add_argument("--seq_len", type=int, default=128,
+                   help="truncate examples to this many tokens (the longest E2E example has 115)")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seed of the data order and of the LoRA init; also draws the random base when no "
+                        "--init_checkpoint is given")
+    g.add_argument("--log_interval", type=int, default=10, help="print a log line every N optimizer steps")
+    g.add_argument("--val_examples", type=int, default=100,
+                   help="validate on a fixed subset of this many valid.txt examples (0: all 4,672)")
+    g.add_argument("--val_batch_size", type=int, default=50, help="batch size of validation")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
+    g = p.add_argument_group("model")
+    d = GPTConfig()
+    g.add_argument("--vocab_size", type=int, default=d.vocab_size, help="vocabulary size (GPT-2 BPE: 50257)")
+    g.add_argument("--hidden_dim", type=int, default=d.hidden_dim, help="model width (n_embd)")
+    g.add_argument("--num_layers", type=int, default=d.num_layers, help="transformer blocks")
+    g.add_argument("--num_heads", type=int, default=d.num_heads, help="attention heads")
+    g.add_argument("--lora_dim", type=int, default=d.lora_dim, help="LoRA rank r")
+    g.add_argument("--lora_alpha", type=int, default=d.lora_alpha, help="LoRA alpha (scaling = alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA path")
+    g.add_argument("--init_checkpoint", default=None,
+                   help="Hugging Face GPT-2 model.safetensors / pytorch_model.bin (or its directory) to use as the "
+                        "frozen base; its sizes override --vocab_size/--hidden_dim/--num_layers/--num_heads")
+    g = p.add_argument_group("input / output")
+    g.add_argument("--data_dir", default=None,
+                   help=f"directory with train.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
+    g.add_argument("--output_dir", default="lora_model",
+                   help="where pytorch_model.bin, adapter_config.json, metrics.json, loss.png go")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue from {U.STATE_NAME} in --output_dir (left by an interrupted or finished run)")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm progress bar (log lines only)")
+    return p
+
+
+def check_args(args) -> None:
+    positive = ["num_epochs", "batch_size", "grad_accum", "seq_len", "log_interval", "val_batch_size"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ["max_steps", "max_train_examples", "val_examples", "warmup_steps", "lora_dim"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.label_smoothing < 1.0 or not 0.0 <= args.lora_dropout < 1.0:
+        raise ValueError("--label_smoothing and --lora_dropout must be in [0, 1)")
+    if args.lora_dim == 0:
+        raise ValueError("--lora_dim 0 leaves nothing to train; use a LoRA rank >= 1")
+
+
+def build(args, device):
+    """The model (base from --init_checkpoint or the random draw of --seed), LoRA weights trainable only."""
+    sizes = dict(vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                 num_heads=args.num_heads)
+    if args.init_checkpoint:
+        sizes.update(infer_config(args.init_checkpoint))
+    cfg = GPTConfig(**sizes, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    model = build_model(cfg, base_seed=args.seed)
+    if args.init_checkpoint:
+        load_hf_gpt2_weights(model, args.init_checkpoint)
+    lora.mark_only_lora_as_trainable(model)
+    return model.to(device)
+
+
+def train(args, step_callback=None) -> dict:
+    """Run training as configured by ``args``; return the metrics. ``step_callback(step)`` runs after every
+    optimizer step (tests use it to interrupt a run)."""
+    check_args(args)
+    device = U.select_device(args.device)
+    # One process today; a DDP launcher sets these, shards the batches, and only rank 0 writes files.
+    rank, world_size = 0, 1
+    is_main = rank == 0
+    torch.manual_seed(args.seed)
+
+    # --- data ---
+    t_load = time.time()
+    train_split = D.load_tokenized("train", args.data_dir)
+    valid_split = D.load_tokenized("valid", args.data_dir)
+    train_idx = D.select_indices(len(train_split), args.max_train_examples or None, args.seed)
+    val_idx = D.select_indices(len(valid_split), args.val_examples or None, 0)
+    print(f"data: {len(train_idx)} of {len(train_split)} train examples, {len(val_idx)} of {len(valid_split)} "
+          f"validation examples (loaded in {time.time() - t_load:.1f}s)")
+
+    def val_loss():
+        return U.evaluate(model, D.iterate_batches(valid_split, val_idx, args.val_batch_size, args.seq_len,
+                                                   shuffle=False), device)
+
+    # --- model, optimizer, schedule ---
+    model = build(args, device)
+    counts = U.param_counts(model)
+    print(f"model: {counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable (LoRA), "
+          f"device {device}")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    micro_per_epoch = D.num_batches(len(train_idx), args.batch_size, shuffle=True, world_size=world_size)
+    steps_per_epoch = micro_per_epoch // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_idx)} training examples make no full step of batch_size {args.batch_size} x "
+                         f"grad_accum {args.grad_accum}; lower them or raise --max_train_examples")
+    total_steps = args.num_epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, U.warmup_linear_decay(args.warmup_steps, total_steps))
+
+    step, history, seconds_before = 0, {"train": [], "val": []}, 0.0
+    state = U.load_training_state(args.output_dir) if args.resume else None
+    if args.resume and state is None:
+        print(f"--resume: no {U.STATE_NAME} in {args.output_dir}; starting from scratch")
+    if state is not None:
+        load_adapter_weights(model, read_adapter_weights(args.output_dir),
+                             source=os.path.join(args.output_dir, WEIGHTS_NAME))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history, seconds_before = state["step"], state["history"], state["seconds"]
+        U.set_rng_state(state["rng"])
+        print(f"resumed from {args.output_dir} at step {step} of {total_steps}")
+    val_start = history["val"][0][1] if history["val"] else None
+    if val_start is None:
+        val_start = val_loss()
+        history["val"].append((0, val_start))
+        print(f"step 0: validation loss {val_start:.4f}")
+
+    def save(final: bool):
+        if not is_main:
+            return None
+        elapsed = seconds_before + time.time() - t_start
+        extra = {"training_args": U.to_jsonable(U.dump_args(args)),
+                 "data": {"train_sha256": train_split.sha256, "valid_sha256": valid_split.sha256,
+                          "prompt_format": 'format_prompt(mr) = mr + " ||"; completion = " " + reference + EOT',
+                          "train_examples": len(train_idx), "val_examples": len(val_idx)},
+                 "step": step}
+        save_adapter_dir(model, args.output_dir, base_seed=args.seed, init_checkpoint=args.init_checkpoint,
+                         extra=extra)
+        U.save_training_state(args.output_dir, {
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
+            "seconds": elapsed, "rng": U.rng_state(), "args": U.to_jsonable(U.dump_args(args))})
+        vals = [v for _, v in history["val"]]
+        metrics = {**counts, "steps": step, "total_steps": total_steps, "finished": final,
+                   "seconds": round(elapsed, 2), "val_loss_start": vals[0], "val_loss_final": vals[-1],
+                   "train_loss_final": history["train"][-1][1] if history["train"] else None,
+                   "adapter_bytes": os.path.getsize(os.path.join(args.output_dir, WEIGHTS_NAME)),
+                   "train_examples": len(train_idx), "val_examples": len(val_idx),
+                   "tokens_per_second": round(tokens_seen / max(1e-9, time.time() - t_start), 1),
+                   "device": str(device), "torch_threads": torch.get_num_threads()}
+        U.save_metrics(args.output_dir, metrics)
+        U.save_history(args.output_dir, history, title=f"LoRA on E2E: {step} steps, val loss {vals[-1]:.3f}")
+        return metrics
+
+    # --- training loop ---
+    model.train()
+    t_start, tokens_seen = time.time(), 0
+    start_epoch, skip = divmod(step, steps_per_epoch)
+    bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or not is_main, desc="train",
+               dynamic_ncols=True)
+    try:
+        for epoch in range(start_epoch, args.num_epochs):
+            if step >= total_steps:
+                break
+            # The data order depends only on (seed, epoch): a resumed run skips the steps already done.
+            batches = D.iterate_batches(train_split, train_idx, args.batch_size, args.seq_len, shuffle=True,
+                                        seed=args.seed * 1000 + epoch, rank=rank, world_size=world_size)
+            for _ in range(skip * args.grad_accum):
+                next(batches)
+            skip = 0
+            while step < total_steps:
+                micro = [b for _, b in zip(range(args.grad_accum), batches)]
+                if len(micro) < args.grad_accum:
+                    break  # end of epoch
+                t0 = time.time()
+                n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                loss_sum = 0.0
+                for b in micro:
+                    labels = b["labels"].to(device)
+                    out = model(b["input_ids"].to(device), labels=labels, label_smoothing=args.label_smoothing)
+                    # Weight micro-batches by their predicted tokens, as one big batch would.
+                    n = int((labels[:, 1:] != -100).sum())
+                    (out.loss * (n / n_tok)).backward()
+                    loss_sum += out.loss.item() * n
+                    tokens_seen += int(b["input_ids"].numel())
+                if args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   args.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                loss = loss_sum / n_tok
+                if not U.is_finite(loss):
+                    raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
+                history["train"].append((step, loss))
+                tok_s = sum(int(b["input_ids"].numel()) for b in micro) / max(1e-9, time.time() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                if step % args.log_interval == 0:
+                    tqdm.write(f"step {step}/{total_steps} epoch {epoch + 1} | loss {loss:.4f} | "
+                               f"lr {sched.get_last_lr()[0]:.2e} | {tok_s:.0f} tok/s | "
+                               f"{seconds_before + time.time() - t_start:.0f}s")
+                if step_callback is not None:
+                    step_callback(step)
+            v = val_loss()
+            history["val"].append((step, v))
+            tqdm.write(f"end of epoch {epoch + 1} (step {step}): validation loss {v:.4f}")
+    except KeyboardInterrupt:
+        bar.close()
+        save(final=False)
+        print(f"\ninterrupted at step {step}: saved to {args.output_dir}; continue with --resume")
+        raise
+    bar.close()
+    if history["val"][-1][0] != step:  # e.g. resumed a run that had already finished its last epoch
+        history["val"].append((step, val_loss()))
+    metrics = save(final=True)
+    print(f"done: {step} steps in {metrics['seconds']:.1f}s, validation loss {metrics['val_loss_start']:.4f} -> "
+          f"{metrics['val_loss_final']:.4f}; adapter {metrics['adapter_bytes']:,} bytes "
+          f"({counts['trainable_params']:,} LoRA parameters) in {args.output_dir}/")
+    return metrics
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        return 130
+    except (D.DataError, U.DeviceError, CheckpointError, AdapterError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""E2E NLG data: finding the files, parsing them, tokenising them (cached), and batching with dynamic padding.
+
+Line format (Microsoft LoRA's ``examples/NLG/data/e2e/*.txt``): ``<meaning representation>||<reference> \\n``.
+
+Prompt format (shared with run_inference.py, which imports :func:`format_prompt`):
+    prompt     = format_prompt(mr) = mr + " ||"       -> tokens the model reads but is not trained to predict
+    completion = " " + reference.strip()  + <|endoftext|> -> the tokens the loss is computed on
+so a training example is ``tokens(prompt) + tokens(completion) + [EOT]``, and generation feeds
+``tokens(format_prompt(mr))`` and stops at ``<|endoftext|>``.
+"""
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .tokenizer import EOT_ID, get_tokenizer
+
+SPLITS = ("train", "valid", "test")
+ENV_VAR = "E2E_DATA_DIR"
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+DEFAULT_DATA_DIR = os.path.join(REPO_ROOT, "data", "e2e")
+DOWNLOAD_CMD = "python data/download_e2e.py  (or: python data/download_e2e.py --from DIR_WITH_THE_TXT_FILES)"
+IGNORE_INDEX = -100  # label value the loss skips (prompt and padding)
+PROMPT_FORMAT_VERSION = 1  # bump when format_prompt / completion format changes: invalidates the token cache
+
+
+class DataError(ValueError):
+    """Missing or malformed E2E data; the message says which file and how to fix it."""
+
+
+def format_prompt(mr: str) -> str:
+    """The text the model is conditioned on for one meaning representation: ``mr + " ||"``."""
+    return mr.strip() + " ||"
+
+
+def format_completion(reference: str) -> str:
+    """The text the model learns to produce after the prompt (end-of-text is appended as a token, not text)."""
+    return " " + reference.strip()
+
+
+def find_data_dir(data_dir: Optional[str] = None, split: str = "train") -> str:
+    """Where the E2E files are: ``data_dir`` (``--data_dir``), then ``$E2E_DATA_DIR``, then ``data/e2e/``.
+
+    Args:
+        data_dir: an explicit directory; when given it must hold ``{split}.txt`` (no silent fallback).
+        split: the file that must exist there.
+
+    Returns:
+        The first directory, in that order, holding ``{split}.txt``.
+
+    Raises:
+        DataError: none of the three places has it; the message names all three and the download command.
+    """
+    fname = f"{split}.txt"
+    if data_dir:
+        if os.path.isfile(os.path.join(data_dir, fname)):
+            return data_dir
+        raise DataError(f"--data_dir {data_dir!r} has no {fname}. Get the E2E data with: {DOWNLOAD_CMD}")
+    tried = []
+    env = os.environ.get(ENV_VAR)
+    for label, d in ((f"${ENV_VAR}", env), ("data/e2e/", DEFAULT_DATA_DIR)):
+        if d and os.path.isfile(os.path.join(d, fname)):
+            return d
+        tried.append(f"{label} ({d if d else 'not set'})")
+    raise DataError(f"E2E data not found: no {fname} in --data_dir (not given), {tried[0]}, or {tried[1]}. "
+                    f"Get it with: {DOWNLOAD_CMD}  -- or point --data_dir / ${ENV_VAR} at a directory holding "
+                    f"train.txt, valid.txt and test.txt")
+
+
+def split_path(split: str, data_dir: Optional[str] = None) -> str:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return os.path.join(find_data_dir(data_dir, split), f"{split}.txt")
+
+
+def read_e2e(path: str) -> List[Tuple[str, str]]:
+    """Parse an E2E file into (MR, reference) pairs, in file order.
+
+    Raises:
+        DataError: a line without exactly one ``||``, or with an empty MR or reference (names file:line), or a
+            file that is not UTF-8.
+    """
+    pairs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue  # a blank line (e.g. a trailing one) carries no example
+                parts = line.rstrip("\n").split("||")
+                if len(parts) != 2:
+                    raise DataError(f"{path}:{lineno}: expected '<meaning representation>||<reference>' with "
+                                    f"exactly one '||', found {len(parts) - 1}: {line.strip()[:80]!r}")
+                mr, ref = parts[0].strip(), parts[1].strip()
+                if not mr:
+                    raise DataError(f"{path}:{lineno}: empty meaning representation before '||'")
+                if not ref:
+                    raise DataError(f"{path}:{lineno}: empty reference after '||'")
+                pairs.append((mr, ref))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e}); re-download it with: {DOWNLOAD_CMD}") from e
+    if not pairs:
+        raise DataError(f"{path} holds no examples")
+    return pairs
+
+
+def load_references(split: str = "test", data_dir: Optional[str] = None) -> List[Tuple[str, List[str]]]:
+    """Group a split's lines by their exact MR: ``[(mr, [ref, ...]), ...]``, unique MRs in first-seen order."""
+    groups: Dict[str, List[str]] = {}
+    for mr, ref in read_e2e(split_path(split, data_dir)):
+        groups.setdefault(mr, []).append(ref)
+    return list(groups.items())
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_dir() -> str:
+    """``$LORALIB_NLG_CACHE``, else ``~/.cache/loralib-nlg``."""
+    return os.environ.get("LORALIB_NLG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loralib-nlg")
+
+
+@dataclass
+class TokenizedSplit:
+    """Examples stored flat: example i is ``tokens[offsets[i]:offsets[i+1]]``, its first ``prompt_lens[i]`` tokens
+    being the prompt."""
+    tokens: torch.Tensor  # int32 (total,)
+    offsets: torch.Tensor  # int64 (n+1,)
+    prompt_lens: torch.Tensor  # int32 (n,)
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    def example(self, i: int) -> Tuple[List[int], int]:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]].tolist(), int(self.prompt_lens[i])
+
+
+def tokenize_pairs(pairs: Sequence[Tuple[str, str]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    enc = get_tokenizer()
+    prompts = enc.encode_ordinary_batch([format_prompt(mr) for mr, _ in pairs])
+    comps = enc.encode_ordinary_batch([format_completion(ref) for _, ref in pairs])
+    seqs = [p + c + [EOT_ID] for p, c in zip(prompts, comps)]
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lens, 0)
+    tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
+    return tokens, offsets, torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+
+
+def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool = True) -> TokenizedSplit:
+    """Parse and tokenise a split, caching the result under :func:`cache_dir` keyed by the file's sha256.
+
+    Raises:
+        DataError: as :func:`find_data_dir` and :func:`read_e2e`.
+    """
+    path = split_path(split, data_dir)
+    digest = sha256_file(path)
+    cpath = os.path.join(cache_dir(), f"e2e-{split}-{digest[:32]}-p{PROMPT_FORMAT_VERSION}.pt")
+    if use_cache and os.path.isfile(cpath):
+        try:
+            d = torch.load(cpath, map_location="cpu", weights_only=True)
+            return TokenizedSplit(d["tokens"], d["offsets"], d["prompt_lens"], digest)
+        except Exception:
+            pass  # a damaged cache entry is rebuilt below
+    tokens, offsets, prompt_lens = tokenize_pairs(read_e2e(path))
+    if use_cache:
+        try:
+            from .adapter_io import atomic_write
+
+            atomic_write(cpath, lambda f: torch.save(
+                {"tokens": tokens, "offsets": offsets, "prompt_lens": prompt_lens}, f))
+        except OSError:
+            pass  # a read-only cache location only costs the next run a re-tokenisation
+    return TokenizedSplit(tokens, offsets, prompt_lens, digest)
+
+
+def make_example(tokens: List[int], prompt_len: int, max_len: Optional[int] = None) -> Tuple[List[int], List[int]]:
+    """(input_ids, labels) for one example: labels are the tokens themselves on the completion (reference and the
+    closing end-of-text) and IGNORE_INDEX on the prompt. The model shifts labels by one internally.
+
+    ``max_len`` truncates from the right (the prompt is kept whole when it fits)."""
+    if max_len is not None:
+        tokens = tokens[:max_len]
+    labels = [IGNORE_INDEX] * min(prompt_len, len(tokens)) + tokens[prompt_len:]
+    return tokens, labels
+
+
+def collate(examples: Sequence[Tuple[List[int], List[int]]]) -> Dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example: input_ids padded with <|endoftext|>, labels with IGNORE_INDEX.
+
+    Right padding needs no attention mask for training: causal attention never looks forward, so real tokens never
+    see the padding, and padding positions carry no loss.
+    """
+    T = max(len(x) for x, _ in examples)
+    ids = torch.full((len(examples), T), EOT_ID, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        labels[i, :len(y)] = torch.tensor(y, dtype=torch.long)
+    return {"input_ids": ids, "labels": labels}
+
+
+def select_indices(n: int, limit: Optional[int], seed: int) -> List[int]:
+    """A fixed random subset of ``limit`` of ``n`` example indices (all of them when ``limit`` is None)."""
+    idx = list(range(n))
+    if limit is not None and limit < n:
+        random.Random(seed).shuffle(idx)
+        idx = sorted(idx[:limit])
+    return idx
+
+
+def iterate_batches(split: TokenizedSplit, indices: Sequence[int], batch_size: int, max_len: Optional[int],
+                    shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+                    ) -> Iterator[Dict[str, torch.Tensor]]:
+    """Batches over ``indices`` (shuffled by ``seed`` when asked). Each of ``world_size`` ranks takes every
+    ``world_size``-th batch, so data-parallel training only has to pass its rank."""
+    order = list(indices)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    n_batches = len(order) // batch_size if shuffle else -(-len(order) // batch_size)  # drop the ragged last
+    for b in range(rank, n_batches, world_size):
+        chunk = order[b * batch_size:(b + 1) * batch_size]
+        yield collate([make_example(*split.example(i), max_len=max_len) for i in chunk])
+
+
+def num_batches(n_examples: int, batch_size: int, shuffle: bool, world_size: int = 1) -> int:
+    n = n_examples // batch_size if shuffle else -(-n_examples // batch_size)
+    return -(-n // world_size)

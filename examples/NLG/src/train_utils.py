@@ -1,0 +1,164 @@
+"""Pieces of the training loop that other scripts share: device choice, LR schedule, evaluation, saving state."""
+import json
+import math
+import os
+import random
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from .adapter_io import atomic_json, atomic_write
+
+STATE_NAME = "training_state.pt"
+METRICS_NAME = "metrics.json"
+HISTORY_NAME = "loss_history.json"
+PLOT_NAME = "loss.png"
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not available."""
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` (or ``cuda:N``) without a GPU is an error.
+
+    Raises:
+        DeviceError: CUDA asked for but not available; or an unknown device name.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available to this torch "
+                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                              "use --device cpu or --device auto")
+        return torch.device(name)
+    raise DeviceError(f"unknown --device {name!r}; use auto, cuda or cpu")
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int):
+    """LR multiplier for step s: linear warmup over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device) -> float:
+    """Mean next-token loss per predicted token (reference tokens and end-of-text) over ``batches``.
+
+    The model runs in eval mode *without* merging LoRA into the frozen weights: a merge followed by an unmerge is
+    not bit-exact in floating point, so evaluating during training would otherwise nudge the frozen base.
+    """
+    import loralib as lora
+
+    layers = [m for m in model.modules() if isinstance(m, lora.LoRALayer)]
+    flags = [m.merge_weights for m in layers]
+    was_training = model.training
+    total, count = 0.0, 0
+    try:
+        for m in layers:
+            m.merge_weights = False
+        model.eval()
+        for b in batches:
+            labels = b["labels"].to(device)
+            n = int((labels[:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            out = model(b["input_ids"].to(device), labels=labels)
+            total += float(out.loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+        for m, f in zip(layers, flags):
+            m.merge_weights = f
+    if count == 0:
+        raise ValueError("evaluation set has no tokens to predict")
+    return total / count
+
+
+def rng_state() -> dict:
+    s = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_training_state(out_dir: str, state: dict) -> None:
+    """Write ``training_state.pt`` atomically (optimizer, scheduler, counters, RNG, history)."""
+    atomic_write(os.path.join(out_dir, STATE_NAME), lambda f: torch.save(state, f))
+
+
+def load_training_state(out_dir: str) -> Optional[dict]:
+    """``training_state.pt`` from ``out_dir``, or None when there is none.
+
+    It holds only tensors, numbers, strings and containers, so it loads with ``weights_only=True``; the Python
+    RNG state is stored as a list and turned back into the tuple ``random.setstate`` wants.
+    """
+    path = os.path.join(out_dir, STATE_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot load {path} ({type(e).__name__}: {e}); delete it to start over") from e
+
+
+def save_history(out_dir: str, history: dict, title: str = "") -> None:
+    """Raw loss numbers (``loss_history.json``) and their plot (``loss.png``), both written atomically."""
+    atomic_json(os.path.join(out_dir, HISTORY_NAME), history)
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history.get("train"):
+        steps, losses = zip(*history["train"])
+        ax.plot(steps, losses, lw=1, alpha=0.8, label="train (per step)")
+    if history.get("val"):
+        steps, losses = zip(*history["val"])
+        ax.plot(steps, losses, "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(os.path.join(out_dir, PLOT_NAME), lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def save_metrics(out_dir: str, metrics: dict) -> None:
+    atomic_json(os.path.join(out_dir, METRICS_NAME), metrics)
+
+
+def dump_args(args) -> dict:
+    return {k: v for k, v in sorted(vars(args).items())}
+
+
+def param_counts(model: torch.nn.Module) -> Dict[str, int]:
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def to_jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+__all__: List[str] = [n for n in dir() if not n.startswith("_")]

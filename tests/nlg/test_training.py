@@ -1,0 +1,205 @@
+"""run_training.py end to end on a tiny model and tiny data: outputs, resume == uninterrupted, Ctrl-C, atomic saves,
+device selection, and the error paths (one line on stderr, exit status 2)."""
+import json
+import os
+
+import pytest
+import torch
+
+import loralib as lora
+import run_training
+from conftest import tiny_args
+from src import adapter_io
+from src import train_utils as U
+from src.adapter_io import load_model_from_adapter_dir, read_adapter_weights
+from src.model import GPTConfig, base_fingerprint, build_model
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_training.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ["--num_epochs", "--batch_size", "--lr", "--seq_len", "--log_interval", "--device", "--vocab_size",
+                 "--hidden_dim", "--num_layers", "--lora_dim", "--lora_alpha", "--lora_dropout", "--data_dir",
+                 "--output_dir", "--max_steps", "--max_train_examples", "--seed", "--init_checkpoint",
+                 "--grad_accum", "--warmup_steps", "--weight_decay", "--label_smoothing", "--resume"]:
+        assert flag in out
+    d = run_training.get_parser().parse_args([])
+    assert (d.num_epochs, d.log_interval, d.output_dir, d.device) == (2, 10, "lora_model", "auto")
+    assert (d.vocab_size, d.hidden_dim, d.num_layers, d.lora_dim, d.lora_alpha, d.lora_dropout) == \
+        (50257, 768, 2, 16, 128, 0.0)
+
+
+def test_lr_schedule():
+    f = U.warmup_linear_decay(4, 12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == 0.5 and f(12) == 0.0 and f(20) == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU behaviour")
+def test_device_selection_without_gpu(e2e_dir, tmp_path, capsys):
+    assert U.select_device("auto") == torch.device("cpu")
+    assert U.select_device("cpu") == torch.device("cpu")
+    with pytest.raises(U.DeviceError, match="no CUDA GPU.*--device cpu"):
+        U.select_device("cuda")
+    with pytest.raises(U.DeviceError, match="unknown --device"):
+        U.select_device("tpu")
+    argv = tiny_args(e2e_dir, tmp_path / "out")
+    argv[argv.index("--device") + 1] = "cuda"
+    assert run_training.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda") and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_tiny_training_run(e2e_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_training.main(tiny_args(e2e_dir, out, "--num_epochs", "2", "--seed", "3")) == 0
+    for name in ["pytorch_model.bin", "adapter_config.json", "metrics.json", "loss.png", "loss_history.json",
+                 "training_state.pt"]:
+        assert os.path.isfile(out / name), name
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 8 and m["finished"] is True  # 16 examples / batch 4 = 4 steps, 2 epochs
+    assert m["val_loss_final"] < m["val_loss_start"] - 0.5  # it learns (the tiny set repeats 7 examples)
+    assert m["adapter_bytes"] == os.path.getsize(out / "pytorch_model.bin")
+    assert m["seconds"] > 0 and m["total_params"] > m["trainable_params"] > 0
+    hist = json.loads((out / "loss_history.json").read_text())
+    assert [s for s, _ in hist["val"]] == [0, 4, 8] and len(hist["train"]) == 8  # start + end of each epoch
+
+    # The adapter: exactly the LoRA tensors; loadable with strict=False, as with Microsoft's loralib.
+    state = read_adapter_weights(str(out))
+    assert state and all("lora_" in k for k in state)
+    assert sum(v.numel() for v in state.values()) == m["trainable_params"]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["training_args"]["seed"] == 3 and len(cfg["data"]["train_sha256"]) == 64
+    fresh = build_model(GPTConfig.from_dict(cfg["model_config"]), base_seed=3)
+    assert base_fingerprint(fresh) == cfg["base"]["fingerprint"]  # the frozen base did not move
+    res = fresh.load_state_dict(state, strict=False)
+    assert not res.unexpected_keys and all("lora_" not in k for k in res.missing_keys)
+    model, _ = load_model_from_adapter_dir(str(out))  # the inference side rebuilds it from the config alone
+    for k, v in state.items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_resume_equals_uninterrupted(e2e_dir, tmp_path):
+    """8 steps in one go == interrupted (Ctrl-C) after 3 steps + --resume for the rest: same adapter."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ("--num_epochs", "2", "--lora_dropout", "0.1")  # dropout: the RNG state must be restored too
+    metrics_full = run_training.train(run_training.get_parser().parse_args(tiny_args(e2e_dir, full, *extra)))
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    args = run_training.get_parser().parse_args(tiny_args(e2e_dir, part, *extra))
+    with pytest.raises(KeyboardInterrupt):
+        run_training.train(args, step_callback=interrupt)
+    m = json.loads((part / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["finished"] is False
+    args = run_training.get_parser().parse_args(tiny_args(e2e_dir, part, *extra, "--resume"))
+    metrics_part = run_training.train(args)
+    assert metrics_part["steps"] == metrics_full["steps"] == 8
+    a, b = read_adapter_weights(str(full)), read_adapter_weights(str(part))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert metrics_part["val_loss_final"] == pytest.approx(metrics_full["val_loss_final"], abs=1e-5)
+
+
+def test_ctrl_c_saves_and_exits_cleanly(e2e_dir, tmp_path, monkeypatch, capsys):
+    calls = []
+    real = U.is_finite
+
+    def finite_then_ctrl_c(x):
+        calls.append(x)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(x)
+
+    monkeypatch.setattr(U, "is_finite", finite_then_ctrl_c)
+    out = tmp_path / "out"
+    assert run_training.main(tiny_args(e2e_dir, out)) == 130
+    assert "interrupted at step 2" in capsys.readouterr().out  # the 2nd step had run
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert U.load_training_state(str(out))["step"] == 2
+
+
+def test_failed_save_keeps_previous_checkpoint(e2e_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run_training.main(tiny_args(e2e_dir, out)) == 0
+    before = {f: (out / f).read_bytes() for f in ("pytorch_model.bin", "adapter_config.json")}
+    model, _ = load_model_from_adapter_dir(str(out))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(1.0)
+
+    def torch_save_dies_midway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_io.torch, "save", torch_save_dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        adapter_io.save_adapter_dir(model, str(out), base_seed=0)
+    for f, data in before.items():
+        assert (out / f).read_bytes() == data, f
+    assert sorted(os.listdir(out)) == sorted(["pytorch_model.bin", "adapter_config.json", "metrics.json",
+                                              "loss.png", "loss_history.json", "training_state.pt"])
+
+
+def test_resume_without_state_starts_fresh(e2e_dir, tmp_path, capsys):
+    assert run_training.main(tiny_args(e2e_dir, tmp_path / "out", "--resume", "--max_steps", "1")) == 0
+    assert "starting from scratch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, expect", [
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--lora_dim", "0"], "--lora_dim 0 leaves nothing to train"),
+    (["--max_train_examples", "2"], "make no full step"),
+])
+def test_bad_arguments(e2e_dir, tmp_path, capsys, bad, expect):
+    assert run_training.main(tiny_args(e2e_dir, tmp_path / "out", *bad)) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err
+
+
+def test_data_errors_are_one_line(e2e_dir, tmp_path, capsys, monkeypatch):
+    with open(os.path.join(e2e_dir, "train.txt"), "a") as f:
+        f.write("name : Broken without a separator \n")
+    assert run_training.main(tiny_args(e2e_dir, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert f"{os.path.join(e2e_dir, 'train.txt')}:49:" in err and "Traceback" not in err
+
+    from src import data as D
+
+    monkeypatch.setattr(D, "DEFAULT_DATA_DIR", str(tmp_path / "none"))
+    argv = tiny_args(e2e_dir, tmp_path / "out")
+    del argv[:2]  # no --data_dir, no $E2E_DATA_DIR (the fixture unset it), no data/e2e/
+    assert run_training.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "$E2E_DATA_DIR" in err and "data/e2e/" in err and "download_e2e.py" in err
+
+
+def test_only_lora_trains_and_grad_accum_matches_big_batch(e2e_dir, tmp_path):
+    """batch 4 x grad_accum 2 gives the same first step as batch 8 (token-weighted accumulation)."""
+    outs = []
+    for extra in (["--batch_size", "8"], ["--batch_size", "4", "--grad_accum", "2"]):
+        argv = tiny_args(e2e_dir, tmp_path / f"o{len(outs)}", "--max_steps", "1", "--max_train_examples", "16")
+        argv[argv.index("--batch_size"):argv.index("--batch_size") + 2] = []
+        assert run_training.main(argv + extra) == 0
+        outs.append(read_adapter_weights(str(tmp_path / f"o{len(outs)}")))
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_run_on_real_data(real_e2e_dir, tmp_path):
+    """The script on the real E2E files (tiny model, 4 steps): it reads them, learns, and records their hashes."""
+    argv = tiny_args(real_e2e_dir, tmp_path / "out")
+    assert run_training.main(argv) == 0
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["steps"] == 4 and m["val_loss_final"] < m["val_loss_start"]
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["data"]["train_sha256"] == "eae319082237310913d9f37f6a891d48fb3f821f29d86870d2cb4f92ddd72c5a"
