@@ -27,6 +27,12 @@ class AdapterError(ValueError):
     """An adapter directory that is missing, incomplete, corrupted or does not fit the model."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
     """Write a file so that readers see the old or the new content, never a partial one.
 
@@ -40,6 +46,7 @@ def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
