@@ -1,11 +1,13 @@
 """Fine-tune GPT-2 with LoRA on E2E NLG: only the LoRA weights train; the adapter is saved as a ~4.6 MB file.
 
     E2E_DATA_DIR=../shared/data/e2e python examples/NLG/run_training.py
+    E2E_DATA_DIR=../shared/data/e2e torchrun --nproc_per_node 2 examples/NLG/run_training.py   # data parallel
 
 Without --init_checkpoint the frozen base is a *random* GPT-2 (seeded by --seed): no pretrained weights ship with
 this repo. See README.md, "Examples: GPT-2 on E2E NLG", for the measured default run.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 import loralib as lora  # noqa: E402
 from src import data as D  # noqa: E402
+from src import distributed as Dist  # noqa: E402
 from src import train_utils as U  # noqa: E402
 from src.adapter_io import (AdapterError, WEIGHTS_NAME, load_adapter_weights, read_adapter_weights,  # noqa: E402
                             save_adapter_dir)
@@ -49,7 +52,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_examples", type=int, default=100,
                    help="validate on a fixed subset of this many valid.txt examples (0: all 4,672)")
     g.add_argument("--val_batch_size", type=int, default=50, help="batch size of validation")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu; under "
+                   "torchrun process LOCAL_RANK uses cuda:LOCAL_RANK")
+    g.add_argument("--dist_backend", default="auto", choices=Dist.BACKENDS,
+                   help="torch.distributed backend under torchrun: auto = nccl on CUDA, gloo on CPU")
     g = p.add_argument_group("model")
     d = GPTConfig()
     g.add_argument("--vocab_size", type=int, default=d.vocab_size, help="vocabulary size (GPT-2 BPE: 50257)")
@@ -104,13 +110,32 @@ def build(args, device):
 
 
 def train(args, step_callback=None) -> dict:
-    """Run training as configured by ``args``; return the metrics. ``step_callback(step)`` runs after every
-    optimizer step (tests use it to interrupt a run)."""
+    """Run training as configured by ``args``; return the metrics (None on ranks other than 0 under torchrun).
+    ``step_callback(step)`` runs after every optimizer step (tests use it to interrupt a run)."""
     check_args(args)
-    device = U.select_device(args.device)
-    # One process today; a DDP launcher sets these, shards the batches, and only rank 0 writes files.
-    rank, world_size = 0, 1
-    is_main = rank == 0
+    ctx = Dist.init(args.device, args.dist_backend)
+    try:
+        # Under torchrun SIGINT / SIGTERM become a flag the ranks agree on at step boundaries (see StopRequest);
+        # a plain run keeps Python's KeyboardInterrupt.
+        with (Dist.StopRequest() if ctx.enabled else contextlib.nullcontext()) as stop:
+            return _train(args, ctx, stop, step_callback)
+    finally:
+        Dist.cleanup(ctx)
+
+
+class _ValidationAborted(Exception):
+    pass
+
+
+def _train(args, ctx, stop, step_callback) -> dict:
+    device = ctx.device
+    rank, world_size = ctx.rank, ctx.world_size
+    is_main = ctx.is_main
+
+    def log(msg):  # only rank 0 prints, so N processes print one log
+        if is_main:
+            tqdm.write(msg)
+
     torch.manual_seed(args.seed)
 
     # --- data ---
@@ -119,47 +144,82 @@ def train(args, step_callback=None) -> dict:
     valid_split = D.load_tokenized("valid", args.data_dir)
     train_idx = D.select_indices(len(train_split), args.max_train_examples or None, args.seed)
     val_idx = D.select_indices(len(valid_split), args.val_examples or None, 0)
-    print(f"data: {len(train_idx)} of {len(train_split)} train examples, {len(val_idx)} of {len(valid_split)} "
-          f"validation examples (loaded in {time.time() - t_load:.1f}s)")
+    log(f"data: {len(train_idx)} of {len(train_split)} train examples, {len(val_idx)} of {len(valid_split)} "
+        f"validation examples (loaded in {time.time() - t_load:.1f}s)")
+
+    def stoppable(batches):
+        for b in batches:
+            if stop is not None and stop.requested:
+                raise _ValidationAborted
+            yield b
 
     def val_loss():
-        return U.evaluate(model, D.iterate_batches(valid_split, val_idx, args.val_batch_size, args.seq_len,
-                                                   shuffle=False), device)
+        """Validation on the unwrapped model, rank 0 only (no collectives, so the other ranks cannot deadlock);
+        None when a stop request cut it short."""
+        try:
+            return U.evaluate(model, stoppable(D.iterate_batches(valid_split, val_idx, args.val_batch_size,
+                                                                 args.seq_len, shuffle=False)), device)
+        except _ValidationAborted:
+            return None
 
     # --- model, optimizer, schedule ---
     model = build(args, device)
     counts = U.param_counts(model)
-    print(f"model: {counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable (LoRA), "
-          f"device {device}")
+    log(f"model: {counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable (LoRA), "
+        f"device {device}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
-    micro_per_epoch = D.num_batches(len(train_idx), args.batch_size, shuffle=True, world_size=world_size)
-    steps_per_epoch = micro_per_epoch // args.grad_accum
+    global_batch = args.batch_size * world_size * args.grad_accum
+    # Every rank must run the same number of steps (a rank with one batch more would wait in a collective
+    # forever), so an epoch is the global batches that fit: the same count one process with the global batch has.
+    steps_per_epoch = D.num_batches(len(train_idx), args.batch_size, shuffle=True) // (world_size * args.grad_accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training examples make no full step of batch_size {args.batch_size} x "
-                         f"grad_accum {args.grad_accum}; lower them or raise --max_train_examples")
+                         f"{world_size} processes x grad_accum {args.grad_accum}; lower them or raise "
+                         f"--max_train_examples")
     total_steps = args.num_epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, U.warmup_linear_decay(args.warmup_steps, total_steps))
 
     step, history, seconds_before = 0, {"train": [], "val": []}, 0.0
+    # Every rank reads rank 0's checkpoint: --output_dir must be visible to all of them (one node, or shared).
     state = U.load_training_state(args.output_dir) if args.resume else None
     if args.resume and state is None:
-        print(f"--resume: no {U.STATE_NAME} in {args.output_dir}; starting from scratch")
+        log(f"--resume: no {U.STATE_NAME} in {args.output_dir}; starting from scratch")
     if state is not None:
+        if state.get("global_batch", global_batch) != global_batch:
+            raise ValueError(f"--resume: {args.output_dir} was trained with a global batch of "
+                             f"{state['global_batch']} examples per step, this run has {global_batch} "
+                             f"(batch_size x processes x grad_accum); use the same global batch to continue")
         load_adapter_weights(model, read_adapter_weights(args.output_dir),
                              source=os.path.join(args.output_dir, WEIGHTS_NAME))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history, seconds_before = state["step"], state["history"], state["seconds"]
         U.set_rng_state(state["rng"])
-        print(f"resumed from {args.output_dir} at step {step} of {total_steps}")
+        log(f"resumed from {args.output_dir} at step {step} of {total_steps}")
+    if ctx.enabled:
+        hi, neg_lo = Dist.all_reduce_max(ctx, [step, -step])
+        if hi != -neg_lo:
+            raise Dist.DistributedError(
+                f"--resume: the processes found different checkpoints in {args.output_dir} (steps {int(-neg_lo)} "
+                f"to {int(hi)}); put --output_dir on a filesystem every node sees")
+        # Parameters only: the LoRA gradients are what crosses processes. DDP broadcasts rank 0's weights once
+        # here; buffers (the causal mask) never change, so they are not re-sent on every forward.
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+        log(f"distributed: {world_size} processes ({ctx.backend}), global batch {args.batch_size} (batch_size) x "
+            f"{world_size} (processes) x {args.grad_accum} (grad_accum) = {global_batch} examples per step; "
+            f"DDP all-reduces the {counts['trainable_params']:,} LoRA gradients only")
+    else:
+        train_model = model
     val_start = history["val"][0][1] if history["val"] else None
-    if val_start is None:
+    if val_start is None and is_main:
         val_start = val_loss()
-        history["val"].append((0, val_start))
-        print(f"step 0: validation loss {val_start:.4f}")
+        if val_start is not None:
+            history["val"].append((0, val_start))
+            log(f"step 0: validation loss {val_start:.4f}")
 
     def save(final: bool):
         if not is_main:
@@ -174,18 +234,26 @@ def train(args, step_callback=None) -> dict:
                          extra=extra)
         U.save_training_state(args.output_dir, {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
-            "seconds": elapsed, "rng": U.rng_state(), "args": U.to_jsonable(U.dump_args(args))})
+            "seconds": elapsed, "rng": U.rng_state(), "args": U.to_jsonable(U.dump_args(args)),
+            "global_batch": global_batch, "world_size": world_size})
         vals = [v for _, v in history["val"]]
         metrics = {**counts, "steps": step, "total_steps": total_steps, "finished": final,
-                   "seconds": round(elapsed, 2), "val_loss_start": vals[0], "val_loss_final": vals[-1],
+                   "seconds": round(elapsed, 2), "val_loss_start": vals[0] if vals else None,
+                   "val_loss_final": vals[-1] if vals else None,
                    "train_loss_final": history["train"][-1][1] if history["train"] else None,
                    "adapter_bytes": os.path.getsize(os.path.join(args.output_dir, WEIGHTS_NAME)),
                    "train_examples": len(train_idx), "val_examples": len(val_idx),
                    "tokens_per_second": round(tokens_seen / max(1e-9, time.time() - t_start), 1),
-                   "device": str(device), "torch_threads": torch.get_num_threads()}
+                   "device": str(device), "torch_threads": torch.get_num_threads(),
+                   "world_size": world_size, "global_batch": global_batch}
         U.save_metrics(args.output_dir, metrics)
-        U.save_history(args.output_dir, history, title=f"LoRA on E2E: {step} steps, val loss {vals[-1]:.3f}")
+        title = f"LoRA on E2E: {step} steps" + (f", val loss {vals[-1]:.3f}" if vals else "")
+        U.save_history(args.output_dir, history, title=title)
         return metrics
+
+    def stop_agreed() -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        return bool(Dist.all_reduce_max(ctx, [stop.requested])[0]) if ctx.enabled else False
 
     # --- training loop ---
     model.train()
@@ -197,27 +265,51 @@ def train(args, step_callback=None) -> dict:
         for epoch in range(start_epoch, args.num_epochs):
             if step >= total_steps:
                 break
-            # The data order depends only on (seed, epoch): a resumed run skips the steps already done.
+            # The data order depends only on (seed, epoch): a resumed run skips the steps already done. Rank r
+            # takes batches r, r+N, ...: at each step the N ranks together hold exactly the examples one process
+            # with the global batch would (the same reshuffled order, cut into batch_size pieces).
             batches = D.iterate_batches(train_split, train_idx, args.batch_size, args.seq_len, shuffle=True,
                                         seed=args.seed * 1000 + epoch, rank=rank, world_size=world_size)
             for _ in range(skip * args.grad_accum):
                 next(batches)
             skip = 0
-            while step < total_steps:
+            while step < total_steps and step - epoch * steps_per_epoch < steps_per_epoch:
                 micro = [b for _, b in zip(range(args.grad_accum), batches)]
                 if len(micro) < args.grad_accum:
                     break  # end of epoch
                 t0 = time.time()
                 n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                step_tokens = sum(int(b["input_ids"].numel()) for b in micro)
+                if ctx.enabled:
+                    # One small all-reduce per step: the global token count (for the loss weights) and whether
+                    # any rank got a stop signal, so all ranks stop at this same boundary.
+                    n_tok, stop_any = Dist.all_reduce_sum(ctx, [n_tok, stop.requested])
+                    n_tok = int(n_tok)
+                    if stop_any:
+                        raise KeyboardInterrupt
+                    # Dropout masks: different on each rank, and a function of the step so --resume repeats them.
+                    torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+                if n_tok == 0:
+                    raise ValueError(f"step {step + 1} has no completion tokens to learn: --seq_len {args.seq_len} "
+                                     f"cuts every example of the batch inside its prompt; raise --seq_len")
                 loss_sum = 0.0
-                for b in micro:
-                    labels = b["labels"].to(device)
-                    out = model(b["input_ids"].to(device), labels=labels, label_smoothing=args.label_smoothing)
-                    # Weight micro-batches by their predicted tokens, as one big batch would.
-                    n = int((labels[:, 1:] != -100).sum())
-                    (out.loss * (n / n_tok)).backward()
+                for i, b in enumerate(micro):
+                    # DDP syncs gradients once, on the last micro-batch of the step.
+                    last = i == len(micro) - 1
+                    with (train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()):
+                        labels = b["labels"].to(device)
+                        out = train_model(b["input_ids"].to(device), labels=labels,
+                                          label_smoothing=args.label_smoothing)
+                        # Weight micro-batches by their predicted tokens, as one big batch would. DDP averages
+                        # over the N processes, so the factor N makes that average the token-weighted mean over
+                        # the global batch (n_tok counts the tokens of all ranks).
+                        n = int((labels[:, 1:] != -100).sum())
+                        (out.loss * (n * world_size / n_tok)).backward()
                     loss_sum += out.loss.item() * n
-                    tokens_seen += int(b["input_ids"].numel())
+                if ctx.enabled:
+                    loss_sum, step_tokens = Dist.all_reduce_sum(ctx, [loss_sum, step_tokens])
+                    step_tokens = int(step_tokens)
+                tokens_seen += step_tokens
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    args.max_grad_norm)
@@ -229,31 +321,47 @@ def train(args, step_callback=None) -> dict:
                 if not U.is_finite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
                 history["train"].append((step, loss))
-                tok_s = sum(int(b["input_ids"].numel()) for b in micro) / max(1e-9, time.time() - t0)
+                tok_s = step_tokens / max(1e-9, time.time() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 if step % args.log_interval == 0:
-                    tqdm.write(f"step {step}/{total_steps} epoch {epoch + 1} | loss {loss:.4f} | "
-                               f"lr {sched.get_last_lr()[0]:.2e} | {tok_s:.0f} tok/s | "
-                               f"{seconds_before + time.time() - t_start:.0f}s")
+                    log(f"step {step}/{total_steps} epoch {epoch + 1} | loss {loss:.4f} | "
+                        f"lr {sched.get_last_lr()[0]:.2e} | {tok_s:.0f} tok/s | "
+                        f"{seconds_before + time.time() - t_start:.0f}s")
                 if step_callback is not None:
                     step_callback(step)
+            if is_main:
+                v = val_loss()
+                if v is not None:
+                    history["val"].append((step, v))
+                    log(f"end of epoch {epoch + 1} (step {step}): validation loss {v:.4f}")
+        # e.g. resumed a run that had already finished its last epoch
+        if is_main and (not history["val"] or history["val"][-1][0] != step):
             v = val_loss()
-            history["val"].append((step, v))
-            tqdm.write(f"end of epoch {epoch + 1} (step {step}): validation loss {v:.4f}")
+            if v is not None:
+                history["val"].append((step, v))
+        if stop_agreed():  # a signal during the last steps or the final validation
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         save(final=False)
-        print(f"\ninterrupted at step {step}: saved to {args.output_dir}; continue with --resume")
+        why = f" by {stop.signal_name}" if stop is not None and stop.signal_name else ""
+        if is_main:
+            print(f"\ninterrupted{why} at step {step}: saved to {args.output_dir}; continue with --resume")
         raise
     bar.close()
-    if history["val"][-1][0] != step:  # e.g. resumed a run that had already finished its last epoch
-        history["val"].append((step, val_loss()))
     metrics = save(final=True)
-    print(f"done: {step} steps in {metrics['seconds']:.1f}s, validation loss {metrics['val_loss_start']:.4f} -> "
-          f"{metrics['val_loss_final']:.4f}; adapter {metrics['adapter_bytes']:,} bytes "
-          f"({counts['trainable_params']:,} LoRA parameters) in {args.output_dir}/")
+    if is_main:
+        print(f"done: {step} steps in {metrics['seconds']:.1f}s, validation loss {metrics['val_loss_start']:.4f} -> "
+              f"{metrics['val_loss_final']:.4f}; adapter {metrics['adapter_bytes']:,} bytes "
+              f"({counts['trainable_params']:,} LoRA parameters) in {args.output_dir}/")
     return metrics
+
+
+def _rank_prefix() -> str:
+    """Under torchrun each process prints its own error, so say which one it was."""
+    return f"[rank {os.environ['RANK']}] " if Dist.launched_by_torchrun() and os.environ.get("WORLD_SIZE") != "1" \
+        else ""
 
 
 def main(argv=None) -> int:
@@ -262,8 +370,9 @@ def main(argv=None) -> int:
         train(args)
     except KeyboardInterrupt:
         return 130
-    except (D.DataError, U.DeviceError, CheckpointError, AdapterError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (D.DataError, U.DeviceError, Dist.DistributedError, CheckpointError, AdapterError, ValueError,
+            FloatingPointError) as e:
+        print(f"error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
     return 0
 
