@@ -140,8 +140,9 @@ def _train(args, ctx, stop, step_callback) -> dict:
 
     # --- data ---
     t_load = time.time()
-    train_split = D.load_tokenized("train", args.data_dir)
-    valid_split = D.load_tokenized("valid", args.data_dir)
+    # Only rank 0 writes, the token cache included.
+    train_split = D.load_tokenized("train", args.data_dir, write_cache=is_main)
+    valid_split = D.load_tokenized("valid", args.data_dir, write_cache=is_main)
     train_idx = D.select_indices(len(train_split), args.max_train_examples or None, args.seed)
     val_idx = D.select_indices(len(valid_split), args.val_examples or None, 0)
     log(f"data: {len(train_idx)} of {len(train_split)} train examples, {len(val_idx)} of {len(valid_split)} "

@@ -155,8 +155,10 @@ def tokenize_pairs(pairs: Sequence[Tuple[str, str]]) -> Tuple[torch.Tensor, torc
     return tokens, offsets, torch.tensor([len(p) for p in prompts], dtype=torch.int32)
 
 
-def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool = True) -> TokenizedSplit:
+def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool = True,
+                   write_cache: bool = True) -> TokenizedSplit:
     """Parse and tokenise a split, caching the result under :func:`cache_dir` keyed by the file's sha256.
+    ``write_cache=False`` reads a cache entry but never writes one (data-parallel ranks other than 0).
 
     Raises:
         DataError: as :func:`find_data_dir` and :func:`read_e2e`.
@@ -171,7 +173,7 @@ def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool =
         except Exception:
             pass  # a damaged cache entry is rebuilt below
     tokens, offsets, prompt_lens = tokenize_pairs(read_e2e(path))
-    if use_cache:
+    if use_cache and write_cache:
         try:
             from .adapter_io import atomic_write
 
