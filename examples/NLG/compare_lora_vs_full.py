@@ -14,7 +14,8 @@ real E2E training data in the same order, use AdamW with the same settings, and 
 
 Each mode runs in its own fresh Python process, so its peak memory is its own. Every figure printed is measured
 in that run: parameter counts, checkpoint files written and their sizes, optimizer-state and gradient bytes,
-bytes autograd saves for one step, peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak resident
+bytes autograd saves for one step, bytes DistributedDataParallel all-reduces per step (counted by a
+communication hook on the gradient buckets DDP hands it), peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak resident
 memory), median step time after warm-up, validation loss on a fixed subset after the same number of steps, and
 the latency of a generation prefill (a batch of prompts in, next-token logits out) of the merged LoRA model vs
 the plain model. Figures that cannot be measured on the
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `src` next to 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
 import loralib as lora  # noqa: E402
+from src import distributed as Dist  # noqa: E402
 from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
 from src.data import DataError, iterate_batches, load_tokenized, select_indices  # noqa: E402
@@ -195,6 +197,9 @@ def run_mode(args, mode: str) -> dict:
     phase("train")
     val_after = evaluate(model, val_batches, device)
     phase("val_after")
+    allreduce = allreduce_bytes_per_step(model, train_batches[0], device)
+    log(f"DDP all-reduces {allreduce['bytes']:,} bytes per step in {allreduce['buckets']} bucket(s)")
+    phase("allreduce")
 
     with tempfile.TemporaryDirectory() as d:
         # What each mode has to keep: LoRA the adapter (the base is shared and frozen), full the whole model.
@@ -215,6 +220,7 @@ def run_mode(args, mode: str) -> dict:
         "param_bytes": measure.param_bytes(model),
         "checkpoint": {"file": ckpt_name, "keys": len(sd_keys), "bytes": ckpt_bytes},
         "grad_bytes": grads,
+        "allreduce": allreduce,
         "optimizer_state_bytes": opt_state,
         "saved_tensor_bytes": saved.bytes,
         "saved_tensor_count": saved.count,
@@ -233,6 +239,34 @@ def run_mode(args, mode: str) -> dict:
             f"plain {out['inference']['plain_median_s'] * 1e3:.1f} ms")
         phase("inference")
     out["phase_wall_s"] = phases
+    return out
+
+
+def allreduce_bytes_per_step(model, batch, device) -> dict:
+    """The bytes DDP all-reduces for one training step of ``model``, measured: one more forward and backward
+    under ``DistributedDataParallel`` with a hook counting the gradient buckets it syncs. No optimizer step, so the
+    model is unchanged. Run in a process group of one (the same buckets as with N processes: DDP syncs every
+    trainable gradient once per step whatever N) unless the script already runs in one."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    own_group = not torch.distributed.is_initialized()
+    with tempfile.TemporaryDirectory() as d:
+        if own_group:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                                 init_method="file://" + os.path.join(d, "store"))
+        try:
+            ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+            counter = Dist.AllReduceCounter().register(ddp)
+            ddp(batch["input_ids"], labels=batch["labels"]).loss.backward()
+            measure.synchronize(device)
+            out = {"bytes": counter.bytes, "buckets": counter.buckets,
+                   "backend": torch.distributed.get_backend(), "world_size": torch.distributed.get_world_size(),
+                   "method": "DDP communication hook counting the gradient buckets it all-reduces, one step"}
+            model.zero_grad(set_to_none=True)
+            del ddp
+        finally:
+            if own_group:
+                torch.distributed.destroy_process_group()
     return out
 
 
@@ -312,6 +346,7 @@ def summarize(args, res: dict, wall_s: float) -> dict:
             "trainable_params": ratio(lo["params"]["trainable"], fu["params"]["trainable"]),
             "checkpoint_bytes": ratio(lo["checkpoint"]["bytes"], fu["checkpoint"]["bytes"]),
             "grad_bytes": ratio(lo["grad_bytes"], fu["grad_bytes"]),
+            "allreduce_bytes": ratio(lo["allreduce"]["bytes"], fu["allreduce"]["bytes"]),
             "optimizer_state_bytes": ratio(lo["optimizer_state_bytes"], fu["optimizer_state_bytes"]),
             "saved_tensor_bytes": ratio(lo["saved_tensor_bytes"], fu["saved_tensor_bytes"]),
             "peak_memory_bytes": ratio(lo["peak_memory"]["peak_bytes"], fu["peak_memory"]["peak_bytes"]),
@@ -353,6 +388,8 @@ def table(s: dict) -> str:
         ("checkpoint file written", fmt_mib(lo["checkpoint"]["bytes"]), fmt_mib(fu["checkpoint"]["bytes"]),
          fmt_ratio(R["checkpoint_bytes"])),
         ("gradients (.grad)", fmt_mib(lo["grad_bytes"]), fmt_mib(fu["grad_bytes"]), fmt_ratio(R["grad_bytes"])),
+        ("all-reduced per step (DDP)", fmt_mib(lo["allreduce"]["bytes"]), fmt_mib(fu["allreduce"]["bytes"]),
+         fmt_ratio(R["allreduce_bytes"])),
         ("AdamW state", fmt_mib(lo["optimizer_state_bytes"]), fmt_mib(fu["optimizer_state_bytes"]),
          fmt_ratio(R["optimizer_state_bytes"])),
         ("saved for backward, 1 step", fmt_mib(lo["saved_tensor_bytes"]), fmt_mib(fu["saved_tensor_bytes"]),

@@ -123,6 +123,19 @@ def test_saved_tensor_bytes_counts_activations_once_and_not_parameters():
     torch.testing.assert_close(w.grad, x.detach().t() @ (2 * y.detach() * (h.detach() > 0)))
 
 
+def test_allreduce_counter_counts_the_trainable_gradients_ddp_syncs():
+    args, _ = cmp.parse_args(TINY + ["--lora_dim", "2"])
+    model = cmp.build_for_mode(args, "lora", torch.device("cpu"))
+    batch = {"input_ids": torch.randint(0, V, (2, 7)), "labels": torch.randint(0, V, (2, 7))}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = cmp.allreduce_bytes_per_step(model, batch, torch.device("cpu"))
+    assert got["bytes"] == measure.param_bytes(model, trainable_only=True) == 4 * lora_params(2, 32, 2, V)
+    assert (got["world_size"], got["backend"]) == (1, "gloo")
+    assert not torch.distributed.is_initialized()  # its own group of one, gone again
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no step taken
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_saved_file_bytes_is_the_file_written(tmp_path):
     sd = {"a": torch.zeros(1000), "b": torch.ones(10, 10, dtype=torch.float64)}
     n = measure.saved_file_bytes(sd, str(tmp_path), "x.pt")
@@ -216,6 +229,8 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
         assert m["median_step_s"] == statistics.median(m["step_times_s"][1:])  # warm-up step left out
         assert m["checkpoint"]["bytes"] > 4 * m["params"]["trainable"]  # the file holds at least the tensors
         assert m["grad_bytes"] == 4 * m["params"]["trainable"]
+        # What DDP syncs, measured by its comm hook: every trainable gradient, once per step, nothing frozen.
+        assert m["allreduce"]["bytes"] == m["grad_bytes"] and m["allreduce"]["buckets"] >= 1
         assert m["optimizer_state_bytes"] > 2 * 4 * m["params"]["trainable"]
         assert m["saved_tensor_bytes"] > 0
         pm = m["peak_memory"]
@@ -232,6 +247,8 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
     R = s["ratios_lora_over_full"]
     assert R["checkpoint_bytes"] == lo["checkpoint"]["bytes"] / fu["checkpoint"]["bytes"]
     assert R["median_step_s"] == lo["median_step_s"] / fu["median_step_s"]
+    assert R["allreduce_bytes"] == lo["allreduce"]["bytes"] / fu["allreduce"]["bytes"] < 0.2
+    assert "all-reduced per step (DDP)" in proc.stdout
 
 
 def test_more_steps_than_data_is_a_clear_error(e2e_dir, capsys):
