@@ -15,8 +15,8 @@ real E2E training data in the same order, use AdamW with the same settings, and 
 Each mode runs in its own fresh Python process, so its peak memory is its own. Every figure printed is measured
 in that run: parameter counts, checkpoint files written and their sizes, optimizer-state and gradient bytes,
 bytes autograd saves for one step, bytes DistributedDataParallel all-reduces per step (counted by a
-communication hook on the gradient buckets DDP hands it), peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak resident
-memory), median step time after warm-up, validation loss on a fixed subset after the same number of steps, and
+communication hook on the gradient buckets DDP hands it), peak memory (CUDA: ``torch.cuda.max_memory_allocated``;
+CPU: peak resident memory), median step time after warm-up, validation loss on a fixed subset after the same number of steps, and
 the latency of a generation prefill (a batch of prompts in, next-token logits out) of the merged LoRA model vs
 the plain model. Figures that cannot be measured on the
 device say ``n/a`` and why.
