@@ -34,7 +34,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_epochs", type=int, default=2, help="passes over the (possibly limited) training set")
     g.add_argument("--batch_size", type=int, default=4, help="examples per micro-batch, padded to their longest")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW (LoRA weights only)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (LoRA weights only)")
     g.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps, then linear decay to 0")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
