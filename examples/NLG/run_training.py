@@ -22,8 +22,8 @@ import loralib as lora  # noqa: E402
 from src import data as D  # noqa: E402
 from src import distributed as Dist  # noqa: E402
 from src import train_utils as U  # noqa: E402
-from src.adapter_io import (AdapterError, WEIGHTS_NAME, load_adapter_weights, read_adapter_weights,  # noqa: E402
-                            save_adapter_dir)
+from src.adapter_io import (AdapterError, WEIGHTS_FILES, load_adapter_weights, read_adapter_weights,  # noqa: E402
+                            save_adapter_dir, weights_path)
 from src.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights  # noqa: E402
 from src.model import GPTConfig, build_model  # noqa: E402
 
@@ -73,6 +73,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"directory with train.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
     g.add_argument("--output_dir", default="lora_model",
                    help="where pytorch_model.bin, adapter_config.json, metrics.json, loss.png go")
+    g.add_argument("--adapter_format", choices=sorted(WEIGHTS_FILES), default="bin",
+                   help="bin: pytorch_model.bin, the lora_state_dict as Microsoft's loralib saves it; safetensors: "
+                        "adapter_model.safetensors, the same tensors in a file that holds no code")
     g.add_argument("--resume", action="store_true",
                    help=f"continue from {U.STATE_NAME} in --output_dir (left by an interrupted or finished run)")
     g.add_argument("--no_progress", action="store_true", help="no tqdm progress bar (log lines only)")
@@ -194,7 +197,7 @@ def _train(args, ctx, stop, step_callback) -> dict:
                              f"{state['global_batch']} examples per step, this run has {global_batch} "
                              f"(batch_size x processes x grad_accum); use the same global batch to continue")
         load_adapter_weights(model, read_adapter_weights(args.output_dir),
-                             source=os.path.join(args.output_dir, WEIGHTS_NAME))
+                             source=weights_path(args.output_dir))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history, seconds_before = state["step"], state["history"], state["seconds"]
@@ -232,7 +235,7 @@ def _train(args, ctx, stop, step_callback) -> dict:
                           "train_examples": len(train_idx), "val_examples": len(val_idx)},
                  "step": step}
         save_adapter_dir(model, args.output_dir, base_seed=args.seed, init_checkpoint=args.init_checkpoint,
-                         extra=extra)
+                         extra=extra, weights_format=args.adapter_format)
         U.save_training_state(args.output_dir, {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
             "seconds": elapsed, "rng": U.rng_state(), "args": U.to_jsonable(U.dump_args(args)),
@@ -242,7 +245,7 @@ def _train(args, ctx, stop, step_callback) -> dict:
                    "seconds": round(elapsed, 2), "val_loss_start": vals[0] if vals else None,
                    "val_loss_final": vals[-1] if vals else None,
                    "train_loss_final": history["train"][-1][1] if history["train"] else None,
-                   "adapter_bytes": os.path.getsize(os.path.join(args.output_dir, WEIGHTS_NAME)),
+                   "adapter_bytes": os.path.getsize(weights_path(args.output_dir)),
                    "train_examples": len(train_idx), "val_examples": len(val_idx),
                    "tokens_per_second": round(tokens_seen / max(1e-9, time.time() - t_start), 1),
                    "device": str(device), "torch_threads": torch.get_num_threads(),

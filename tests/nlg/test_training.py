@@ -203,3 +203,46 @@ def test_tiny_run_on_real_data(real_e2e_dir, tmp_path):
     assert m["steps"] == 4 and m["val_loss_final"] < m["val_loss_start"]
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["data"]["train_sha256"] == "eae319082237310913d9f37f6a891d48fb3f821f29d86870d2cb4f92ddd72c5a"
+
+
+def test_adapter_format_safetensors(e2e_dir, tmp_path):
+    """--adapter_format safetensors writes the same tensors as the .bin, readable by the `safetensors` package, and
+    inference / resume read it back through the config; switching format removes the stale file."""
+    from safetensors.torch import load_file as st_load
+
+    bin_dir, st_dir = tmp_path / "bin", tmp_path / "st"
+    assert run_training.main(tiny_args(e2e_dir, bin_dir, "--max_steps", "2")) == 0
+    assert run_training.main(tiny_args(e2e_dir, st_dir, "--max_steps", "2", "--adapter_format", "safetensors")) == 0
+    assert not os.path.exists(st_dir / "pytorch_model.bin")
+    ref = torch.load(bin_dir / "pytorch_model.bin", weights_only=True)
+    got = st_load(str(st_dir / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    cfg = json.loads((st_dir / "adapter_config.json").read_text())
+    m = json.loads((st_dir / "metrics.json").read_text())
+    assert cfg["weights_file"] == "adapter_model.safetensors"
+    assert m["adapter_bytes"] == os.path.getsize(st_dir / "adapter_model.safetensors")
+    model, _ = load_model_from_adapter_dir(str(st_dir))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
+
+    # Resume reads the safetensors weights; saving as .bin afterwards leaves one weights file, named by the config.
+    assert run_training.main(tiny_args(e2e_dir, st_dir, "--max_steps", "3", "--resume")) == 0
+    assert not os.path.exists(st_dir / "adapter_model.safetensors")
+    assert json.loads((st_dir / "adapter_config.json").read_text())["weights_file"] == "pytorch_model.bin"
+    assert json.loads((st_dir / "metrics.json").read_text())["steps"] == 3
+
+    with pytest.raises(ValueError, match="unknown adapter format 'npz'"):
+        adapter_io.save_adapter_dir(model, str(tmp_path / "x"), base_seed=0, weights_format="npz")
+
+
+def test_corrupted_safetensors_adapter_is_an_adapter_error(e2e_dir, tmp_path):
+    out = tmp_path / "st"
+    assert run_training.main(tiny_args(e2e_dir, out, "--max_steps", "1", "--adapter_format", "safetensors")) == 0
+    path = out / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    with pytest.raises(adapter_io.AdapterError, match="cannot load .*adapter_model.safetensors"):
+        read_adapter_weights(str(out))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["weights_file"] = "../../etc/passwd"
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(adapter_io.AdapterError, match="weights_file"):
+        read_adapter_weights(str(out))

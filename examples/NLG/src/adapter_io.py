@@ -2,7 +2,9 @@
 
 Layout of ``--output_dir`` (default ``lora_model``):
     pytorch_model.bin     ``lora.lora_state_dict(model)``: loads with ``load_state_dict(strict=False)``, as with
-                          Microsoft's loralib
+                          Microsoft's loralib (``--adapter_format bin``, the default)
+    adapter_model.safetensors   the same tensors as a safetensors file, written by loralib itself
+                          (``--adapter_format safetensors``): no pickle at all on the way back in
     adapter_config.json   everything needed to rebuild the model: ``model_config`` (GPTConfig), ``base``
                           (``init_checkpoint`` or the random ``base_seed``, and the base weights' fingerprint),
                           ``tokenizer``, ``lora_bias``, plus whatever the trainer adds (training args, data hashes)
@@ -15,11 +17,14 @@ from typing import Optional, Tuple
 import torch
 
 import loralib as lora
+from loralib.safetensors_format import load_file, save_bytes
 
 from .model import GPTConfig, SimpleGPT2WithLoRA, base_fingerprint, build_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "pytorch_model.bin"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+WEIGHTS_FILES = {"bin": WEIGHTS_NAME, "safetensors": SAFETENSORS_NAME}
 FORMAT = "loralib-nlg-adapter"
 
 
@@ -60,8 +65,15 @@ def atomic_json(path: str, obj) -> None:
 
 def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
                      init_checkpoint: Optional[str] = None, extra: Optional[dict] = None,
-                     lora_bias: str = "none") -> dict:
-    """Write ``pytorch_model.bin`` and ``adapter_config.json`` atomically; return the config written."""
+                     lora_bias: str = "none", weights_format: str = "bin") -> dict:
+    """Write the weights (``pytorch_model.bin``, or ``adapter_model.safetensors`` with ``weights_format=
+    "safetensors"``) and ``adapter_config.json`` atomically; return the config written.
+
+    Raises:
+        ValueError: an unknown ``weights_format``.
+    """
+    if weights_format not in WEIGHTS_FILES:
+        raise ValueError(f"unknown adapter format {weights_format!r}; use one of {sorted(WEIGHTS_FILES)}")
     state = {k: v.detach().cpu() for k, v in lora.lora_state_dict(model, bias=lora_bias).items()}
     config = {
         "format": FORMAT,
@@ -76,9 +88,19 @@ def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
         "tokenizer": "gpt2",
         "lora_bias": lora_bias,
         "lora_params": sum(v.numel() for k, v in state.items() if "lora_" in k),
+        "weights_file": WEIGHTS_FILES[weights_format],
     }
     config.update(extra or {})
-    atomic_write(os.path.join(out_dir, WEIGHTS_NAME), lambda f: torch.save(state, f))
+    path = os.path.join(out_dir, WEIGHTS_FILES[weights_format])
+    if weights_format == "safetensors":
+        data = save_bytes(state, metadata={"format": FORMAT})
+        atomic_write(path, lambda f: f.write(data))
+    else:
+        atomic_write(path, lambda f: torch.save(state, f))
+    # A weights file of the other format left by an earlier run would no longer match the config: remove it.
+    for name in WEIGHTS_FILES.values():
+        if name != WEIGHTS_FILES[weights_format] and os.path.exists(os.path.join(out_dir, name)):
+            os.unlink(os.path.join(out_dir, name))
     atomic_json(os.path.join(out_dir, CONFIG_NAME), config)  # last: a dir with a config is complete
     return config
 
@@ -101,13 +123,30 @@ def read_adapter_config(adapter_dir: str) -> dict:
     return config
 
 
+def weights_path(adapter_dir: str) -> str:
+    """The weights file of ``adapter_dir``: the one its config names, else ``pytorch_model.bin``."""
+    try:
+        with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
+            name = json.load(f).get("weights_file", WEIGHTS_NAME)
+    except (OSError, ValueError, AttributeError):
+        name = WEIGHTS_NAME  # read_adapter_config reports a broken config; here only the file name matters
+    if name not in WEIGHTS_FILES.values():
+        raise AdapterError(f"{adapter_dir}/{CONFIG_NAME} names weights_file {name!r}; expected one of "
+                           f"{sorted(WEIGHTS_FILES.values())}")
+    return os.path.join(adapter_dir, name)
+
+
 def read_adapter_weights(adapter_dir: str) -> dict:
-    """Load ``pytorch_model.bin`` safely (``weights_only=True``: a pickle that would run code is refused)."""
-    path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    """Load the adapter weights safely: safetensors holds no code, and ``.bin`` loads with ``weights_only=True``
+    (a pickle that would run code is refused)."""
+    path = weights_path(adapter_dir)
     if not os.path.isfile(path):
         raise AdapterError(f"{path} is missing: {adapter_dir!r} has a config but no adapter weights")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, forbidden global: all mean "do not trust this file"
         raise AdapterError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                            "(truncated, corrupted, or not a plain tensor checkpoint)") from e
@@ -164,5 +203,5 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
     if expected and base_fingerprint(model) != expected:
         raise AdapterError(f"the base weights rebuilt for {adapter_dir} (fingerprint {base_fingerprint(model)}) "
                            f"are not the ones it was trained on ({expected}); pass the same --init_checkpoint")
-    load_adapter_weights(model, read_adapter_weights(adapter_dir), source=os.path.join(adapter_dir, WEIGHTS_NAME))
+    load_adapter_weights(model, read_adapter_weights(adapter_dir), source=weights_path(adapter_dir))
     return model.to(device), config
