@@ -25,7 +25,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 # METEOR 1.5's English parameters (alpha, beta, gamma); delta (content vs function words) has no nltk equivalent.
 METEOR15_PARAMS = dict(alpha=0.85, beta=0.20, gamma=0.60)
-_PUNCT = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~") | {"''", "``", "--", "...", "-LRB-", "-RRB-"}
+# COCO's punctuation list (pycocoevalcap PTBTokenizer) plus the brackets PTB would have renamed; "#" (from "£")
+# stays, as in the official pipeline.
+_PUNCT = {"''", "'", "``", "`", "(", ")", "{", "}", "[", "]", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'}
 
 
 def _check(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
