@@ -122,7 +122,7 @@ def test_user_errors(adapters, tmp_path, capsys):
     _expect_error(["--adapter_dir", str(d)], capsys, "cannot load")
     w.write_bytes(b"\x00garbage" * 10)  # corrupted
     _expect_error(["--adapter_dir", str(d)], capsys, "cannot load")
-    w.write_bytes(pickle.dumps({"x": _Evil()}))  # would run code when unpickled
+    w.write_bytes(pickle.dumps({"x": _Evil()}, protocol=2))  # would run code when unpickled
     _expect_error(["--adapter_dir", str(d)], capsys, "cannot load")
     w.write_bytes(good)
     sd = torch.load(str(w), weights_only=True)
