@@ -1,0 +1,179 @@
+"""Generate E2E descriptions with a LoRA adapter (merged into GPT-2) and score them as the E2E challenge does.
+
+    python examples/NLG/run_inference.py                                  # sample MRs, adapter in lora_model/
+    python examples/NLG/run_inference.py --input "name : The Eagle | Type : pub | area : riverside"
+    python examples/NLG/run_inference.py --eval --split test --max_examples 50
+    python examples/NLG/run_inference.py --beam_size 10 --length_penalty 0.8 --no_repeat_ngram_size 4  # E2E recipe
+
+The model is rebuilt from adapter_config.json alone (base: the recorded --init_checkpoint, or the random base drawn
+from the recorded seed). See README.md, "Inference and scores".
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
+
+from src import data as D  # noqa: E402
+from src import metrics as M  # noqa: E402
+from src import train_utils as U  # noqa: E402
+from src.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
+from src.generate import DecodeConfig  # noqa: E402
+from src.hf_checkpoint import CheckpointError  # noqa: E402
+from src.inference import MRError, check_mr, describe, load_adapters, read_mr_file  # noqa: E402
+
+SAMPLE_MRS = [
+    "name : The Eagle | Type : coffee shop | food : French | price : moderate | customer rating : 3 out of 5 | "
+    "area : riverside | family friendly : yes | near : Burger King",
+    "name : The Vaults | Type : pub | food : Italian | price : less than £20 | area : city centre",
+    "name : Blue Spice | Type : restaurant | food : Chinese | area : riverside | family friendly : no",
+    "name : Zizzi | Type : coffee shop | customer rating : 5 out of 5 | near : The Sorrento",
+    "name : Alimentum | food : English | price : high | area : city centre | near : Yippee Noodle Bar",
+]
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--adapter_dir", action="append", default=None,
+                   help="adapter directory written by run_training.py (default: lora_model). Repeat it to load "
+                        "the base once and generate with each adapter in turn (only the LoRA weights swap)")
+    g.add_argument("--init_checkpoint", default=None,
+                   help="base checkpoint to use instead of the one recorded in adapter_config.json")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
+    g = p.add_argument_group("input")
+    g.add_argument("--input", action="append", default=None,
+                   help="a meaning representation 'key : value | key : value ...' (repeatable); default: "
+                        f"{len(SAMPLE_MRS)} built-in samples")
+    g.add_argument("--input_file", default=None, help="a file with one meaning representation per line")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--beam_size", type=int, default=1, help="beams per input; 1 is greedy (E2E recipe: 10)")
+    g.add_argument("--length_penalty", type=float, default=1.0,
+                   help="beam score = sum of log-probs / length ** length_penalty (E2E recipe: 0.8)")
+    g.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                   help="never repeat an n-gram of this size within the generated text; 0: off (E2E recipe: 4)")
+    g.add_argument("--max_new_tokens", type=int, default=64, help="stop after this many tokens without end-of-text")
+    g.add_argument("--batch_size", type=int, default=16, help="inputs decoded together (x beam_size rows)")
+    g.add_argument("--no_unmerged", action="store_true",
+                   help="skip the unmerged run (it shows the tokens equal the merged model's and times it)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true",
+                   help="generate for each unique MR of --split and score BLEU, NIST, METEOR, ROUGE-L, CIDEr")
+    g.add_argument("--split", default="test", choices=["test", "valid"], help="split to evaluate")
+    g.add_argument("--max_examples", type=int, default=0, help="evaluate the first N unique MRs only (0: all)")
+    g.add_argument("--data_dir", default=None,
+                   help=f"directory with test.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
+    g.add_argument("--meteor", default="auto", choices=["auto", "jar", "nltk"],
+                   help="METEOR implementation: the official 1.5 jar (needs Java), nltk, or auto (jar if Java)")
+    g.add_argument("--output_dir", default=None,
+                   help="where predictions.txt, references.txt, scores.json go (default: the first adapter dir; "
+                        "with several adapters, one subdirectory per adapter)")
+    return p
+
+
+def check_args(args) -> None:
+    for name in ("beam_size", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.no_repeat_ngram_size < 0 or args.max_examples < 0:
+        raise ValueError("--no_repeat_ngram_size and --max_examples must be >= 0")
+    if args.eval and (args.input or args.input_file):
+        raise ValueError("--eval scores a data split; it cannot be combined with --input / --input_file")
+
+
+def write_lines(path: str, lines) -> None:
+    atomic_write(path, lambda f: f.write("".join(x + "\n" for x in lines)), mode="w")
+
+
+def run(args) -> dict:
+    """Everything run_inference.py does; returns what it printed, as numbers and texts (tests read it)."""
+    check_args(args)
+    dirs = args.adapter_dir or ["lora_model"]
+    device = U.select_device(args.device)
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, beam_size=args.beam_size,
+                          length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+
+    # --- inputs ---
+    if args.eval:
+        groups = D.load_references(args.split, args.data_dir)
+        n_lines = sum(len(r) for _, r in groups)
+        if args.max_examples:
+            groups = groups[:args.max_examples]
+        mrs, refs = [mr for mr, _ in groups], [r for _, r in groups]
+        print(f"{args.split}: {len(mrs)} unique MRs ({n_lines} lines in the file), {sum(map(len, refs))} references")
+    else:
+        mrs = [check_mr(x) for x in args.input or []]
+        if args.input_file:
+            mrs += read_mr_file(args.input_file)
+        mrs = mrs or SAMPLE_MRS
+
+    # --- model: the base once, then each adapter ---
+    multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint)
+    base = multi.adapters[0].config.get("base", {})
+    print(f"base: {base.get('init_checkpoint') or 'random GPT-2 drawn from seed %s' % base.get('base_seed')} "
+          f"({multi.model.num_params():,} parameters), device {device}; decoding: "
+          + ("greedy" if decode.beam_size == 1 else
+             f"beam {decode.beam_size}, length penalty {decode.length_penalty}")
+          + (f", no-repeat {decode.no_repeat_ngram_size}-grams" if decode.no_repeat_ngram_size else "")
+          + f", at most {decode.max_new_tokens} new tokens")
+
+    results = []
+    for i, adapter in enumerate(multi.adapters):
+        n_lora = adapter.config.get("lora_params")
+        print(f"\n== adapter {adapter.path}" + (f" ({n_lora:,} LoRA parameters)" if isinstance(n_lora, int) else ""))
+        runs = {}
+        for merged in ([True] if args.no_unmerged else [False, True]):
+            model = multi.use(i, merged=merged)
+            texts, stats = describe(model, mrs, decode, batch_size=args.batch_size)
+            runs["merged" if merged else "unmerged"] = (texts, stats)
+        texts, stats = runs["merged"]
+        speed = {k: round(s["tokens_per_second"], 1) for k, (_, s) in runs.items()}
+        same = None if args.no_unmerged else runs["unmerged"][0] == texts
+        line = f"generated {stats['tokens']} tokens for {len(mrs)} MRs: merged {speed['merged']} tokens/s"
+        if not args.no_unmerged:
+            line += (f", unmerged {speed['unmerged']} tokens/s; merged and unmerged texts "
+                     + ("identical" if same else "DIFFER"))
+        if not args.eval:
+            for mr, text in zip(mrs, texts):
+                print(f"\nMR:   {mr}\ntext: {text}")
+            print()
+        print(line)
+        result = {"adapter_dir": adapter.path, "texts": texts, "tokens_per_second": speed,
+                  "merged_equals_unmerged": same, "generated_tokens": stats["tokens"]}
+        if args.eval:
+            out_dir = args.output_dir or dirs[0]
+            if len(dirs) > 1:
+                out_dir = os.path.join(out_dir, f"adapter{i}_{os.path.basename(os.path.normpath(adapter.path))}")
+            os.makedirs(out_dir, exist_ok=True)
+            write_lines(os.path.join(out_dir, "predictions.txt"), texts)
+            # The official script's multi-reference format: each MR's references, then a blank line.
+            write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
+            scores = M.score_all(texts, refs, meteor_impl=args.meteor)
+            scores.update({"split": args.split, "decoding": vars(decode), "adapter_dir": adapter.path,
+                           "scales": "BLEU, METEOR, ROUGE_L in 0..1; NIST and CIDEr raw (as the official script)",
+                           "tokens_per_second": speed})
+            atomic_json(os.path.join(out_dir, "scores.json"), scores)
+            print(M.format_table(scores))
+            print(f"METEOR: {scores['implementations']['METEOR']}; NIST approximate (nltk). "
+                  f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/")
+            result.update(scores=scores, output_dir=out_dir)
+        results.append(result)
+    return {"mrs": mrs, "results": results}
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        return 130
+    except (AdapterError, CheckpointError, MRError, D.DataError, U.DeviceError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Decoding: greedy with the KV cache equals a naive no-cache loop, batching and left padding change nothing,
+beam 1 is greedy, no-repeat n-grams really never repeat, and beam search picks the tokens transformers' does."""
+from collections import Counter
+
+import pytest
+import torch
+
+from src.generate import DecodeConfig, banned_tokens, beam_search_batch, generate, greedy_batch, left_pad
+from src.model import GPTConfig, build_model
+
+V = 67
+PROMPTS = [[5, 9, 2, 40, 11, 3, 8], [17], [30, 31, 32, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def dc(**kw):
+    return DecodeConfig(pad_id=0, **kw)  # the tiny vocabulary has no id 50256
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = GPTConfig(vocab_size=V, max_positions=64, hidden_dim=32, num_layers=2, num_heads=4, lora_dim=4,
+                    lora_alpha=8)
+    m = build_model(cfg, base_seed=0)
+    with torch.no_grad():  # sharper distributions than GPT-2's init, and a LoRA update that is not zero
+        g = torch.Generator().manual_seed(1)
+        for n, p in m.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "lora_" in n else 0.15) + (1.0 if "ln_" in n and
+                                                                                          n.endswith("weight") else 0))
+    return m.eval()
+
+
+@torch.no_grad()
+def naive_greedy(model, prompt, n, eos=None, ban=0):
+    """Argmax by re-running the whole sequence, no cache, no padding."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([seq])).logits[0, -1].clone()
+        if ban:
+            logits[banned_tokens(out, ban)] = float("-inf")
+        k = int(logits.argmax())
+        if k == eos:
+            break
+        seq.append(k)
+        out.append(k)
+    return out
+
+
+def test_left_pad_positions_and_mask():
+    ids, mask, pos = left_pad([[7, 8, 9], [4]], pad_id=0)
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos[1, 2].item() == 0 and pos[0].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="empty prompt"):
+        left_pad([[1], []], 0)
+
+
+def test_greedy_with_cache_and_padding_equals_naive_loop(model):
+    cfg = dc(max_new_tokens=12, eos_id=V + 1)  # an id never produced: every row runs 12 steps
+    got = greedy_batch(model, PROMPTS, cfg)
+    want = [naive_greedy(model, p, 12) for p in PROMPTS]
+    assert got == want
+    assert all(len(g) == 12 for g in got)
+
+
+def test_stops_at_end_of_text(model):
+    full = naive_greedy(model, PROMPTS[0], 12)
+    eos = full[4]  # pretend the token generated 5th is end-of-text: generation must stop before it
+    cut = full.index(eos)
+    cfg = dc(max_new_tokens=12, eos_id=eos)
+    got = generate(model, PROMPTS, cfg, batch_size=3)
+    assert got[0] == full[:cut]
+    for p, g in zip(PROMPTS[1:], got[1:]):
+        assert g == naive_greedy(model, p, 12, eos=eos) and eos not in g
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_batched_equals_one_at_a_time(model, beam):
+    cfg = dc(max_new_tokens=10, beam_size=beam, length_penalty=0.8, no_repeat_ngram_size=2,
+                       eos_id=naive_greedy(model, PROMPTS[2], 6)[3])
+    together = generate(model, PROMPTS, cfg, batch_size=4)
+    alone = [generate(model, [p], cfg)[0] for p in PROMPTS]
+    assert together == alone
+
+
+def test_beam_size_one_is_greedy(model):
+    cfg = dc(max_new_tokens=10, beam_size=1, eos_id=naive_greedy(model, PROMPTS[0], 6)[2])
+    assert beam_search_batch(model, PROMPTS, cfg) == greedy_batch(model, PROMPTS, cfg)
+
+
+def test_banned_tokens():
+    assert banned_tokens([1, 2, 3, 1, 2], 3) == [3]
+    assert sorted(banned_tokens([1, 2, 1, 3, 1], 2)) == [2, 3]
+    assert banned_tokens([4, 4], 1) == [4, 4] and banned_tokens([1, 2, 3], 0) == []
+    assert banned_tokens([1, 2], 3) == []
+
+
+def _ngrams(seq, n):
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_no_repeat_ngram_really_prevents_repeats(model, beam):
+    free = generate(model, PROMPTS, dc(max_new_tokens=20, beam_size=beam, eos_id=V + 1))
+    # Without the ban this model loops, so the assertion below can fail.
+    assert any(len(set(_ngrams(g, 2))) < len(_ngrams(g, 2)) for g in free)
+    banned = generate(model, PROMPTS, dc(max_new_tokens=20, beam_size=beam, no_repeat_ngram_size=2,
+                                                  eos_id=V + 1))
+    for g in banned:
+        assert len(g) == 20 and len(set(_ngrams(g, 2))) == len(_ngrams(g, 2))
+    if beam == 1:
+        assert banned == [naive_greedy(model, p, 20, ban=2) for p in PROMPTS]
+
+
+def test_prompt_too_long_and_bad_config(model):
+    with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
+        generate(model, [[1] * 60], dc(max_new_tokens=5))
+    with pytest.raises(ValueError, match="beam_size"):
+        DecodeConfig(beam_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        DecodeConfig(max_new_tokens=0)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random transformers GPT-2 and the same weights in our model."""
+    from src.hf_checkpoint import infer_config, load_hf_gpt2_weights
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.4)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    d = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(d)
+    ours = build_model(GPTConfig(**infer_config(str(d)), lora_dim=4, lora_alpha=8), base_seed=0)
+    load_hf_gpt2_weights(ours, str(d))
+    return hf, ours.eval()
+
+
+@pytest.mark.parametrize("beam, lp, eos_rank", [(3, 1.0, 0), (4, 0.8, 1), (5, 0.0, 0), (3, 0.6, 1)])
+def test_beam_search_equals_transformers(hf_pair, beam, lp, eos_rank):
+    hf, ours = hf_pair
+    # An end-of-text that is likely somewhere in the beams, so hypotheses finish at different lengths.
+    counts = Counter(t for p in PROMPTS for t in naive_greedy(ours, p, 9))
+    eos = counts.most_common()[eos_rank][0]
+    cfg = dc(max_new_tokens=9, beam_size=beam, length_penalty=lp, eos_id=eos)
+    got = generate(ours, PROMPTS, cfg, batch_size=4)
+    ids, mask, _ = left_pad(PROMPTS, 0)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, num_beams=beam, length_penalty=lp, max_new_tokens=9,
+                          eos_token_id=eos, pad_token_id=0, do_sample=False, early_stopping=False)
+    want = []
+    for row in ref[:, ids.shape[1]:].tolist():
+        want.append(row[:row.index(eos)] if eos in row else row)
+    assert got == want
+    assert any(len(w) < 9 for w in want)  # some hypothesis ended at end-of-text: the EOS path is exercised

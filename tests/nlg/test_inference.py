@@ -1,0 +1,144 @@
+"""run_inference.py end to end on a tiny trained adapter: sample MRs, --input, merged == unmerged, adapter swapping,
+--eval files and scores, and every user error as one line on stderr with exit status 2."""
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+import run_inference
+import run_training
+from conftest import tiny_args
+from src.inference import MRError, check_mr
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two tiny adapters on the same random base (seed 3), trained differently."""
+    from conftest import write_e2e
+
+    root = tmp_path_factory.mktemp("inf")
+    data = write_e2e(root / "e2e")
+    old = os.environ.get("LORALIB_NLG_CACHE")
+    os.environ["LORALIB_NLG_CACHE"] = str(root / "cache")  # module scope: monkeypatch is per test
+    try:
+        a, b = root / "a", root / "b"
+        assert run_training.main(tiny_args(data, a, "--seed", "3", "--num_epochs", "2")) == 0
+        assert run_training.main(tiny_args(data, b, "--seed", "3", "--lr", "3e-2")) == 0
+    finally:
+        if old is None:
+            os.environ.pop("LORALIB_NLG_CACHE")
+        else:
+            os.environ["LORALIB_NLG_CACHE"] = old
+    return data, str(a), str(b)
+
+
+def _run(argv):
+    return run_inference.run(run_inference.get_parser().parse_args(argv + ["--device", "cpu",
+                                                                          "--max_new_tokens", "12"]))
+
+
+def test_samples_and_inputs(adapters, capsys):
+    _, a, _ = adapters
+    out = _run(["--adapter_dir", a])
+    assert out["mrs"] == run_inference.SAMPLE_MRS
+    r = out["results"][0]
+    assert len(r["texts"]) == len(run_inference.SAMPLE_MRS) and r["merged_equals_unmerged"] is True
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "unmerged" in printed and printed.count("text:") == 5
+    mr = "name : The Eagle | Type : pub | area : riverside"
+    out = _run(["--adapter_dir", a, "--input", mr, "--beam_size", "3", "--no_repeat_ngram_size", "2"])
+    assert out["mrs"] == [mr] and out["results"][0]["merged_equals_unmerged"] is True
+
+
+def test_adapter_swap_back_is_identical(adapters):
+    _, a, b = adapters
+    out = _run(["--adapter_dir", a, "--adapter_dir", b, "--adapter_dir", a, "--no_unmerged"])
+    ta, tb, ta2 = (r["texts"] for r in out["results"])
+    assert ta == ta2 and ta != tb
+
+    from src.inference import load_adapters
+
+    multi = load_adapters([a, b])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        first = multi.use(0)(ids).logits.clone()
+        multi.use(1)
+        again = multi.use(0)(ids).logits
+    assert torch.equal(first, again)  # bit-identical: the base is restored, not un-merged
+
+
+def test_eval_writes_predictions_references_scores(adapters, tmp_path, capsys):
+    data, a, _ = adapters
+    out = _run(["--adapter_dir", a, "--eval", "--split", "test", "--data_dir", data, "--output_dir",
+                str(tmp_path), "--meteor", "nltk"])
+    assert len(out["mrs"]) == 4  # 8 test lines, 4 unique MRs
+    preds = (tmp_path / "predictions.txt").read_text().splitlines()
+    assert len(preds) == 4
+    refs = (tmp_path / "references.txt").read_text().split("\n\n")
+    assert len([g for g in refs if g.strip()]) == 4
+    s = json.loads((tmp_path / "scores.json").read_text())
+    for k in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"):
+        assert isinstance(s[k], float) and s[k] >= 0
+    assert "nltk" in s["implementations"]["METEOR"] and s["num_mrs"] == 4
+    assert "| BLEU | NIST | METEOR | ROUGE-L | CIDEr |" in capsys.readouterr().out
+
+
+def test_check_mr():
+    assert check_mr("  name : X | food : Y ") == "name : X | food : Y"
+    for bad in ["", "   ", "name The Eagle", "name : X | food", "name : X || Y", "name : | food : Y"]:
+        with pytest.raises(MRError):
+            check_mr(bad)
+
+
+def _expect_error(argv, capsys, match):
+    assert run_inference.main(argv + ["--device", "cpu", "--max_new_tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_user_errors(adapters, tmp_path, capsys):
+    _, a, _ = adapters
+    _expect_error(["--adapter_dir", str(tmp_path / "nope")], capsys, "does not exist")
+    d = tmp_path / "copy"
+    shutil.copytree(a, d)
+    _expect_error(["--adapter_dir", a, "--input", ""], capsys, "empty meaning representation")
+    _expect_error(["--adapter_dir", a, "--input", "name The Eagle"], capsys, "malformed field")
+    f = tmp_path / "mrs.txt"
+    f.write_text("name : A | food : B\nbroken line\n")
+    _expect_error(["--adapter_dir", a, "--input_file", str(f)], capsys, "mrs.txt:2")
+
+    w = d / "pytorch_model.bin"
+    good = w.read_bytes()
+    w.write_bytes(good[:len(good) // 2])  # truncated
+    _expect_error(["--adapter_dir", str(d)], capsys, "cannot load")
+    w.write_bytes(b"\x00garbage" * 10)  # corrupted
+    _expect_error(["--adapter_dir", str(d)], capsys, "cannot load")
+    w.write_bytes(pickle.dumps({"x": _Evil()}, protocol=2))  # would run code when unpickled
+    _expect_error(["--adapter_dir", str(d)], capsys, "cannot load")
+    w.write_bytes(good)
+    sd = torch.load(str(w), weights_only=True)
+    key = sorted(sd)[0]
+    sd[key] = torch.zeros(sd[key].shape[0] + 1, *sd[key].shape[1:])
+    torch.save(sd, str(w))
+    _expect_error(["--adapter_dir", str(d)], capsys, key)  # the shape mismatch names the key
+    os.remove(w)
+    _expect_error(["--adapter_dir", str(d)], capsys, "pytorch_model.bin is missing")
+
+
+def test_second_adapter_with_other_config_is_named(adapters, tmp_path, capsys):
+    data, a, _ = adapters
+    other = tmp_path / "r2"
+    argv = tiny_args(data, other, "--seed", "3")
+    argv[argv.index("--lora_dim") + 1] = "2"
+    assert run_training.main(argv) == 0
+    capsys.readouterr()
+    _expect_error(["--adapter_dir", a, "--adapter_dir", str(other)], capsys, "lora_dim is 2 there but 4 here")
