@@ -11,7 +11,7 @@ import torch
 import loralib as lora
 
 from .adapter_io import AdapterError, load_adapter_weights, load_model_from_adapter_dir, read_adapter_config, \
-    read_adapter_weights, WEIGHTS_NAME
+    read_adapter_weights, weights_path
 from .data import format_prompt
 from .generate import DecodeConfig, generate
 from .tokenizer import get_tokenizer
@@ -107,7 +107,7 @@ class MultiAdapterModel:
         with torch.no_grad():
             for m, w in zip(self._layers, self._base):
                 m.weight.copy_(w)
-        load_adapter_weights(self.model, a.state, source=os.path.join(a.path, WEIGHTS_NAME))
+        load_adapter_weights(self.model, a.state, source=weights_path(a.path))
         for m in self._layers:
             m.merge_weights = merged
         return self.model.eval()
