@@ -323,7 +323,7 @@ def _spread(xs, scale=1.0, fmt="{:,.0f}"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="< 5 min on 2 cores: 8x64 only, 2 rounds of 4 steps (full fine-tuning once)")
+    p.add_argument("--quick", action="store_true", help="< 5 min on 2 cores: 8x64 only, 1 round of 5 steps")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (fresh process each); default 3")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per process; default 10")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 2")
@@ -358,8 +358,8 @@ def main(argv=None):
         return 0
 
     q = args.quick
-    rounds = args.rounds if args.rounds is not None else (2 if q else 3)
-    steps = args.steps if args.steps is not None else (4 if q else 10)
+    rounds = args.rounds if args.rounds is not None else (1 if q else 3)
+    steps = args.steps if args.steps is not None else (5 if q else 10)
     warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     eval_reps = args.eval_reps if args.eval_reps is not None else (2 if q else 5)
     nlg_rounds = args.nlg_rounds if args.nlg_rounds is not None else (2 if q else 3)
