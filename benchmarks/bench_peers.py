@@ -1,0 +1,598 @@
+"""This loralib against its peers (PEFT, Microsoft's loralib 0.1.2, full fine-tuning) on the same GPT-2, one run.
+
+    python benchmarks/bench_peers.py --quick        # < 5 minutes on 2 cores: 8 x 64, fewer rounds and steps
+    python benchmarks/bench_peers.py                # the full run (see benchmarks/RESULTS.md)
+
+Every figure comes from a fresh worker process (``--worker``) so no method inherits another's allocator state or
+warm caches; the parent runs the methods interleaved (A B C D, B C D A, ...) for several rounds and reports the
+median over processes with the min-max spread, so noise shows. Ratios compare figures of the same run.
+
+The model is ``transformers.GPT2LMHeadModel`` (random init from a fixed seed: every method gets the same base).
+LoRA goes on each block's fused q|k|v projection ``attn.c_attn``: loralib (ours and 0.1.2) replaces it by a
+``MergedLinear(..., enable_lora=[True, False, True], fan_in_fan_out=True)`` adopting the Conv1D's own weight and
+bias (q and v adapted); PEFT wraps ``c_attn`` with ``target_modules=["c_attn"]`` (one rank-r update of all of q|k|v).
+
+Microsoft's loralib is PyPI ``loralib==0.1.2`` imported as ``loralib_ms`` from ``.cache/`` (never committed; see
+``tests/reference_wheel.py``).
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _p in (REPO, REPO / "examples" / "NLG", REPO / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+METHODS = ("full", "floor", "ours", "ms", "peft")
+LORA_METHODS = ("ours", "ms", "peft")
+LABELS = {"full": "full fine-tuning", "floor": "no-adapter floor (biases only)", "ours": "this loralib",
+          "ms": "loralib 0.1.2 (PyPI)", "peft": "peft"}
+
+
+# --- the worker: one method, one configuration, one fresh process ------------------------------------------------
+
+def build_base(args):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads, vocab_size=args.vocab,
+                     n_positions=max(1024, args.seq))
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg)
+
+
+def _replace_c_attn(model, lib, args):
+    """Each block's Conv1D ``attn.c_attn`` becomes ``lib.MergedLinear`` on the same weight and bias Parameters.
+    Returns ``[(parent, name, lora_layer, original_conv1d)]``."""
+    import torch
+    import torch.nn as nn
+
+    swaps = []
+    for block in model.transformer.h:
+        conv = block.attn.c_attn
+        n_in, n_out = conv.weight.shape  # Conv1D stores (in, out): fan_in_fan_out
+        torch.manual_seed(1)  # the same A for both libraries
+        layer = lib.MergedLinear(n_in, n_out, r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                 enable_lora=[True, False, True], fan_in_fan_out=True)
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer.weight.requires_grad = False
+        layer.train(model.training)
+        assert isinstance(layer.lora_A, nn.Parameter)
+        block.attn.c_attn = layer
+        swaps.append((block.attn, "c_attn", layer, conv))
+    return swaps
+
+
+def _toggle_merged_loralib(swaps, on: bool):
+    # Both libraries merge in train(False) and unmerge in train(True) when merge_weights is set (0.1.2 has no
+    # merge()); merge_weights stays False otherwise, so model.eval() itself never merges.
+    for _, _, layer, _ in swaps:
+        layer.merge_weights = True
+        layer.train(not on)
+        layer.merge_weights = False
+        layer.train(False)
+
+
+def apply_method(model, args):
+    """Make ``model`` ready to train with ``args.method``. Returns a dict: ``adapter_state`` (what a checkpoint of
+    the method holds), ``swaps`` (LoRA layer / base layer pairs) and ``set_merged`` (or None)."""
+    method = args.method
+    if method == "full":
+        return dict(model=model, adapter_state=lambda: model.state_dict(), swaps=[], set_merged=None)
+    if method == "floor":
+        for n, p in model.named_parameters():
+            p.requires_grad = n.endswith(".bias")
+        return dict(model=model, swaps=[], set_merged=None,
+                    adapter_state=lambda: {n: p for n, p in model.named_parameters() if p.requires_grad})
+    if method in ("ours", "ms"):
+        if method == "ours":
+            import loralib as lib
+        else:
+            from reference_wheel import fetch_wheel, import_renamed
+            lib = import_renamed(fetch_wheel(Path(args.ms_wheel)), Path(tempfile.mkdtemp(prefix="loralib_ms-")))
+        swaps = _replace_c_attn(model, lib, args)
+        lib.mark_only_lora_as_trainable(model)
+        for _, _, layer, _ in swaps:
+            layer.merge_weights = False  # merging is driven explicitly below
+        return dict(model=model, swaps=swaps, adapter_state=lambda: lib.lora_state_dict(model),
+                    set_merged=lambda on: _toggle_merged_loralib(swaps, on), lib_file=lib.__file__)
+    if method == "peft":
+        import peft
+
+        torch_seed(1)
+        cfg = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=["c_attn"], lora_dropout=args.dropout,
+                              fan_in_fan_out=True, bias="none")
+        pm = peft.get_peft_model(model, cfg)
+        swaps = []
+        for block in pm.base_model.model.transformer.h:
+            layer = block.attn.c_attn
+            swaps.append((block.attn, "c_attn", layer, layer.get_base_layer()))
+
+        def set_merged(on):
+            (pm.merge_adapter if on else pm.unmerge_adapter)()
+
+        return dict(model=pm, swaps=swaps, set_merged=set_merged,
+                    adapter_state=lambda: peft.get_peft_model_state_dict(pm))
+    raise ValueError(f"unknown method {method!r}")
+
+
+def torch_seed(s):
+    import torch
+    torch.manual_seed(s)
+
+
+def _swap(swaps, use_lora: bool):
+    for parent, name, layer, base in swaps:
+        setattr(parent, name, layer if use_lora else base)
+
+
+def worker_train(args):
+    import torch
+    from src import measure as M
+
+    torch.set_num_threads(args.threads)
+    model = build_base(args)
+    model.train()
+    m = apply_method(model, args)
+    model, swaps = m["model"], m["swaps"]
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    out = dict(method=args.method, dropout=args.dropout, batch=args.batch, seq=args.seq, threads=args.threads,
+               params=M.param_counts(model), lib_file=m.get("lib_file"))
+
+    opt = torch.optim.AdamW(trainable, lr=args.lr)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    times = []
+    with M.PeakRSS() as peak:  # baseline: the built model, before any training
+        with M.SavedTensorBytes(exclude=params) as saved:
+            loss = model(input_ids=ids, labels=ids).loss  # one forward: what autograd keeps for backward
+        loss.backward()
+        del loss
+        opt.zero_grad(set_to_none=True)
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    out.update(saved_bytes=saved.bytes, saved_count=saved.count, step_s=times,
+               step_median_s=statistics.median(times) if times else None,
+               rss_baseline=peak.baseline, rss_peak=peak.peak, rss_delta=peak.delta, rss_method=peak.method)
+    out["adapter_bytes"] = M.saved_file_bytes(m["adapter_state"]())
+
+    if args.eval_reps > 0:
+        out.update(eval_latency(model, swaps, m["set_merged"], ids, args.eval_reps))
+    return out
+
+
+def eval_latency(model, swaps, set_merged, ids, reps):
+    """Forward latency (logits at every position) of the base model, the unmerged adapter and the merged adapter,
+    interleaved in this process (the base is the model with its original c_attn layers swapped back in)."""
+    import torch
+
+    model.eval()
+    modes = ["base", "unmerged", "merged"] if set_merged is not None else ["base"]
+
+    def run(mode):
+        _swap(swaps, use_lora=mode != "base")
+        if set_merged is not None:
+            set_merged(mode == "merged")
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids).logits
+        return logits, time.perf_counter() - t0
+
+    lat = {k: [] for k in modes}
+    outs = {}
+    with torch.no_grad():
+        for k in modes:  # warm-up, and the outputs compared below
+            outs[k] = run(k)[0]
+        for i in range(reps):
+            for k in modes[i % len(modes):] + modes[:i % len(modes)]:  # rotate the order
+                lat[k].append(run(k)[1])
+    _swap(swaps, use_lora=True)
+    if set_merged is not None:
+        set_merged(False)
+    res = {"eval_s": lat, "eval_median_s": {k: statistics.median(v) for k, v in lat.items()}}
+    if "merged" in outs:
+        res["merged_vs_unmerged_maxdiff"] = float((outs["merged"] - outs["unmerged"]).abs().max())
+        res["unmerged_vs_base_maxdiff"] = float((outs["unmerged"] - outs["base"]).abs().max())
+    return res
+
+
+def _nlg_batches(args):
+    """``args.steps + args.warmup`` batches of 4 from the E2E training set as the example builds them (the default
+    run's first examples), or, without the data, synthetic ones (30 prompt + 20 completion tokens)."""
+    import torch
+
+    n = args.warmup + args.steps
+    try:
+        from src import data as D
+
+        split = D.load_tokenized("train", args.data_dir)
+        idx = D.select_indices(len(split), 1000, 42)
+        it = D.iterate_batches(split, idx, args.batch, args.seq, shuffle=True, seed=42)
+        batches = [next(it) for _ in range(n)]
+        return batches, "E2E train (the example's default subset and batching)"
+    except Exception as exc:  # noqa: BLE001 - no data here: the synthetic stand-in, and say so
+        g = torch.Generator().manual_seed(3)
+        batches = []
+        for _ in range(n):
+            ids = torch.randint(0, args.vocab, (args.batch, 50), generator=g)
+            labels = ids.clone()
+            labels[:, :30] = -100
+            batches.append({"input_ids": ids, "labels": labels})
+        return batches, f"synthetic (E2E unavailable: {type(exc).__name__})"
+
+
+def worker_nlg(args):
+    """The NLG example's model and training step, with the output layer at label positions only (``fast``: what the
+    example does) or at every position (``all``: benchmark-only, the usual way)."""
+    import torch
+    import torch.nn.functional as F
+
+    import loralib as lora
+    from src import model as NLG
+
+    torch.set_num_threads(args.threads)
+    cfg = NLG.GPTConfig() if not args.tiny_nlg else NLG.GPTConfig(
+        vocab_size=args.vocab, hidden_dim=args.width, num_layers=args.layers, num_heads=args.heads, lora_dim=args.r,
+        lora_alpha=args.alpha)
+    model = NLG.build_model(cfg, base_seed=42)
+    lora.mark_only_lora_as_trainable(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    batches, source = _nlg_batches(args)
+
+    def loss_of(b):
+        if args.method == "fast":
+            return model(b["input_ids"], labels=b["labels"]).loss
+        logits = model(b["input_ids"]).logits  # (B, T, V) at every position
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), b["labels"][:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+    seconds, tokens, losses = 0.0, 0, []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = loss_of(b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        losses.append(float(loss))
+        if i >= args.warmup:
+            seconds += dt
+            tokens += b["input_ids"].numel()
+    return dict(method=args.method, source=source, config=cfg.to_dict(), tokens=tokens, seconds=seconds,
+                tokens_per_s=tokens / seconds if seconds else None, losses=losses)
+
+
+# --- the parent: interleave fresh processes, aggregate, report ---------------------------------------------------
+
+def _loadavg():
+    try:
+        return open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        return None
+
+
+def run_worker(kind, method, common, **kw):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--method", method] + common
+    for k, v in kw.items():
+        cmd += [f"--{k}", str(v)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [os.environ.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep), TOKENIZERS_PARALLELISM="false")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {kind} {method} {kw} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.time() - t0
+    return res
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _spread(xs, scale=1.0, fmt="{:,.0f}"):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    m = fmt.format(statistics.median(xs) * scale)
+    return m if len(xs) == 1 else f"{m} ({fmt.format(min(xs) * scale)}–{fmt.format(max(xs) * scale)})"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="< 5 min on 2 cores: 8x64 only, 1 round of 5 steps")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (fresh process each); default 3")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per process; default 10")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 2")
+    p.add_argument("--eval_reps", type=int, default=None, help="timed eval forwards per mode; default 5")
+    p.add_argument("--shapes", default=None, help="batch x seq list, default 8x64,4x128 (quick: 8x64)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--dropouts", default="0.1,0.0", help="lora_dropout values; the first is the timed one in quick")
+    p.add_argument("--nlg_rounds", type=int, default=None, help="rounds of the NLG tokens/s comparison (0: skip)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "last_run"), help="writes OUT.json and OUT.md")
+    p.add_argument("--ms_wheel", default=str(REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl"))
+    # worker / model settings (the defaults are GPT-2 small; the tests use a tiny model)
+    p.add_argument("--worker", choices=["train", "nlg"], help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--dropout", type=float, default=0.1, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--r", type=int, default=4)
+    p.add_argument("--alpha", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tiny_nlg", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--data_dir", default=None, help="E2E data for the NLG comparison (else $E2E_DATA_DIR, data/e2e)")
+    args = p.parse_args(argv)
+
+    if args.worker:
+        fn = worker_train if args.worker == "train" else worker_nlg
+        print(json.dumps(fn(args)))
+        return 0
+
+    q = args.quick
+    rounds = args.rounds if args.rounds is not None else (1 if q else 3)
+    steps = args.steps if args.steps is not None else (5 if q else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if q else 2)
+    eval_reps = args.eval_reps if args.eval_reps is not None else (2 if q else 5)
+    nlg_rounds = args.nlg_rounds if args.nlg_rounds is not None else (2 if q else 3)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("8x64" if q else "8x64,4x128")).split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    dropouts = [float(d) for d in args.dropouts.split(",")]
+    common = ["--layers", str(args.layers), "--width", str(args.width), "--heads", str(args.heads),
+              "--vocab", str(args.vocab), "--r", str(args.r), "--alpha", str(args.alpha), "--lr", str(args.lr),
+              "--threads", str(args.threads), "--ms_wheel", args.ms_wheel]
+    if args.data_dir:
+        common += ["--data_dir", args.data_dir]
+
+    # Timed jobs: every method at the first dropout (full / floor have none); the other dropouts for the LoRA
+    # methods too in the full run. In quick, the other dropouts only get the (cheap) saved-bytes measurement.
+    timed = []
+    for d_i, d in enumerate(dropouts):
+        for m in methods:
+            if m in LORA_METHODS or d_i == 0:
+                timed.append((m, d if m in LORA_METHODS else 0.0, d_i == 0 or not q))
+    t_start = time.time()
+    load_before = _loadavg()
+    results = []
+    print(f"load average before: {load_before}", flush=True)
+    for B, T in shapes:
+        for rnd in range(rounds):
+            order = timed[rnd % len(timed):] + timed[:rnd % len(timed)]  # rotate: no method always first
+            for m, d, is_timed in order:
+                if (not is_timed or (q and m == "full")) and rnd > 0:
+                    continue  # quick: the untimed figures and full fine-tuning (context) once
+                kw = dict(batch=B, seq=T, dropout=d, warmup=warmup if is_timed else 0,
+                          steps=steps if is_timed else 0, eval_reps=eval_reps if is_timed else 0)
+                res = run_worker("train", m, common, **kw)
+                res["round"] = rnd
+                results.append(res)
+                print(f"[{time.time() - t_start:6.0f}s] {B}x{T} round {rnd} {m:5s} p={d}: step "
+                      f"{(res['step_median_s'] or 0) * 1e3:7.0f} ms  saved {res['saved_bytes'] / 1e6:7.1f} MB  "
+                      f"rss +{res['rss_delta'] / 1e6:7.0f} MB", flush=True)
+    nlg = []
+    for rnd in range(nlg_rounds):
+        for m in (("fast", "all") if rnd % 2 == 0 else ("all", "fast")):
+            res = run_worker("nlg", m, common, batch=4, seq=128, warmup=2, steps=steps * 2,
+                             tiny_nlg=0 if args.layers == 12 else 1)
+            res["round"] = rnd
+            nlg.append(res)
+            print(f"[{time.time() - t_start:6.0f}s] nlg round {rnd} {m}: {res['tokens_per_s']:,.0f} tokens/s "
+                  f"({res['source']})", flush=True)
+    load_after = _loadavg()
+    meta = dict(command=" ".join([Path(sys.executable).name, "benchmarks/bench_peers.py"] + (argv or sys.argv[1:])),
+                date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall_s=time.time() - t_start,
+                loadavg_before=load_before, loadavg_after=load_after, rounds=rounds, steps=steps, warmup=warmup,
+                eval_reps=eval_reps, shapes=shapes, machine=_machine(), versions=_versions(),
+                model=dict(layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, r=args.r,
+                           alpha=args.alpha, lr=args.lr, threads=args.threads))
+    report = dict(meta=meta, train=results, nlg=nlg)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(report, indent=1))
+    md = render(report)
+    Path(args.out + ".md").write_text(md)
+    print(md)
+    return 0
+
+
+def _machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def _versions():
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            out[name] = "n/a"
+    import loralib
+    out["loralib (this)"] = loralib.__version__
+    out["loralib_ms"] = "0.1.2 (PyPI wheel, sha256-checked)"
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+
+def summarize(report):
+    """Per (shape, method, dropout): the lists over processes of each figure, and the ratios of each round."""
+    groups = {}
+    for r in report["train"]:
+        key = (r["batch"], r["seq"], r["method"], r["dropout"])
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _ratio_per_round(groups, a, b, field, transform=lambda r, f: r[f]):
+    """Ratios a/b of ``field`` pairing the processes of the same round (the same stretch of machine load)."""
+    ra = {r["round"]: transform(r, field) for r in groups.get(a, []) if transform(r, field) is not None}
+    rb = {r["round"]: transform(r, field) for r in groups.get(b, []) if transform(r, field) is not None}
+    return [ra[k] / rb[k] for k in sorted(ra) if k in rb and rb[k]]
+
+
+def render(report):
+    meta, groups = report["meta"], summarize(report)
+    L = []
+    L.append(f"Run {meta['date_utc']}, `{meta['command']}`, {meta['wall_s']:.0f} s; machine: {meta['machine']}.")
+    L.append(f"Load average (1, 5, 15 min) before: {' '.join(meta['loadavg_before'] or ['n/a'])}, "
+             f"after: {' '.join(meta['loadavg_after'] or ['n/a'])}.")
+    L.append("Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".")
+    mm = meta["model"]
+    L.append(f"Model: GPT2LMHeadModel {mm['layers']} layers, width {mm['width']}, {mm['heads']} heads, vocab "
+             f"{mm['vocab']}, random init; LoRA r={mm['r']}, alpha={mm['alpha']}; AdamW lr {mm['lr']}; "
+             f"{mm['threads']} threads. {meta['rounds']} interleaved rounds, each figure from a fresh process; "
+             f"{meta['warmup']} warm-up + {meta['steps']} timed steps per process; {meta['eval_reps']} timed eval "
+             "forwards per mode. Cells: median over processes (min–max).")
+    L.append("")
+    shapes = sorted({(k[0], k[1]) for k in groups}, key=lambda s: (-s[0], s[1]))
+    for B, T in shapes:
+        L.append(f"### batch {B} × sequence {T}")
+        L.append("")
+        L.append("| method | lora_dropout | step ms (median per process) | saved activations MB | peak RSS over "
+                 "base MB | trainable params | adapter file bytes | eval base ms | unmerged ms | merged ms | "
+                 "unmerged / base | merged / base | max abs(merged − unmerged) |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (b, t, m, d), rs in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][2]), -kv[0][3])):
+            if (b, t) != (B, T):
+                continue
+            timed = [r for r in rs if r["step_s"]]
+            ev = [r for r in timed if "eval_median_s" in r]
+
+            def evf(mode):
+                return [r["eval_median_s"].get(mode) for r in ev]
+
+            def evr(mode):
+                return [r["eval_median_s"][mode] / r["eval_median_s"]["base"] for r in ev
+                        if mode in r["eval_median_s"]]
+
+            diffs = [r.get("merged_vs_unmerged_maxdiff") for r in ev if r.get("merged_vs_unmerged_maxdiff") is not None]
+            L.append("| " + " | ".join([
+                LABELS[m], f"{d:g}" if m in LORA_METHODS else "–",
+                _spread([r["step_median_s"] for r in timed], 1e3) if timed else "(not timed)",
+                _spread([r["saved_bytes"] for r in rs], 1e-6, "{:,.1f}"),
+                _spread([r["rss_delta"] for r in timed], 1e-6) if timed else "–",
+                f"{rs[0]['params']['trainable']:,}", f"{rs[0]['adapter_bytes']:,}",
+                _spread(evf("base"), 1e3) if ev else "–",
+                _spread(evf("unmerged"), 1e3) if ev and m in LORA_METHODS else "–",
+                _spread(evf("merged"), 1e3) if ev and m in LORA_METHODS else "–",
+                _spread(evr("unmerged"), 1, "{:.3f}") if ev and m in LORA_METHODS else "–",
+                _spread(evr("merged"), 1, "{:.3f}") if ev and m in LORA_METHODS else "–",
+                f"{max(diffs):.1e}" if diffs else "–"]) + " |")
+        L.append("")
+        L.extend(_targets(groups, B, T))
+        L.append("")
+    if report["nlg"]:
+        L.extend(_nlg_section(report["nlg"]))
+    return "\n".join(L) + "\n"
+
+
+def _targets(groups, B, T):
+    def k(m, d):
+        return (B, T, m, d if m in LORA_METHODS else 0.0)
+
+    def med(xs):
+        return _med(xs)
+
+    step = lambda r, f: r["step_median_s"]  # noqa: E731
+    rss = lambda r, f: r["rss_delta"]  # noqa: E731
+    L = [f"Targets at {B} × {T} (ratios per round, same stretch of load; median (min–max) over rounds):", ""]
+    L.append("| target | measured | met |")
+    L.append("|---|---|---|")
+
+    def row(name, xs, ok, fmt="{:.3f}"):
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return
+        L.append(f"| {name} | {_spread(xs, 1, fmt)} | {'yes' if ok(statistics.median(xs)) else '**no**'} |")
+
+    p = 0.1
+    row("step, this / peft ≤ 1.03 (dropout 0.1)", _ratio_per_round(groups, k("ours", p), k("peft", p), "", step),
+        lambda v: v <= 1.03)
+    row("step, this / loralib 0.1.2 ≤ 0.88 (dropout 0.1)",
+        _ratio_per_round(groups, k("ours", p), k("ms", p), "", step), lambda v: v <= 0.88)
+    row("step, floor / peft (context: ≈ 1.0)", _ratio_per_round(groups, k("floor", p), k("peft", p), "", step),
+        lambda v: True)
+    s = lambda m, d: med([r["saved_bytes"] for r in groups.get(k(m, d), [])])  # noqa: E731
+    if s("ours", 0.1) is not None and s("ours", 0.0) is not None:
+        diff = (s("ours", 0.1) - s("ours", 0.0)) / 1e6
+        L.append(f"| saved bytes, this: dropout 0.1 − dropout 0.0 ≤ 2 MB | {diff:+.2f} MB | "
+                 f"{'yes' if diff <= 2 else '**no**'} |")
+    if s("ours", 0.1) is not None and s("peft", 0.1) is not None:
+        diff = (s("peft", 0.1) - s("ours", 0.1)) / 1e6
+        L.append(f"| saved bytes (dropout 0.1), peft − this ≥ 10 MB | {diff:.2f} MB | "
+                 f"{'yes' if diff >= 10 else '**no**'} |")
+    row("peak RSS over base, this / peft ≤ 1 (dropout 0.1)",
+        _ratio_per_round(groups, k("ours", p), k("peft", p), "", rss), lambda v: v <= 1.0)
+    ev = [r for r in groups.get(k("ours", p), []) if "eval_median_s" in r]
+    row("eval, this unmerged / base ≤ 1.05",
+        [r["eval_median_s"]["unmerged"] / r["eval_median_s"]["base"] for r in ev], lambda v: v <= 1.05)
+    row("eval, this merged / base = 1 (within noise, ≤ 1.03)",
+        [r["eval_median_s"]["merged"] / r["eval_median_s"]["base"] for r in ev], lambda v: v <= 1.03)
+    row("eval, this: max abs(merged − unmerged logits) ≤ 1e-4", [r["merged_vs_unmerged_maxdiff"] for r in ev],
+        lambda v: v <= 1e-4, "{:.1e}")
+    return L
+
+
+def _nlg_section(nlg):
+    L = ["### The NLG example's training: output layer at label positions only vs at every position", ""]
+    by = {}
+    for r in nlg:
+        by.setdefault(r["method"], []).append(r)
+    src = nlg[0]["source"]
+    cfg = nlg[0]["config"]
+    L.append(f"`SimpleGPT2WithLoRA` default config ({cfg['num_layers']} layers, width {cfg['hidden_dim']}, r = "
+             f"{cfg['lora_dim']}, LoRA on q|v, MLP and the head), batch 4, data: {src}; forward, loss, backward, "
+             "AdamW step. Tokens = padded input tokens processed.")
+    L.append("")
+    L.append("| output layer | tokens/s, median (min–max) over processes |")
+    L.append("|---|---|")
+    for m, name in (("fast", "at label positions (the example)"), ("all", "at every position (benchmark only)")):
+        if m in by:
+            L.append(f"| {name} | {_spread([r['tokens_per_s'] for r in by[m]])} |")
+    fa = {r["round"]: r["tokens_per_s"] for r in by.get("fast", [])}
+    al = {r["round"]: r["tokens_per_s"] for r in by.get("all", [])}
+    ratios = [fa[k] / al[k] for k in sorted(fa) if k in al]
+    if ratios:
+        L.append("")
+        L.append(f"Ratio fast / every position per round: {_spread(ratios, 1, '{:.2f}')} (target ≥ 1.8: "
+                 f"{'met' if statistics.median(ratios) >= 1.8 else '**not met**'}).")
+    return L + [""]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

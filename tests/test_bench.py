@@ -1,0 +1,76 @@
+"""benchmarks/bench_peers.py's workers on a tiny GPT-2: every figure is there and sane. No timing assertions (the
+speed targets are benchmark figures, see benchmarks/RESULTS.md)."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_peers as bench  # noqa: E402
+
+TINY = ["--layers", "1", "--width", "64", "--heads", "4", "--vocab", "300", "--r", "4", "--alpha", "32"]
+D, R = 64, 4
+
+
+def _worker(capsys, kind, method, *extra):
+    assert bench.main(["--worker", kind, "--method", method] + TINY + list(extra)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("method", ["full", "floor", "ours", "ms", "peft"])
+def test_train_worker_figures(capsys, method):
+    if method == "ms" and not (bench.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl").exists():
+        pytest.skip("loralib 0.1.2 wheel not in .cache/ (see tests/reference_wheel.py)")
+    if method == "peft":
+        pytest.importorskip("peft")
+    r = _worker(capsys, "train", method, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
+                "--eval_reps", "1", "--dropout", "0.1")
+    model = bench.build_base(bench.argparse.Namespace(layers=1, width=D, heads=4, vocab=300, seq=16))
+    base_total = sum(p.numel() for p in model.parameters())
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
+    # q and v (loralib: A 2r x d, B 2d x r) or all of q|k|v (peft: A r x d, B 3d x r): 4 r d either way
+    expected = {"full": base_total, "floor": biases}.get(method, 4 * R * D)
+    assert r["params"]["trainable"] == expected
+    assert r["params"]["total"] == base_total + (0 if method in ("full", "floor") else 4 * R * D)
+    assert len(r["step_s"]) == 2 and all(t > 0 for t in r["step_s"])
+    assert r["saved_bytes"] > 0 and r["rss_delta"] >= 0 and r["rss_baseline"] > 0
+    assert r["adapter_bytes"] > 0
+    assert set(r["eval_median_s"]) == ({"base"} if method in ("full", "floor") else {"base", "unmerged", "merged"})
+    if method in bench.LORA_METHODS:
+        assert r["merged_vs_unmerged_maxdiff"] <= 1e-4
+        assert r["unmerged_vs_base_maxdiff"] > 1e-4  # trained: the update is not zero, the comparison means something
+
+
+def test_ours_dropout_saves_nothing_more(capsys):
+    saved = [_worker(capsys, "train", "ours", "--batch", "2", "--seq", "16", "--steps", "0", "--warmup", "0",
+                     "--eval_reps", "0", "--dropout", str(p))["saved_bytes"] for p in (0.0, 0.1)]
+    assert saved[1] == saved[0]
+
+
+def test_nlg_worker_fast_equals_every_position_loss(capsys):
+    extra = ["--tiny_nlg", "1", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
+             "--data_dir", "/nonexistent"]
+    fast, full = (_worker(capsys, "nlg", m, *extra) for m in ("fast", "all"))
+    assert fast["tokens_per_s"] > 0 and full["tokens_per_s"] > 0 and fast["tokens"] == full["tokens"]
+    assert math.isclose(fast["losses"][0], full["losses"][0], rel_tol=1e-4)  # same model, same batch, same loss
+
+
+def test_render_reports_every_target():
+    fake = lambda m, d, rnd: dict(  # noqa: E731
+        method=m, dropout=d, batch=8, seq=64, round=rnd, params={"trainable": 1}, adapter_bytes=1, step_s=[1.0],
+        step_median_s=1.0, saved_bytes=1e6, rss_delta=1e6,
+        eval_median_s={"base": 1.0, "unmerged": 1.0, "merged": 1.0}, merged_vs_unmerged_maxdiff=0.0)
+    train = [fake(m, d if m in bench.LORA_METHODS else 0.0, rnd) for rnd in range(2) for m in bench.METHODS
+             for d in (0.1, 0.0)]
+    meta = dict(date_utc="now", command="x", wall_s=1, machine="m", loadavg_before=["0"], loadavg_after=["0"],
+                versions={"torch": "t"}, model=dict(layers=1, width=1, heads=1, vocab=1, r=1, alpha=1, lr=1, threads=1),
+                rounds=2, warmup=1, steps=1, eval_reps=1)
+    nlg = [dict(method=m, round=0, tokens_per_s=v, source="s", config=dict(num_layers=2, hidden_dim=8, lora_dim=2))
+           for m, v in (("fast", 2.0), ("all", 1.0))]
+    md = bench.render(dict(meta=meta, train=train, nlg=nlg))
+    for needle in ("this / peft ≤ 1.03", "loralib 0.1.2 ≤ 0.88", "dropout 0.0 ≤ 2 MB", "peft − this ≥ 10 MB",
+                   "peak RSS", "unmerged / base ≤ 1.05", "merged / base", "merged − unmerged", "≥ 1.8"):
+        assert needle in md, needle
