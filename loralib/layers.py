@@ -248,10 +248,13 @@ def _lora_linear(layer, x: torch.Tensor, weight: torch.Tensor, lora_B: torch.Ten
     if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LoRALinearFn.apply(x, weight, layer.bias, layer.lora_A, lora_B, layer.scaling, p, seed)
-    # Inference (or autocast): plain ops, nothing is saved anyway.
     result = F.linear(x, weight, layer.bias)
     h = F.linear(dropout(x), layer.lora_A)
-    return result + F.linear(h, lora_B) * layer.scaling
+    if torch.is_grad_enabled() or result.dtype != lora_B.dtype:
+        return result + F.linear(h, lora_B) * layer.scaling  # autocast: out-of-place ops, autograd tracks them
+    # Inference: add the scaled update into the base output in one call (no (N, out) temporaries).
+    result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=layer.scaling)
+    return result
 
 
 class Embedding(nn.Embedding, LoRALayer):

@@ -334,3 +334,21 @@ def test_readme_usage_block_runs(tmp_path, monkeypatch):
     saved = torch.load(tmp_path / "lora.pt", weights_only=True)
     assert set(saved) == {"0.lora_A", "0.lora_B"}
     assert torch.equal(saved["0.lora_B"], model[0].lora_B)
+
+
+@pytest.mark.parametrize("name", ["Linear", "MergedLinear"])
+def test_unmerged_inference_path_equals_training_path(name):
+    """Under no_grad the unmerged layer adds its update in place into the base output (no temporaries); it must
+    compute what the fused training path computes, and leave the weights alone."""
+    layer = _make(name, merge_weights=False)
+    layer.eval()
+    x = _x(name)
+    w0 = _frozen(layer).detach().clone()
+    y_grad = layer(x)
+    assert y_grad.requires_grad
+    with torch.no_grad():
+        y_inf = layer(x)
+    torch.testing.assert_close(y_inf, y_grad.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(_frozen(layer), w0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes: the out-of-place path
+        torch.testing.assert_close(layer(x).float(), y_grad.detach(), rtol=3e-2, atol=3e-2)
