@@ -187,29 +187,35 @@ class _AdapterView:
 
 # --- the fused LoRA linear path ---------------------------------------------------------------------------------
 
-def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
-    # Regenerated from the seed in backward instead of being stored: dropout then costs no activation memory.
+def _dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
+    """The keep-mask (1 keeps, 0 drops) of dropout with probability ``p``, as 0/1 values of ``dtype``.
+
+    Regenerated from ``seed`` in backward instead of being stored: dropout then costs no activation memory. The
+    1 / (1 - p) rescaling is left to the caller, which applies it to an (N, r) tensor instead of an (N, in) one.
+    """
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device) >= p
-
-
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    mask = _dropout_mask(x.shape, p, seed, x.device)
-    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+    keep = torch.rand(shape, generator=gen, device=device).ge_(p)  # in place: 1.0 where kept, 0.0 where dropped
+    return keep if keep.dtype == dtype else keep.to(dtype)
 
 
 class _LoRALinearFn(torch.autograd.Function):
     """y = x W^T + b + scaling * drop(x) A^T B^T, saving only x (already alive), the (N, r) intermediate and a seed.
 
-    A plain autograd graph would also keep the dropped copy of x and its mask for backward.
+    A plain autograd graph would also keep the dropped copy of x and its mask for backward. With keep-mask M,
+    drop(x) A^T = ((x * M) A^T) / (1 - p): the rescaling acts on the (N, r) intermediate, and backward builds M once
+    for both the input gradient and A's.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
-        result = F.linear(x, weight, bias)
-        dx = _dropped(x, p, seed) if p > 0 else x
-        h = dx.reshape(-1, dx.shape[-1]) @ lora_A.t()  # (N, r)
+        result = F.linear(x, weight, bias)  # the frozen matmul: one call, as the base layer makes it
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if p > 0:
+            h = (x2 * _dropout_mask(x2.shape, p, seed, x.device, x.dtype)) @ lora_A.t()  # (N, r)
+            h.mul_(1.0 / (1.0 - p))
+        else:
+            h = x2 @ lora_A.t()  # (N, r)
         result.view(-1, result.shape[-1]).addmm_(h, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h)
         ctx.scaling, ctx.p, ctx.seed, ctx.has_bias = scaling, p, seed, bias is not None
@@ -223,19 +229,21 @@ class _LoRALinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         need = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_A = grad_B = None
-        gh = (g @ lora_B).mul_(s) if (need[0] or need[3]) else None  # (N, r)
+        if need[0] or need[3]:
+            # Gradient at drop(x) A^T, already carrying dropout's 1 / (1 - p): (N, r)
+            gh = (g @ lora_B).mul_(s / (1.0 - p) if p > 0 else s)
+            mask = _dropout_mask(x2.shape, p, ctx.seed, x.device, x.dtype) if p > 0 else None  # (N, in)
         if need[0]:
             gdx = gh @ lora_A  # (N, in)
-            if p > 0:
-                gdx = _dropped(gdx.view(x.shape), p, ctx.seed).reshape(gdx.shape)
+            if mask is not None:
+                gdx.mul_(mask)
             grad_x = gdx.addmm_(g, weight).view(x.shape)
         if need[1]:
             grad_w = g.t() @ x2
         if need[2] and ctx.has_bias:
             grad_b = g.sum(0)
         if need[3]:
-            dx = _dropped(x, p, ctx.seed).reshape(x2.shape) if p > 0 else x2
-            grad_A = gh.t() @ dx
+            grad_A = gh.t() @ (x2 * mask if mask is not None else x2)
         if need[4]:
             grad_B = (g.t() @ h).mul_(s)
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
