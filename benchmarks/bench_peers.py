@@ -12,6 +12,14 @@ LoRA goes on each block's fused q|k|v projection ``attn.c_attn``: loralib (ours 
 ``MergedLinear(..., enable_lora=[True, False, True], fan_in_fan_out=True)`` adopting the Conv1D's own weight and
 bias (q and v adapted); PEFT wraps ``c_attn`` with ``target_modules=["c_attn"]`` (one rank-r update of all of q|k|v).
 
+Memory allocator. On this kind of machine (a small VM) most of a CPU step's run-to-run noise is page faults: glibc
+hands tensors above its mmap threshold back to the kernel when they are freed, and every step faults the same
+memory in again, at a cost that varies from process to process. ``--allocator reuse`` (the default) starts every
+worker with glibc's ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` set
+(``MALLOC_ENV``) so freed memory stays in the process and is reused; ``--allocator system`` runs the workers with
+glibc's defaults (those variables removed), which is what a user gets unless they set them. Every method of a run
+gets the same setting; the report says which.
+
 Microsoft's loralib is PyPI ``loralib==0.1.2`` imported as ``loralib_ms`` from ``.cache/`` (never committed; see
 ``tests/reference_wheel.py``).
 """
@@ -34,6 +42,8 @@ for _p in (REPO, REPO / "examples" / "NLG", REPO / "tests"):
 
 METHODS = ("full", "floor", "ours", "ms", "peft")
 LORA_METHODS = ("ours", "ms", "peft")
+# glibc malloc tunables for --allocator reuse: never mmap a block (so never unmap one), never trim the heap.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36), "MALLOC_TOP_PAD_": "0"}
 LABELS = {"full": "full fine-tuning", "floor": "no-adapter floor (biases only)", "ours": "this loralib",
           "ms": "loralib 0.1.2 (PyPI)", "peft": "peft"}
 
@@ -150,7 +160,8 @@ def worker_train(args):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     out = dict(method=args.method, dropout=args.dropout, batch=args.batch, seq=args.seq, threads=args.threads,
-               params=M.param_counts(model), lib_file=m.get("lib_file"))
+               params=M.param_counts(model), lib_file=m.get("lib_file"),
+               malloc_env={k: os.environ.get(k) for k in MALLOC_ENV})
 
     opt = torch.optim.AdamW(trainable, lr=args.lr)
 
@@ -293,12 +304,23 @@ def _loadavg():
         return None
 
 
-def run_worker(kind, method, common, **kw):
+def worker_env(allocator: str) -> dict:
+    """The environment of a worker process: ``MALLOC_ENV`` set (``reuse``) or removed (``system``)."""
+    if allocator not in ("reuse", "system"):
+        raise ValueError(f"allocator must be 'reuse' or 'system', got {allocator!r}")
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    if allocator == "reuse":
+        env.update(MALLOC_ENV)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def run_worker(kind, method, common, allocator="reuse", **kw):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--method", method] + common
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [os.environ.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep), TOKENIZERS_PARALLELISM="false")
+    env = worker_env(allocator)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -332,6 +354,9 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--dropouts", default="0.1,0.0", help="lora_dropout values; the first is the timed one in quick")
     p.add_argument("--nlg_rounds", type=int, default=None, help="rounds of the NLG tokens/s comparison (0: skip)")
+    p.add_argument("--allocator", choices=["reuse", "system"], default="reuse",
+                   help="reuse: workers keep freed memory (glibc MALLOC_* tunables, less page-fault noise); "
+                        "system: glibc's defaults (see the module docstring)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "last_run"), help="writes OUT.json and OUT.md")
     p.add_argument("--ms_wheel", default=str(REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl"))
     # worker / model settings (the defaults are GPT-2 small; the tests use a tiny model)
@@ -391,7 +416,7 @@ def main(argv=None):
                     continue  # quick: the untimed figures and full fine-tuning (context) once
                 kw = dict(batch=B, seq=T, dropout=d, warmup=warmup if is_timed else 0,
                           steps=steps if is_timed else 0, eval_reps=eval_reps if is_timed else 0)
-                res = run_worker("train", m, common, **kw)
+                res = run_worker("train", m, common, args.allocator, **kw)
                 res["round"] = rnd
                 results.append(res)
                 print(f"[{time.time() - t_start:6.0f}s] {B}x{T} round {rnd} {m:5s} p={d}: step "
@@ -400,7 +425,7 @@ def main(argv=None):
     nlg = []
     for rnd in range(nlg_rounds):
         for m in (("fast", "all") if rnd % 2 == 0 else ("all", "fast")):
-            res = run_worker("nlg", m, common, batch=4, seq=128, warmup=2, steps=steps * 2,
+            res = run_worker("nlg", m, common, args.allocator, batch=4, seq=128, warmup=2, steps=steps * 2,
                              tiny_nlg=0 if args.layers == 12 else 1)
             res["round"] = rnd
             nlg.append(res)
@@ -410,7 +435,8 @@ def main(argv=None):
     meta = dict(command=" ".join([Path(sys.executable).name, "benchmarks/bench_peers.py"] + (argv or sys.argv[1:])),
                 date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall_s=time.time() - t_start,
                 loadavg_before=load_before, loadavg_after=load_after, rounds=rounds, steps=steps, warmup=warmup,
-                eval_reps=eval_reps, shapes=shapes, machine=_machine(), versions=_versions(),
+                eval_reps=eval_reps, shapes=shapes, allocator=args.allocator, machine=_machine(),
+                versions=_versions(),
                 model=dict(layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, r=args.r,
                            alpha=args.alpha, lr=args.lr, threads=args.threads))
     report = dict(meta=meta, train=results, nlg=nlg)
@@ -478,6 +504,11 @@ def render(report):
              f"{mm['threads']} threads. {meta['rounds']} interleaved rounds, each figure from a fresh process; "
              f"{meta['warmup']} warm-up + {meta['steps']} timed steps per process; {meta['eval_reps']} timed eval "
              "forwards per mode. Cells: median over processes (min–max).")
+    alloc = meta.get("allocator", "system")
+    L.append("Allocator: " + (
+        "`reuse` (workers started with " + ", ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) +
+        ": freed memory is kept and reused instead of being faulted in again each step)" if alloc == "reuse" else
+        "`system` (glibc's defaults)") + ".")
     L.append("")
     shapes = sorted({(k[0], k[1]) for k in groups}, key=lambda s: (-s[0], s[1]))
     for B, T in shapes:

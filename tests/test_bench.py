@@ -44,6 +44,15 @@ def test_train_worker_figures(capsys, method):
         assert r["unmerged_vs_base_maxdiff"] > 1e-4  # trained: the update is not zero, the comparison means something
 
 
+@pytest.mark.parametrize("allocator", ["reuse", "system"])
+def test_worker_runs_under_the_chosen_allocator(allocator, monkeypatch):
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")  # the caller's own setting never leaks into a worker
+    r = bench.run_worker("train", "ours", TINY, allocator, batch=2, seq=8, steps=1, warmup=0, eval_reps=0)
+    assert r["malloc_env"] == (bench.MALLOC_ENV if allocator == "reuse" else {k: None for k in bench.MALLOC_ENV})
+    with pytest.raises(ValueError, match="allocator must be"):
+        bench.worker_env("jemalloc")
+
+
 def test_ours_dropout_saves_nothing_more(capsys):
     saved = [_worker(capsys, "train", "ours", "--batch", "2", "--seq", "16", "--steps", "0", "--warmup", "0",
                      "--eval_reps", "0", "--dropout", str(p))["saved_bytes"] for p in (0.0, 0.1)]
