@@ -7,7 +7,11 @@ Both models are built from the same seed (``bench_peers.build_base``) and adapte
 Their steps alternate (ours, peft, ours, ...) after a warm-up, so both see the same stretch of machine load; the
 script prints each method's median step time, the ratio, and the top operators by self CPU time of each method,
 then the operators whose total time differs most between the two. A diagnostic, not a benchmark: the figures of
-record come from ``bench_peers.py``, one fresh process per figure.
+record come from ``bench_peers.py``, one fresh process per figure. For steadier timings start it with the
+allocator settings ``bench_peers.py`` gives its workers (``--allocator reuse``, see its docstring)::
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=0 \
+        python benchmarks/profile_step.py
 """
 import argparse
 import statistics

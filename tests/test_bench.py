@@ -65,6 +65,8 @@ def test_nlg_worker_fast_equals_every_position_loss(capsys):
     fast, full = (_worker(capsys, "nlg", m, *extra) for m in ("fast", "all"))
     assert fast["tokens_per_s"] > 0 and full["tokens_per_s"] > 0 and fast["tokens"] == full["tokens"]
     assert math.isclose(fast["losses"][0], full["losses"][0], rel_tol=1e-4)  # same model, same batch, same loss
+    # synthetic batches: 50 tokens, the last 20 labelled; the fast head runs on those rows only
+    assert full["head_rows"] == full["tokens"] and fast["head_rows"] == fast["tokens"] * 20 // 50
 
 
 def test_render_reports_every_target():
@@ -83,3 +85,36 @@ def test_render_reports_every_target():
     for needle in ("this / peft ≤ 1.03", "loralib 0.1.2 ≤ 0.88", "dropout 0.0 ≤ 2 MB", "peft − this ≥ 10 MB",
                    "peak RSS", "unmerged / base ≤ 1.05", "merged / base", "merged − unmerged", "≥ 1.8"):
         assert needle in md, needle
+
+
+def test_bench_layer_table(capsys):
+    sys.path.insert(0, str(bench.REPO / "benchmarks"))
+    import bench_layer
+
+    methods = "ours,peft" + (",ms" if (bench.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl").exists() else "")
+    assert bench_layer.main(["--methods", methods, "--d_in", "16", "--d_out", "48", "--tokens", "2x4", "--warmup", "1",
+                             "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["frozen base layer (no LoRA)"] + [
+        bench.LABELS[m] for m in methods.split(",")]
+    assert rows[1].split(" | ")[-1].strip(" |") == "1.000"  # this loralib against itself
+
+
+def test_bench_layer_builds_the_adapters_it_names():
+    """On one shared frozen layer: loralib adds two rank-r updates on q and v (k untouched), PEFT one on q|k|v."""
+    import torch
+
+    import bench_layer
+
+    r = 4
+    args = bench_layer.argparse.Namespace(methods="ours,peft", d_in=16, d_out=48, r=r, alpha=32, dropout=0.0,
+                                          ms_wheel="")
+    layers = bench_layer.build_layers(args)
+    x = torch.randn(40, 16)  # more rows than the input width: a full-rank difference would show as rank 16
+    base = layers["base"](x)
+    ours = (layers["ours"](x) - base).detach()
+    peft_diff = (layers["peft"](x) - base).detach()
+    assert ours[:, 16:32].abs().max() == 0 and ours.abs().max() > 1e-4
+    assert torch.linalg.matrix_rank(ours[:, :16]) == r and torch.linalg.matrix_rank(ours[:, 32:]) == r
+    assert peft_diff.abs().max() > 1e-4 and torch.linalg.matrix_rank(peft_diff) == r
