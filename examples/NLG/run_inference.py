@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         run(args)
     except KeyboardInterrupt:
         return 130
-    except (AdapterError, CheckpointError, MRError, D.DataError, U.DeviceError, ValueError, RuntimeError) as e:
+    except (AdapterError, CheckpointError, MRError, D.DataError, U.DeviceError, M.MetricError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

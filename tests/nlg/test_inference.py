@@ -100,6 +100,25 @@ def _expect_error(argv, capsys, match):
     assert err.count("\n") == 1
 
 
+def test_meteor_jar_unavailable_is_a_clean_error(adapters, tmp_path, capsys, monkeypatch):
+    data, a, _ = adapters
+    monkeypatch.setattr(run_inference.M, "meteor_jar_path", lambda: None)  # no Java here, say
+    _expect_error(["--adapter_dir", a, "--eval", "--split", "test", "--data_dir", data, "--output_dir",
+                   str(tmp_path), "--meteor", "jar"], capsys, "METEOR jar needs java")
+
+
+def test_internal_errors_keep_their_traceback(adapters, monkeypatch):
+    """Only the user's mistakes become one-line errors: a RuntimeError from a bug propagates."""
+    _, a, _ = adapters
+
+    def broken(args):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(run_inference, "run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_inference.main(["--adapter_dir", a])
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))

@@ -30,6 +30,9 @@ METEOR15_PARAMS = dict(alpha=0.85, beta=0.20, gamma=0.60)
 _PUNCT = {"''", "'", "``", "`", "(", ")", "{", "}", "[", "]", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'}
 
 
+class MetricError(RuntimeError):
+    """A metric could not be computed (the METEOR jar is missing, did not start or stopped answering)."""
+
 def _check(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference groups")
@@ -130,12 +133,12 @@ def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[floa
     the JVM before returning.
 
     Raises:
-        RuntimeError: no Java or jar, or the jar failed.
+        MetricError: no Java or jar, or the jar failed.
     """
     _check(hyps, refs)
     jar = meteor_jar_path()
     if jar is None:
-        raise RuntimeError("METEOR jar needs java and pycocoevalcap's meteor-1.5.jar")
+        raise MetricError("METEOR jar needs java and pycocoevalcap's meteor-1.5.jar")
 
     def clean(s: str) -> str:
         return " ".join(coco_tokens(s).replace("|||", "").split())
@@ -146,7 +149,7 @@ def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[floa
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True, cwd=os.path.dirname(jar))
     except OSError as e:
-        raise RuntimeError(f"METEOR jar did not start: {e}") from e
+        raise MetricError(f"METEOR jar did not start: {e}") from e
     try:
         # The jar answers each SCORE line with a statistics line, which the EVAL line must quote: the dialogue
         # goes line by line, in one JVM (starting it and loading its paraphrase table takes seconds).
@@ -163,7 +166,7 @@ def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[floa
 def _read(p) -> str:
     line = p.stdout.readline()
     if not line:
-        raise RuntimeError(f"METEOR jar stopped answering (exit status {p.poll()})")
+        raise MetricError(f"METEOR jar stopped answering (exit status {p.poll()})")
     return line.strip()
 
 
@@ -212,14 +215,14 @@ def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]], impl: str = "auto
         ``{"score": float, "implementation": str}``.
 
     Raises:
-        ValueError: unknown ``impl``. RuntimeError: ``impl="jar"`` and the jar cannot run.
+        ValueError: unknown ``impl``. MetricError: ``impl="jar"`` and the jar cannot run.
     """
     if impl not in ("auto", "jar", "nltk"):
         raise ValueError(f"unknown METEOR implementation {impl!r}; use auto, jar or nltk")
     if impl in ("auto", "jar") and (impl == "jar" or meteor_jar_path()):
         try:
             return {"score": meteor_jar(hyps, refs)[0], "implementation": "meteor-1.5.jar (official, Java)"}
-        except RuntimeError:
+        except MetricError:
             if impl == "jar":
                 raise
     return {"score": meteor_nltk(hyps, refs),
