@@ -254,8 +254,9 @@ def _nlg_batches(args):
 
 
 def worker_nlg(args):
-    """The NLG example's model and training step, with the output layer at label positions only (``fast``: what the
-    example does) or at every position (``all``: benchmark-only, the usual way)."""
+    """The NLG example's model and training step, with the output layer (and the last block's attention output and
+    MLP) at label positions only (``fast``: what the example does) or at every position (``all``: benchmark-only,
+    the usual way)."""
     import torch
     import torch.nn.functional as F
 
@@ -624,8 +625,9 @@ def _nlg_section(nlg):
     if rows.get("fast") and rows.get("all"):
         L.append("")
         L.append(f"Output-layer rows over the timed steps: {rows['fast']:,} (label positions) vs {rows['all']:,} "
-                 f"(every position), {rows['all'] / rows['fast']:.2f}× fewer; the rest of the step (the blocks, the "
-                 "loss, the optimizer) is the same work in both, which bounds the ratio below that.")
+                 f"(every position), {rows['all'] / rows['fast']:.2f}× fewer (the example's last block also computes "
+                 "only those rows); the earlier blocks, the loss and the optimizer do the same work in both, which "
+                 "bounds the ratio below that.")
     if ratios:
         L.append("")
         L.append(f"Ratio fast / every position per round: {_spread(ratios, 1, '{:.2f}')} (target ≥ 1.8: "

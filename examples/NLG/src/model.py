@@ -64,22 +64,31 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(C, C)
         self.dropout = cfg.dropout
 
-    def forward(self, x, attn_mask=None, past=None):
+    def forward(self, x, attn_mask=None, past=None, q_index=None):
+        """``q_index`` (B, Tq), without ``attn_mask`` and ``past``: compute the output only at those positions
+        (every position still provides its key and value). Returns (B, Tq, C) then, else (B, T, C)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if q_index is not None:
+            q = q.gather(1, q_index.unsqueeze(-1).expand(-1, -1, C))  # (B, Tq, C)
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tq, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nh, T_past + T, hs)
             v = torch.cat([past[1], v], dim=2)
         p = self.dropout if self.training else 0.0
-        if attn_mask is None:
+        if q_index is not None:
+            # Causal for the chosen queries: the query at position t sees keys 0..t.
+            causal = torch.arange(T, device=x.device).view(1, 1, T) <= q_index.unsqueeze(-1)  # (B, Tq, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.unsqueeze(1), dropout_p=p)
+        elif attn_mask is None:
             # No padding on the left and no cache: plain causal attention (right padding never leaks backwards).
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, Tq, C)
         return F.dropout(self.c_proj(y), p, self.training), (k, v)
 
 
@@ -104,8 +113,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden_dim, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None, past=None):
-        a, present = self.attn(self.ln_1(x), attn_mask, past)  # pre-LN
+    def forward(self, x, attn_mask=None, past=None, q_index=None):
+        a, present = self.attn(self.ln_1(x), attn_mask, past, q_index)  # pre-LN
+        if q_index is not None:
+            x = x.gather(1, q_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # the residual at those positions
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -113,7 +124,8 @@ class Block(nn.Module):
 
 class SimpleGPT2WithLoRA(nn.Module):
     """GPT-2 with LoRA. ``forward(input_ids, labels=...)`` computes the 50,257-way output layer only at the
-    positions whose label is not -100, which is where a fine-tuning step on CPU spends most of its time.
+    positions whose label is not -100, which is where a fine-tuning step on CPU spends most of its time; the last
+    block, too, computes its attention output and MLP only there (earlier positions still give it keys and values).
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -180,14 +192,40 @@ class SimpleGPT2WithLoRA(nn.Module):
 
         With labels, logits are not returned: the output layer runs only on the positions the loss uses.
         """
-        h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
         if labels is None:
+            h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
             return GPTOutput(self.lm_head(h), None, presents if use_cache else None)
         targets = labels[:, 1:]
-        keep = targets != -100  # (B, T-1)
-        logits = self.lm_head(h[:, :-1][keep])  # (N_kept, V)
+        keep = targets != -100  # (B, T-1): the position t predicts the token t + 1
+        if attention_mask is None and past_key_values is None and not use_cache and bool(keep.any()):
+            h = self._hidden_at(input_ids, keep, position_ids)  # (N_kept, C)
+            presents = None
+        else:
+            h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
+            h = h[:, :-1][keep]  # (N_kept, C)
+        logits = self.lm_head(h)  # (N_kept, V)
         loss = F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
         return GPTOutput(None, loss, presents if use_cache else None)
+
+    def _hidden_at(self, input_ids, keep, position_ids=None):
+        """Final hidden states at the positions ``keep`` (B, T-1) marks, (N_kept, C), in the order of
+        ``h[:, :-1][keep]``; the last block computes only those rows (what the loss uses)."""
+        B, T = input_ids.shape
+        if T > self.config.max_positions:
+            raise ValueError(f"sequence of {T} tokens exceeds max_positions={self.config.max_positions}")
+        n = keep.sum(1)  # (B,)
+        pos = torch.arange(T - 1, device=input_ids.device).expand(B, -1)
+        # Each row's kept positions in order, then its others (padding queries, dropped below): (B, Tq)
+        q_index = torch.where(keep, pos, pos + T).argsort(dim=1)[:, :int(n.max())]
+        valid = torch.arange(q_index.shape[1], device=input_ids.device) < n.unsqueeze(1)  # (B, Tq)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        *first, last = self.transformer.h
+        for block in first:
+            x, _ = block(x)
+        x, _ = last(x, q_index=q_index)  # (B, Tq, C)
+        return self.transformer.ln_f(x[valid])
 
 
 def build_model(cfg: GPTConfig, base_seed: int = 0) -> SimpleGPT2WithLoRA:

@@ -1,0 +1,91 @@
+"""SimpleGPT2WithLoRA's training forward: with labels, the last block and the output layer run only at the
+positions the loss uses. That must be the same loss and the same gradients as computing every position."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loralib as lora
+from src.model import GPTConfig, build_model
+
+
+def _model(num_layers, **kw):
+    cfg = GPTConfig(hidden_dim=32, num_layers=num_layers, num_heads=4, lora_dim=4, vocab_size=97, **kw)
+    model = build_model(cfg, 0)
+    lora.mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B = 0 would make every LoRA gradient but B's vanish
+    return model.train()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 97, (4, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # prompt, then completion
+    labels[1, :] = -100  # a row with no label at all
+    labels[2, :9] = -100
+    labels[2, 10:] = -100  # one label, then right padding
+    return ids, labels
+
+
+def _grads(model):
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_label_positions_only_equals_every_position(num_layers):
+    model = _model(num_layers)
+    ids, labels = _batch()
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    fast = _grads(model)
+
+    h, _ = model.hidden_states(ids)  # (B, T, C): every position through every block
+    targets = labels[:, 1:]
+    keep = targets != -100
+    ref = F.cross_entropy(model.lm_head(h[:, :-1][keep]), targets[keep])
+    ref.backward()
+    full = _grads(model)
+
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    assert fast.keys() == full.keys() and any("h.%d." % (num_layers - 1) in n for n in fast)
+    for n in fast:
+        torch.testing.assert_close(fast[n], full[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_last_block_computes_only_the_labelled_rows():
+    model = _model(2)
+    ids, labels = _batch()
+    rows = []
+    hook = model.transformer.h[-1].mlp.register_forward_hook(lambda m, i, o: rows.append(o.shape[:2]))
+    model(ids, labels=labels)
+    hook.remove()
+    n_per_row = (labels[:, 1:] != -100).sum(1)
+    assert rows == [torch.Size([4, int(n_per_row.max())])]  # padded to the longest row's labels, not T = 12
+
+
+def test_paths_that_need_every_position_still_get_it():
+    model = _model(2).eval()
+    ids, labels = _batch()
+    with torch.no_grad():
+        cached = model(ids, labels=labels, use_cache=True)  # the cache needs every position's keys and values
+        masked = model(ids, labels=labels, attention_mask=torch.ones_like(ids))
+        plain = model(ids, labels=labels)
+    assert len(cached.past_key_values) == 2 and cached.past_key_values[0][0].shape[2] == ids.shape[1]
+    torch.testing.assert_close(cached.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked.loss, plain.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_and_too_long_input():
+    model = _model(2, dropout=0.1, lora_dropout=0.1)
+    ids, labels = _batch()
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    long = torch.zeros(1, model.config.max_positions + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds max_positions"):
+        model(long, labels=long)
