@@ -346,6 +346,18 @@ def _spread(xs, scale=1.0, fmt="{:,.0f}"):
     return m if len(xs) == 1 else f"{m} ({fmt.format(min(xs) * scale)}–{fmt.format(max(xs) * scale)})"
 
 
+def add_model_args(p):
+    """The model and LoRA flags every benchmark script shares (defaults: GPT-2 small, r=4, alpha=32, 2 threads)."""
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--r", type=int, default=4)
+    p.add_argument("--alpha", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="< 5 min on 2 cores: 8x64 only, 1 round of 5 steps")
@@ -368,14 +380,7 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.1, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=64, help=argparse.SUPPRESS)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--width", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--r", type=int, default=4)
-    p.add_argument("--alpha", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--tiny_nlg", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--data_dir", default=None, help="E2E data for the NLG comparison (else $E2E_DATA_DIR, data/e2e)")
     args = p.parse_args(argv)
