@@ -33,6 +33,7 @@ _PUNCT = {"''", "'", "``", "`", "(", ")", "{", "}", "[", "]", ".", "?", "!", ","
 class MetricError(RuntimeError):
     """A metric could not be computed (the METEOR jar is missing, did not start or stopped answering)."""
 
+
 def _check(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference groups")

@@ -157,7 +157,7 @@ class SimpleGPT2WithLoRA(nn.Module):
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, q_index=None):
         """Final hidden states (B, T, C) and the per-layer key/value cache.
 
         Args:
@@ -165,6 +165,8 @@ class SimpleGPT2WithLoRA(nn.Module):
             attention_mask: (B, T_past + T), 1 for real tokens, 0 for (left) padding. Optional.
             position_ids: (B, T). Defaults to T_past .. T_past + T - 1.
             past_key_values: the cache returned by a previous call, for incremental decoding.
+            q_index: (B, Tq) positions; the last block computes only those rows and the states are (B, Tq, C).
+                Only without ``attention_mask`` and ``past_key_values``.
         """
         B, T = input_ids.shape
         t_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -181,8 +183,10 @@ class SimpleGPT2WithLoRA(nn.Module):
                 attn_mask = attn_mask & attention_mask.bool().view(B, 1, 1, t_past + T)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
         presents = []
+        last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            x, present = block(x, attn_mask, None if past_key_values is None else past_key_values[i])
+            x, present = block(x, attn_mask, None if past_key_values is None else past_key_values[i],
+                               q_index if i == last else None)
             presents.append(present)
         return self.transformer.ln_f(x), presents
 
@@ -211,21 +215,13 @@ class SimpleGPT2WithLoRA(nn.Module):
         """Final hidden states at the positions ``keep`` (B, T-1) marks, (N_kept, C), in the order of
         ``h[:, :-1][keep]``; the last block computes only those rows (what the loss uses)."""
         B, T = input_ids.shape
-        if T > self.config.max_positions:
-            raise ValueError(f"sequence of {T} tokens exceeds max_positions={self.config.max_positions}")
         n = keep.sum(1)  # (B,)
         pos = torch.arange(T - 1, device=input_ids.device).expand(B, -1)
         # Each row's kept positions in order, then its others (padding queries, dropped below): (B, Tq)
         q_index = torch.where(keep, pos, pos + T).argsort(dim=1)[:, :int(n.max())]
         valid = torch.arange(q_index.shape[1], device=input_ids.device) < n.unsqueeze(1)  # (B, Tq)
-        if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
-        *first, last = self.transformer.h
-        for block in first:
-            x, _ = block(x)
-        x, _ = last(x, q_index=q_index)  # (B, Tq, C)
-        return self.transformer.ln_f(x[valid])
+        h, _ = self.hidden_states(input_ids, position_ids=position_ids, q_index=q_index)  # (B, Tq, C)
+        return h[valid]
 
 
 def build_model(cfg: GPTConfig, base_seed: int = 0) -> SimpleGPT2WithLoRA:
