@@ -348,5 +348,5 @@ def test_library_needs_only_torch(tmp_path):
             "nn.init.normal_(m[0].lora_B); lora.save_adapter(m, sys.argv[1]); lora.load_adapter(base, sys.argv[1])\n"
             "x = torch.randn(2, 3); assert torch.allclose(base(x), m(x)); print('ok')")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": root})
+                         env={**os.environ, "PYTHONPATH": root}, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

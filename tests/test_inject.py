@@ -281,7 +281,7 @@ def test_merge_and_unload_result_runs_without_loralib(tmp_path):
             "y = m[2](m[1](m[0](d['x'])).t().unsqueeze(0))\n"
             "assert torch.allclose(y, d['want'], atol=1e-6), (y - d['want']).abs().max()\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt")], capture_output=True, text=True,
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -116,9 +115,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(e2e_dir, tmp_path
     ddp_out, ref_out = tmp_path / "ddp", tmp_path / "ref"
     argv = tiny_args(e2e_dir, ddp_out, *common, "--grad_accum", "2")
     argv = set_arg(argv, "--batch_size", "2")
-    t0 = time.time()
     rc, out, err = run_torchrun(2, argv, worker_env(tmp_path))
-    wall = time.time() - t0
     assert rc == 0, out[-2000:] + err[-3000:]
     assert "Traceback" not in err
     # Only rank 0 prints, and the log states the global batch.
@@ -140,7 +137,6 @@ def test_two_processes_equal_one_process_with_the_global_batch(e2e_dir, tmp_path
     h_ref = json.loads((ref_out / "loss_history.json").read_text())["train"]
     assert [s for s, _ in h_ddp] == [s for s, _ in h_ref]
     assert [v for _, v in h_ddp] == pytest.approx([v for _, v in h_ref], abs=1e-5)  # the global token mean
-    assert wall < 60
 
 
 def test_ctrl_c_under_torchrun_stops_all_ranks_and_resume_finishes_the_run(e2e_dir, tmp_path):

@@ -108,7 +108,7 @@ def test_run_training_builds_from_init_checkpoint(hf_model, tmp_path):
 
     hf_model.save_pretrained(tmp_path)
     args = run_training.get_parser().parse_args(["--init_checkpoint", str(tmp_path), "--lora_dim", "2"])
-    model = run_training.build(args, torch.device("cpu"))
+    model, _ = run_training.build(args, torch.device("cpu"))
     assert model.config.hidden_dim == 32 and model.config.num_layers == 2 and model.config.vocab_size == V
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
     ids = torch.randint(0, V, (2, 9))

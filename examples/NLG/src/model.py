@@ -208,7 +208,9 @@ class SimpleGPT2WithLoRA(nn.Module):
             h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
             h = h[:, :-1][keep]  # (N_kept, C)
         logits = self.lm_head(h)  # (N_kept, V)
-        loss = F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
+        # At least float32 (a half-precision head's logits), never lower than they are (float64 in tests).
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits, targets[keep], label_smoothing=label_smoothing)
         return GPTOutput(None, loss, presents if use_cache else None)
 
     def _hidden_at(self, input_ids, keep, position_ids=None):
