@@ -18,11 +18,12 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 from src import data as D  # noqa: E402
 from src import metrics as M  # noqa: E402
+from src import slots as S  # noqa: E402
 from src import train_utils as U  # noqa: E402
 from src.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
 from src.generate import DecodeConfig  # noqa: E402
 from src.hf_checkpoint import CheckpointError  # noqa: E402
-from src.inference import MRError, check_mr, describe, load_adapters, read_mr_file  # noqa: E402
+from src.inference import MRError, adapter_delex, check_mr, describe, load_adapters, read_mr_file  # noqa: E402
 
 SAMPLE_MRS = [
     "name : The Eagle | Type : coffee shop | food : French | price : moderate | customer rating : 3 out of 5 | "
@@ -126,7 +127,8 @@ def run(args) -> dict:
         runs = {}
         for merged in ([True] if args.no_unmerged else [False, True]):
             model = multi.use(i, merged=merged)
-            texts, stats = describe(model, mrs, decode, batch_size=args.batch_size)
+            texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
+                                    delex=adapter_delex(adapter.config))
             runs["merged" if merged else "unmerged"] = (texts, stats)
         texts, stats = runs["merged"]
         speed = {k: round(s["tokens_per_second"], 1) for k, (_, s) in runs.items()}
@@ -137,7 +139,8 @@ def run(args) -> dict:
                      + ("identical" if same else "DIFFER"))
         if not args.eval:
             for mr, text in zip(mrs, texts):
-                print(f"\nMR:   {mr}\ntext: {text}")
+                problems = S.check(mr, text).problems()
+                print(f"\nMR:   {mr}\ntext: {text}\nslots: " + (", ".join(problems) if problems else "all realised"))
             print()
         print(line)
         result = {"adapter_dir": adapter.path, "texts": texts, "tokens_per_second": speed,
@@ -151,11 +154,13 @@ def run(args) -> dict:
             # The official script's multi-reference format: each MR's references, then a blank line.
             write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
             scores = M.score_all(texts, refs, meteor_impl=args.meteor)
+            scores["slots"] = S.slot_scores(mrs, texts)
             scores.update({"split": args.split, "decoding": vars(decode), "adapter_dir": adapter.path,
                            "scales": "BLEU, METEOR, ROUGE_L in 0..1; NIST and CIDEr raw (as the official script)",
                            "tokens_per_second": speed})
             atomic_json(os.path.join(out_dir, "scores.json"), scores)
             print(M.format_table(scores))
+            print(S.format_slot_line(scores["slots"]))
             print(f"METEOR: {scores['implementations']['METEOR']}; NIST approximate (nltk). "
                   f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/")
             result.update(scores=scores, output_dir=out_dir)

@@ -25,7 +25,7 @@ from src import train_utils as U  # noqa: E402
 from src.adapter_io import (AdapterError, WEIGHTS_FILES, load_adapter_weights, read_adapter_weights,  # noqa: E402
                             save_adapter_dir, weights_path)
 from src.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights  # noqa: E402
-from src.model import GPTConfig, build_model  # noqa: E402
+from src.model import GPTConfig, base_fingerprint, build_model  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,14 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_batch_size", type=int, default=50, help="batch size of validation")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu; under "
                    "torchrun process LOCAL_RANK uses cuda:LOCAL_RANK")
+    g.add_argument("--precision", default="auto", choices=U.PRECISIONS,
+                   help="dtype of the frozen base and of autocast: auto = bf16 on a CPU with native bfloat16 "
+                        "instructions (AVX512-BF16/AMX) or a GPU that has it, fp16 on other GPUs, else fp32. LoRA "
+                        "weights, optimizer state and losses stay float32")
+    g.add_argument("--delex", default=",".join(D.DELEX_SLOTS),
+                   help="attributes whose values become placeholders ([name], [near]) in the prompt and the "
+                        "target text, filled back in from the MR after generation; 'none' to train on the "
+                        "literal names")
     g.add_argument("--dist_backend", default="auto", choices=Dist.BACKENDS,
                    help="torch.distributed backend under torchrun: auto = nccl on CUDA, gloo on CPU")
     g = p.add_argument_group("model")
@@ -96,10 +104,25 @@ def check_args(args) -> None:
         raise ValueError("--label_smoothing and --lora_dropout must be in [0, 1)")
     if args.lora_dim == 0:
         raise ValueError("--lora_dim 0 leaves nothing to train; use a LoRA rank >= 1")
+    delex_slots(args)
 
 
-def build(args, device):
-    """The model (base from --init_checkpoint or the random draw of --seed), LoRA weights trainable only."""
+def delex_slots(args) -> tuple:
+    """``--delex`` as a tuple of attributes (empty for 'none')."""
+    if args.delex.strip().lower() in ("", "none"):
+        return ()
+    slots = tuple(x.strip() for x in args.delex.split(",") if x.strip())
+    bad = [x for x in slots if x not in D.DELEX_SLOTS]
+    if bad:
+        raise ValueError(f"--delex {args.delex!r}: {', '.join(bad)} cannot be delexicalised; use a subset of "
+                         f"{','.join(D.DELEX_SLOTS)} or 'none'")
+    return slots
+
+
+def build(args, device, precision: str = "fp32"):
+    """The model (base from --init_checkpoint or the random draw of --seed), LoRA weights trainable only, the
+    frozen base stored in ``precision``; and the base's fingerprint (taken before that cast, so inference can
+    check it against a float32 rebuild)."""
     sizes = dict(vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
                  num_heads=args.num_heads)
     if args.init_checkpoint:
@@ -109,7 +132,9 @@ def build(args, device):
     if args.init_checkpoint:
         load_hf_gpt2_weights(model, args.init_checkpoint)
     lora.mark_only_lora_as_trainable(model)
-    return model.to(device)
+    fingerprint = base_fingerprint(model)
+    U.cast_frozen(model, precision)
+    return model.to(device), fingerprint
 
 
 def train(args, step_callback=None) -> dict:
@@ -144,8 +169,9 @@ def _train(args, ctx, stop, step_callback) -> dict:
     # --- data ---
     t_load = time.time()
     # Only rank 0 writes, the token cache included.
-    train_split = D.load_tokenized("train", args.data_dir, write_cache=is_main)
-    valid_split = D.load_tokenized("valid", args.data_dir, write_cache=is_main)
+    delex = delex_slots(args)
+    train_split = D.load_tokenized("train", args.data_dir, write_cache=is_main, delex=delex)
+    valid_split = D.load_tokenized("valid", args.data_dir, write_cache=is_main, delex=delex)
     train_idx = D.select_indices(len(train_split), args.max_train_examples or None, args.seed)
     val_idx = D.select_indices(len(valid_split), args.val_examples or None, 0)
     log(f"data: {len(train_idx)} of {len(train_split)} train examples, {len(val_idx)} of {len(valid_split)} "
@@ -162,15 +188,19 @@ def _train(args, ctx, stop, step_callback) -> dict:
         None when a stop request cut it short."""
         try:
             return U.evaluate(model, stoppable(D.iterate_batches(valid_split, val_idx, args.val_batch_size,
-                                                                 args.seq_len, shuffle=False)), device)
+                                                                 args.seq_len, shuffle=False)), device, precision)
         except _ValidationAborted:
             return None
 
     # --- model, optimizer, schedule ---
-    model = build(args, device)
+    precision, why = U.resolve_precision(args.precision, device)
+    model, fingerprint = build(args, device, precision)
     counts = U.param_counts(model)
     log(f"model: {counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable (LoRA), "
         f"device {device}")
+    log(f"precision: {precision} ({why}); LoRA weights, optimizer state and losses in float32")
+    # float16 gradients can underflow; bfloat16 has float32's range and needs no scaler.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     global_batch = args.batch_size * world_size * args.grad_accum
@@ -232,10 +262,12 @@ def _train(args, ctx, stop, step_callback) -> dict:
         extra = {"training_args": U.to_jsonable(U.dump_args(args)),
                  "data": {"train_sha256": train_split.sha256, "valid_sha256": valid_split.sha256,
                           "prompt_format": 'format_prompt(mr) = mr + " ||"; completion = " " + reference + EOT',
+                          "delexicalize": list(delex),
                           "train_examples": len(train_idx), "val_examples": len(val_idx)},
                  "step": step}
+        extra["precision"] = precision
         save_adapter_dir(model, args.output_dir, base_seed=args.seed, init_checkpoint=args.init_checkpoint,
-                         extra=extra, weights_format=args.adapter_format)
+                         extra=extra, weights_format=args.adapter_format, fingerprint=fingerprint)
         U.save_training_state(args.output_dir, {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
             "seconds": elapsed, "rng": U.rng_state(), "args": U.to_jsonable(U.dump_args(args)),
@@ -249,7 +281,7 @@ def _train(args, ctx, stop, step_callback) -> dict:
                    "train_examples": len(train_idx), "val_examples": len(val_idx),
                    "tokens_per_second": round(tokens_seen / max(1e-9, time.time() - t_start), 1),
                    "device": str(device), "torch_threads": torch.get_num_threads(),
-                   "world_size": world_size, "global_batch": global_batch}
+                   "world_size": world_size, "global_batch": global_batch, "precision": precision}
         U.save_metrics(args.output_dir, metrics)
         title = f"LoRA on E2E: {step} steps" + (f", val loss {vals[-1]:.3f}" if vals else "")
         U.save_history(args.output_dir, history, title=title)
@@ -302,22 +334,25 @@ def _train(args, ctx, stop, step_callback) -> dict:
                     last = i == len(micro) - 1
                     with (train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()):
                         labels = b["labels"].to(device)
-                        out = train_model(b["input_ids"].to(device), labels=labels,
-                                          label_smoothing=args.label_smoothing)
+                        with U.autocast(device, precision):
+                            out = train_model(b["input_ids"].to(device), labels=labels,
+                                              label_smoothing=args.label_smoothing)
                         # Weight micro-batches by their predicted tokens, as one big batch would. DDP averages
                         # over the N processes, so the factor N makes that average the token-weighted mean over
                         # the global batch (n_tok counts the tokens of all ranks).
                         n = int((labels[:, 1:] != -100).sum())
-                        (out.loss * (n * world_size / n_tok)).backward()
+                        scaler.scale(out.loss * (n * world_size / n_tok)).backward()
                     loss_sum += out.loss.item() * n
                 if ctx.enabled:
                     loss_sum, step_tokens = Dist.all_reduce_sum(ctx, [loss_sum, step_tokens])
                     step_tokens = int(step_tokens)
                 tokens_seen += step_tokens
+                scaler.unscale_(opt)
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    args.max_grad_norm)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1

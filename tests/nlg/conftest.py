@@ -54,6 +54,7 @@ TINY_MODEL = ["--hidden_dim", "32", "--num_layers", "1", "--num_heads", "2", "--
 
 
 def tiny_args(data_dir, out_dir, *extra):
+    # fp32 pinned: "auto" would pick bf16 on some CPUs only, and these tests must behave the same on every CPU.
     return ["--data_dir", data_dir, "--output_dir", str(out_dir), *TINY_MODEL, "--batch_size", "4",
             "--max_train_examples", "16", "--val_examples", "8", "--num_epochs", "1", "--lr", "1e-2",
-            "--warmup_steps", "1", "--no_progress", "--device", "cpu", *extra]
+            "--warmup_steps", "1", "--no_progress", "--device", "cpu", "--precision", "fp32", *extra]

@@ -135,12 +135,14 @@ def test_cache_is_used_and_keyed_by_file_hash(e2e_dir, monkeypatch):
     cached = os.listdir(D.cache_dir())
     assert any(first.sha256[:32] in f for f in cached)
 
-    def boom(pairs):
+    def boom(pairs, delex=()):
         raise AssertionError("re-tokenised although cached")
 
     monkeypatch.setattr(D, "tokenize_pairs", boom)
     again = D.load_tokenized("valid", e2e_dir)
     assert torch.equal(again.tokens, first.tokens) and torch.equal(again.offsets, first.offsets)
+    with pytest.raises(AssertionError, match="re-tokenised"):  # another prompt format: its own cache entry
+        D.load_tokenized("valid", e2e_dir, delex=D.DELEX_SLOTS)
     with open(os.path.join(e2e_dir, "valid.txt"), "a") as f:  # a changed file must not hit the old entry
         f.write("name : New||A new line . \n")
     with pytest.raises(AssertionError, match="re-tokenised"):

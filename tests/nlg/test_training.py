@@ -246,3 +246,46 @@ def test_corrupted_safetensors_adapter_is_an_adapter_error(e2e_dir, tmp_path):
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(adapter_io.AdapterError, match="weights_file"):
         read_adapter_weights(str(out))
+
+
+def test_precision_auto_follows_the_hardware():
+    cpu = torch.device("cpu")
+    assert U.resolve_precision("auto", cpu, cpu_bf16=False)[0] == "fp32"  # emulated bf16 would be slower
+    assert U.resolve_precision("auto", cpu, cpu_bf16=True)[0] == "bf16"
+    assert U.resolve_precision("fp32", cpu, cpu_bf16=True) == ("fp32", "asked for with --precision")
+    assert U.resolve_precision("auto", cpu)[0] == ("bf16" if U.cpu_has_bf16() else "fp32")
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        U.resolve_precision("fp16", cpu)
+
+
+def test_auto_on_a_cpu_without_bf16_trains_in_fp32(e2e_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(U, "cpu_has_bf16", lambda: False)
+    argv = tiny_args(e2e_dir, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index("--precision") + 1] = "auto"
+    assert run_training.main(argv) == 0
+    assert "precision: fp32 (auto: this CPU has no native bfloat16" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["precision"] == "fp32"
+
+
+def test_bf16_base_float32_adapter(e2e_dir, tmp_path):
+    """--precision bf16: the frozen base is stored in bfloat16, the adapter trains and is saved in float32, its
+    recorded fingerprint is the float32 base's (so inference rebuilds and accepts it), and the loss is close to the
+    fp32 run's."""
+    runs = {}
+    for p in ("fp32", "bf16"):
+        argv = tiny_args(e2e_dir, tmp_path / p, "--num_epochs", "2", "--seed", "3")
+        argv[argv.index("--precision") + 1] = p
+        args = run_training.get_parser().parse_args(argv)
+        model, _ = run_training.build(args, torch.device("cpu"), p)
+        dtypes = {("lora_" in n, q.dtype) for n, q in model.named_parameters()}
+        assert dtypes == {(True, torch.float32), (False, torch.float32 if p == "fp32" else torch.bfloat16)}
+        runs[p] = run_training.train(args)
+    assert runs["bf16"]["precision"] == "bf16"
+    assert runs["bf16"]["val_loss_final"] == pytest.approx(runs["fp32"]["val_loss_final"], rel=0.05)
+    state = read_adapter_weights(str(tmp_path / "bf16"))
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    cfg = json.loads((tmp_path / "bf16" / "adapter_config.json").read_text())
+    assert cfg["precision"] == "bf16"
+    assert cfg["base"]["fingerprint"] == json.loads((tmp_path / "fp32" / "adapter_config.json").read_text())[
+        "base"]["fingerprint"]
+    load_model_from_adapter_dir(str(tmp_path / "bf16"))  # float32 rebuild: the fingerprint check passes

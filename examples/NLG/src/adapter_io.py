@@ -65,9 +65,11 @@ def atomic_json(path: str, obj) -> None:
 
 def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
                      init_checkpoint: Optional[str] = None, extra: Optional[dict] = None,
-                     lora_bias: str = "none", weights_format: str = "bin") -> dict:
+                     lora_bias: str = "none", weights_format: str = "bin", fingerprint: Optional[str] = None) -> dict:
     """Write the weights (``pytorch_model.bin``, or ``adapter_model.safetensors`` with ``weights_format=
     "safetensors"``) and ``adapter_config.json`` atomically; return the config written.
+    ``fingerprint``: the base's, when the model's frozen weights were cast after it was built (half precision);
+    by default it is computed from the model.
 
     Raises:
         ValueError: an unknown ``weights_format``.
@@ -83,7 +85,7 @@ def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
         "base": {
             "init_checkpoint": os.path.abspath(init_checkpoint) if init_checkpoint else None,
             "base_seed": None if init_checkpoint else base_seed,
-            "fingerprint": base_fingerprint(model),
+            "fingerprint": fingerprint or base_fingerprint(model),
         },
         "tokenizer": "gpt2",
         "lora_bias": lora_bias,

@@ -11,6 +11,7 @@ so a training example is ``tokens(prompt) + tokens(completion) + [EOT]``, and ge
 import hashlib
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -31,8 +32,55 @@ class DataError(ValueError):
     """Missing or malformed E2E data; the message says which file and how to fix it."""
 
 
-def format_prompt(mr: str) -> str:
-    """The text the model is conditioned on for one meaning representation: ``mr + " ||"``."""
+# Attributes whose values the default run replaces by placeholders (delexicalisation, as the E2E challenge's
+# baseline TGen does): the venue names are open-class words a random frozen base cannot learn to copy in minutes.
+DELEX_SLOTS = ("name", "near")
+
+
+def placeholder(attr: str) -> str:
+    """The text that stands for ``attr``'s value in a delexicalised MR and text: ``[name]``, ``[near]``."""
+    return f"[{attr}]"
+
+
+def delexicalize(mr: str, text: Optional[str] = None, slots: Sequence[str] = DELEX_SLOTS
+                 ) -> Tuple[str, Optional[str], Dict[str, str]]:
+    """Replace the values of ``slots`` by their placeholders in an MR and (optionally) a text about it.
+
+    Args:
+        mr: ``"name : The Eagle | ... | near : Burger King"``.
+        text: a reference; every case-insensitive occurrence of a value becomes its placeholder.
+        slots: the attributes to replace; an attribute the MR lacks is skipped.
+
+    Returns:
+        (the MR, the text or None, ``{attr: value}`` of what was replaced), so that :func:`relexicalize` can undo it.
+    """
+    fields, values = [], {}
+    for field in mr.strip().split("|"):
+        key, sep, value = field.partition(":")
+        if sep and key.strip() in slots and value.strip():
+            values[key.strip()] = value.strip()
+            field = f"{key.strip()} : {placeholder(key.strip())}"
+        fields.append(field.strip())
+    if text is not None:
+        for attr, value in values.items():
+            # "Cafe" for "Café" and any letter case: the references spell names both ways.
+            pattern = re.escape(value).replace("é", "[eé]")
+            text = re.sub(pattern, placeholder(attr), text, flags=re.IGNORECASE)
+    return " | ".join(fields), text, values
+
+
+def relexicalize(text: str, values: Dict[str, str]) -> str:
+    """Put the MR's values back in place of their placeholders (a placeholder the MR has no value for stays)."""
+    for attr, value in values.items():
+        text = text.replace(placeholder(attr), value)
+    return text
+
+
+def format_prompt(mr: str, delex: Sequence[str] = ()) -> str:
+    """The text the model is conditioned on for one meaning representation: ``mr + " ||"``, with the values of
+    the ``delex`` attributes replaced by placeholders (see :func:`delexicalize`)."""
+    if delex:
+        mr = delexicalize(mr, None, delex)[0]
     return mr.strip() + " ||"
 
 
@@ -143,8 +191,11 @@ class TokenizedSplit:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]].tolist(), int(self.prompt_lens[i])
 
 
-def tokenize_pairs(pairs: Sequence[Tuple[str, str]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tokenize_pairs(pairs: Sequence[Tuple[str, str]], delex: Sequence[str] = ()
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     enc = get_tokenizer()
+    if delex:
+        pairs = [delexicalize(mr, ref, delex)[:2] for mr, ref in pairs]
     prompts = enc.encode_ordinary_batch([format_prompt(mr) for mr, _ in pairs])
     comps = enc.encode_ordinary_batch([format_completion(ref) for _, ref in pairs])
     seqs = [p + c + [EOT_ID] for p, c in zip(prompts, comps)]
@@ -156,23 +207,25 @@ def tokenize_pairs(pairs: Sequence[Tuple[str, str]]) -> Tuple[torch.Tensor, torc
 
 
 def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool = True,
-                   write_cache: bool = True) -> TokenizedSplit:
+                   write_cache: bool = True, delex: Sequence[str] = ()) -> TokenizedSplit:
     """Parse and tokenise a split, caching the result under :func:`cache_dir` keyed by the file's sha256.
     ``write_cache=False`` reads a cache entry but never writes one (data-parallel ranks other than 0).
+    ``delex``: attributes whose values become placeholders in MR and reference (:func:`delexicalize`).
 
     Raises:
         DataError: as :func:`find_data_dir` and :func:`read_e2e`.
     """
     path = split_path(split, data_dir)
     digest = sha256_file(path)
-    cpath = os.path.join(cache_dir(), f"e2e-{split}-{digest[:32]}-p{PROMPT_FORMAT_VERSION}.pt")
+    tag = "-d" + "+".join(delex) if delex else ""
+    cpath = os.path.join(cache_dir(), f"e2e-{split}-{digest[:32]}-p{PROMPT_FORMAT_VERSION}{tag}.pt")
     if use_cache and os.path.isfile(cpath):
         try:
             d = torch.load(cpath, map_location="cpu", weights_only=True)
             return TokenizedSplit(d["tokens"], d["offsets"], d["prompt_lens"], digest)
         except Exception:
             pass  # a damaged cache entry is rebuilt below
-    tokens, offsets, prompt_lens = tokenize_pairs(read_e2e(path))
+    tokens, offsets, prompt_lens = tokenize_pairs(read_e2e(path), delex)
     if use_cache and write_cache:
         try:
             from .adapter_io import atomic_write

@@ -12,7 +12,7 @@ import loralib as lora
 
 from .adapter_io import AdapterError, load_adapter_weights, load_model_from_adapter_dir, read_adapter_config, \
     read_adapter_weights, weights_path
-from .data import format_prompt
+from .data import delexicalize, format_prompt, relexicalize
 from .generate import DecodeConfig, generate
 from .tokenizer import get_tokenizer
 
@@ -150,24 +150,31 @@ def load_adapters(adapter_dirs: Sequence[str], device="cpu",
     return multi
 
 
-def prompts_for(mrs: Sequence[str]) -> List[List[int]]:
-    """Token ids of ``format_prompt(mr)`` for each MR: what training conditioned on."""
+def prompts_for(mrs: Sequence[str], delex: Sequence[str] = ()) -> List[List[int]]:
+    """Token ids of ``format_prompt(mr, delex)`` for each MR: what training conditioned on."""
     enc = get_tokenizer()
-    return [enc.encode_ordinary(format_prompt(mr)) for mr in mrs]
+    return [enc.encode_ordinary(format_prompt(mr, delex)) for mr in mrs]
 
 
-def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16) -> Tuple[List[str], dict]:
-    """Generate one description per MR and time it.
+def adapter_delex(config: dict) -> List[str]:
+    """The attributes an adapter was trained with delexicalised (none for adapters from before that option)."""
+    return list(config.get("data", {}).get("delexicalize", []))
+
+
+def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
+             delex: Sequence[str] = ()) -> Tuple[List[str], dict]:
+    """Generate one description per MR and time it. With ``delex`` (what the adapter was trained with), the
+    prompts carry placeholders and the MR's values are put back into the generated texts.
 
     Returns:
         (texts, stats) with stats ``{"tokens": generated tokens (end-of-text included when produced),
         "seconds": wall time, "tokens_per_second": ...}``, measured in this call.
     """
     enc = get_tokenizer()
-    prompts = prompts_for(mrs)
+    prompts = prompts_for(mrs, delex)
     t0 = time.perf_counter()
     out = generate(model, prompts, cfg, batch_size=batch_size)
     seconds = time.perf_counter() - t0
     n = sum(len(o) + (len(o) < cfg.max_new_tokens) for o in out)  # + the end-of-text each finished one produced
-    return [enc.decode(o).strip() for o in out], {"tokens": n, "seconds": seconds,
-                                                  "tokens_per_second": n / max(seconds, 1e-9)}
+    texts = [relexicalize(enc.decode(o).strip(), delexicalize(mr, None, delex)[2]) for mr, o in zip(mrs, out)]
+    return texts, {"tokens": n, "seconds": seconds, "tokens_per_second": n / max(seconds, 1e-9)}

@@ -1,4 +1,5 @@
 """Pieces of the training loop that other scripts share: device choice, LR schedule, evaluation, saving state."""
+import contextlib
 import json
 import math
 import os
@@ -38,6 +39,69 @@ def select_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"unknown --device {name!r}; use auto, cuda or cpu")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX), as torch's kernels see it.
+    Without them bfloat16 matmuls are emulated and slower than float32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(name: str, device: torch.device, cpu_bf16: Optional[bool] = None) -> tuple:
+    """The precision a run uses, and why.
+
+    ``auto``: on CPU, bf16 when the processor has native bfloat16 matrix instructions, else fp32; on CUDA, bf16
+    where the GPU supports it, else fp16 (which then needs a gradient scaler).
+
+    Args:
+        name: one of :data:`PRECISIONS`.
+        device: the run's device.
+        cpu_bf16: overrides the CPU capability check (tests).
+
+    Returns:
+        (``"fp32"`` / ``"bf16"`` / ``"fp16"``, a sentence saying why).
+
+    Raises:
+        ValueError: an unknown name, or fp16 on CPU (torch's CPU fp16 matmuls are slow and unscaled).
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown --precision {name!r}; use one of {', '.join(PRECISIONS)}")
+    if device.type == "cpu" and name == "fp16":
+        raise ValueError("--precision fp16 is for CUDA GPUs; on a CPU use bf16 (with native bf16 instructions) "
+                         "or fp32")
+    if name != "auto":
+        return name, "asked for with --precision"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU supports bfloat16"
+        return "fp16", "auto: this GPU has no bfloat16, so float16 with a gradient scaler"
+    has = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
+    if has:
+        return "bf16", "auto: this CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX)"
+    return "fp32", "auto: this CPU has no native bfloat16 matrix instructions, where bfloat16 would be slower"
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return _DTYPES[precision]
+
+
+def cast_frozen(model: torch.nn.Module, precision: str) -> None:
+    """Store the frozen (non-trainable) weights in ``precision``'s dtype; trainable ones (LoRA) stay float32."""
+    dtype = precision_dtype(precision)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` for half precisions, a no-op context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision_dtype(precision))
+
+
 def warmup_linear_decay(warmup_steps: int, total_steps: int):
     """LR multiplier for step s: linear warmup over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
     def f(step: int) -> float:
@@ -48,7 +112,8 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device) -> float:
+def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device,
+             precision: str = "fp32") -> float:
     """Mean next-token loss per predicted token (reference tokens and end-of-text) over ``batches``.
 
     The model runs in eval mode *without* merging LoRA into the frozen weights: a merge followed by an unmerge is
@@ -69,7 +134,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]],
             n = int((labels[:, 1:] != -100).sum())
             if n == 0:
                 continue
-            out = model(b["input_ids"].to(device), labels=labels)
+            with autocast(torch.device(device), precision):
+                out = model(b["input_ids"].to(device), labels=labels)
             total += float(out.loss) * n
             count += n
     finally:
