@@ -68,6 +68,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"directory with test.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
     g.add_argument("--meteor", default="auto", choices=["auto", "jar", "nltk"],
                    help="METEOR implementation: the official 1.5 jar (needs Java), nltk, or auto (jar if Java)")
+    g.add_argument("--nist", default="perl", choices=sorted(M.NIST_VARIANTS),
+                   help="NIST as the official script computes it: perl (mteval-v13a-sig.pl, its default) or python "
+                        "(its -p port, which averages reference lengths per MR)")
     g.add_argument("--output_dir", default=None,
                    help="where predictions.txt, references.txt, scores.json go (default: the first adapter dir; "
                         "with several adapters, one subdirectory per adapter)")
@@ -153,16 +156,14 @@ def run(args) -> dict:
             write_lines(os.path.join(out_dir, "predictions.txt"), texts)
             # The official script's multi-reference format: each MR's references, then a blank line.
             write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
-            scores = M.score_all(texts, refs, meteor_impl=args.meteor)
+            scores = M.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist)
             scores["slots"] = S.slot_scores(mrs, texts)
             scores.update({"split": args.split, "decoding": vars(decode), "adapter_dir": adapter.path,
-                           "scales": "BLEU, METEOR, ROUGE_L in 0..1; NIST and CIDEr raw (as the official script)",
                            "tokens_per_second": speed})
             atomic_json(os.path.join(out_dir, "scores.json"), scores)
-            print(M.format_table(scores))
+            print(M.format_report(scores))
             print(S.format_slot_line(scores["slots"]))
-            print(f"METEOR: {scores['implementations']['METEOR']}; NIST approximate (nltk). "
-                  f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/")
+            print(f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/")
             result.update(scores=scores, output_dir=out_dir)
         results.append(result)
     return {"mrs": mrs, "results": results}

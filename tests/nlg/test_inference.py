@@ -73,7 +73,7 @@ def test_adapter_swap_back_is_identical(adapters):
 def test_eval_writes_predictions_references_scores(adapters, tmp_path, capsys):
     data, a, _ = adapters
     out = _run(["--adapter_dir", a, "--eval", "--split", "test", "--data_dir", data, "--output_dir",
-                str(tmp_path), "--meteor", "nltk"])
+                str(tmp_path), "--meteor", "nltk", "--nist", "python"])
     assert len(out["mrs"]) == 4  # 8 test lines, 4 unique MRs
     preds = (tmp_path / "predictions.txt").read_text().splitlines()
     assert len(preds) == 4
@@ -83,7 +83,9 @@ def test_eval_writes_predictions_references_scores(adapters, tmp_path, capsys):
     for k in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"):
         assert isinstance(s[k], float) and s[k] >= 0
     assert "nltk" in s["implementations"]["METEOR"] and s["num_mrs"] == 4
-    assert "| BLEU | NIST | METEOR | ROUGE-L | CIDEr |" in capsys.readouterr().out
+    assert s["nist_variant"] == "python" and run_inference.get_parser().parse_args([]).nist == "perl"
+    printed = capsys.readouterr().out
+    assert "| BLEU | NIST | METEOR | ROUGE-L | CIDEr |" in printed and "NIST: python variant" in printed
 
 
 def test_check_mr():

@@ -1,14 +1,15 @@
-"""The five E2E NLG Challenge metrics, computed with established implementations, on the official script's scales.
+"""The five E2E NLG Challenge metrics, on the official script's scales.
 
 The official scorer (tuetschek/e2e-metrics ``measure_scores.py``) scores one hypothesis per unique meaning
-representation against all of that MR's references. What each function here uses and how close it is (measured,
-see ``/work/shared/notes/e2e-metrics.md`` and README.md, "Inference and scores"):
+representation against all of that MR's references. What each function here uses and how close it is (measured
+against the official script; README.md, "Inference and scores"):
 
 ========  ===========================================================  ======================================
 metric    implementation                                               vs. the official script
 ========  ===========================================================  ======================================
 BLEU      ``sacrebleu.corpus_bleu``, 13a tokens, lowercased             identical
-NIST      ``nltk.translate.nist_score.corpus_nist`` (n=5), 13a tokens   approximate (~10-16% off)
+NIST      :func:`nist`, MTEval v13a NIST-5 written here, two variants   identical to 4 decimals on the test
+          (``perl``: the official default; ``python``: its ``-p``)      outputs (``tests/nlg/test_nist.py``)
 METEOR    pycocoevalcap's ``meteor-1.5.jar`` (Java, ``-l en -norm``)    the official jar: same implementation
           else nltk ``meteor_score`` with METEOR 1.5's alpha/beta/gamma  approximate (no WordNet/paraphrases)
 ROUGE-L   ``pycocoevalcap.rouge.Rouge`` (LCS, beta=1.2) on COCO tokens  identical
@@ -17,12 +18,17 @@ CIDEr     ``pycocoevalcap.cider.Cider`` (CIDEr-D) on COCO tokens        identica
 
 Scales, as the official script prints them: BLEU, METEOR and ROUGE-L in 0..1; NIST and CIDEr raw.
 """
+import functools
+import math
 import os
 import shutil
+import string
 import subprocess
+from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+SCALES = "BLEU, METEOR, ROUGE_L in 0..1; NIST and CIDEr raw (as the official script)"
 # METEOR 1.5's English parameters (alpha, beta, gamma); delta (content vs function words) has no nltk equivalent.
 METEOR15_PARAMS = dict(alpha=0.85, beta=0.20, gamma=0.60)
 # COCO's punctuation list (pycocoevalcap PTBTokenizer) plus the brackets PTB would have renamed; "#" (from "£")
@@ -70,26 +76,140 @@ def bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     n = max(len(r) for r in refs)
     # sacrebleu takes one stream per reference slot; None pads MRs with fewer references.
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(n)]
-    return sacrebleu.corpus_bleu(list(hyps), streams, tokenize="13a", lowercase=True).score / 100.0
+    # force: E2E texts are tokenized on purpose (so are the references); no "forgot to detokenize" warning.
+    return sacrebleu.corpus_bleu(list(hyps), streams, tokenize="13a", lowercase=True, force=True).score / 100.0
 
 
-def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """Corpus NIST-5 (nltk ``corpus_nist``) on lowercased 13a tokens. Approximate: the official Perl/Python NIST
-    differs in its length penalty; expect ~10-16% from the official figure.
+NIST_VARIANTS = {
+    "perl": "MTEval v13a NIST-5 as mteval-v13a-sig.pl computes it (the official script's default)",
+    "python": "MTEval v13a NIST-5 as the official script's -p Python port computes it",
+}
+NIST_MAX_N = 5
+# Doddington (2002): the length penalty is 0.5 when the output is 2/3 of the reference length, i.e.
+# exp(-beta * log(1.5) ** 2) = 0.5.
+NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2
+# mteval's Perl lowercases with tr/A-Z/a-z/ (ASCII only); the Python port uses str.lower().
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_13a():
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return Tokenizer13a()
+
+
+def nist_tokens(text: str, variant: str = "perl") -> List[str]:
+    """MTEval v13a tokens of one text as the given NIST variant sees them.
+
+    Args:
+        text: a hypothesis or a reference.
+        variant: ``"perl"`` (ASCII-only lowercasing, an empty text has no tokens) or ``"python"`` (Unicode
+            lowercasing; an empty text is one empty token, as the port's ``split(' ')`` leaves it).
+
+    Returns:
+        The tokens.
+    """
+    if variant == "perl":
+        return _tokenizer_13a()(text.translate(_ASCII_LOWER)).split()
+    return _tokenizer_13a()(text).lower().split() or [""]
+
+
+def _ngram_counts(tokens: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def nist_length_penalty(ratio: float) -> float:
+    """NIST brevity penalty ``exp(-beta * log(min(ratio, 1)) ** 2)``, 0 for ``ratio <= 0``.
+
+    Args:
+        ratio: hypothesis words / average reference words.
+    """
+    if ratio >= 1:
+        return 1.0
+    if ratio <= 0:
+        return 0.0
+    return math.exp(-NIST_BETA * math.log(ratio) ** 2)
+
+
+def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "perl") -> float:
+    """Corpus NIST-5 as the official E2E script computes it (MTEval v13a), in either of its two variants.
+
+    Both variants: lowercased v13a tokens; the information weight of an n-gram w1..wn is
+    ``log2(count(w1..wn-1) / count(w1..wn))`` counted over every reference of the scored set (for unigrams the
+    numerator is the total number of reference words); each hypothesis n-gram matched in its MR's references (clipped
+    to its largest count in one reference) adds its weight; the score is the sum over n = 1..5 of matched information
+    / hypothesis n-grams, times :func:`nist_length_penalty` of hypothesis words / reference words, the latter
+    averaged over each MR's references (how: below).
+
+    The variants differ where the official script's two implementations do:
+
+    - ``perl`` (``mteval-v13a-sig.pl`` as the E2E script edits and runs it, its default): the reference words are
+      all reference words divided by the mean number of (non-empty) references per MR; hypothesis n-gram counts
+      are ``max(0, len - n + 1)`` per text and each sum at least 1; ASCII-only lowercasing; and, as Perl's ``"0"`` is
+      false, a bigram whose first word is ``0`` is weighed against the total word count.
+    - ``python`` (the script's ``-p`` port): the reference words are the sum over MRs of that MR's mean reference
+      length, so MRs with many references weigh no more than others (up to 77% apart from ``perl`` on
+      the same texts); per text it counts ``len - n + 1`` n-grams of order n even where that is negative (texts
+      shorter than n - 1 words), and an empty text is one empty token. Where the port would divide by zero (those
+      counts summing to 0), that order contributes 0 here instead of stopping the script.
+
+    Args:
+        hyps: one hypothesis per MR.
+        refs: per MR, all its references.
+        variant: ``"perl"`` or ``"python"``.
+
+    Returns:
+        The NIST score (raw, not scaled); 0 when nothing matches or every hypothesis is empty.
 
     Raises:
-        ValueError: as :func:`bleu`; also when every hypothesis is empty (NIST is undefined then).
+        ValueError: unknown variant; lengths differ, no hypotheses or an empty reference group (as :func:`bleu`);
+            references without any word (NIST has no weights then).
     """
-    from nltk.translate.nist_score import corpus_nist
-
+    if variant not in NIST_VARIANTS:
+        raise ValueError(f"unknown NIST variant {variant!r}; use perl or python")
     _check(hyps, refs)
-    h = [tokens_13a(x) for x in hyps]
-    if not any(h):
-        return 0.0
-    try:
-        return float(corpus_nist([[tokens_13a(r) for r in rs] for rs in refs], h, n=5))
-    except ZeroDivisionError:
-        return 0.0  # no n-gram of any hypothesis occurs in the references
+    perl = variant == "perl"
+    hyp_toks = [nist_tokens(h, variant) for h in hyps]
+    ref_toks = [[nist_tokens(r, variant) for r in rs] for rs in refs]
+
+    counts: Counter = Counter()
+    ref_words = 0
+    for rs in ref_toks:
+        for r in rs:
+            ref_words += len(r)
+            for n in range(1, NIST_MAX_N + 1):
+                counts.update(_ngram_counts(r, n))
+    if ref_words == 0:
+        raise ValueError("the references have no words: NIST has no information weights; check the reference file")
+
+    def info(ngram: tuple) -> float:
+        prefix = ngram[:-1]
+        if not prefix or (perl and prefix == ("0",)):
+            return math.log2(ref_words / counts[ngram])
+        return math.log2(counts[prefix] / counts[ngram])
+
+    matched_info = [0.0] * (NIST_MAX_N + 1)
+    hyp_ngrams = [0] * (NIST_MAX_N + 1)
+    for h, rs in zip(hyp_toks, ref_toks):
+        for n in range(1, NIST_MAX_N + 1):
+            hyp_ngrams[n] += max(0, len(h) - n + 1) if perl else len(h) - n + 1
+            best: Counter = Counter()
+            for r in rs:
+                for g, c in _ngram_counts(r, n).items():
+                    best[g] = max(best[g], c)
+            for g, c in _ngram_counts(h, n).items():
+                if g in best:
+                    matched_info[n] += info(g) * min(c, best[g])
+
+    if perl:
+        score = sum(matched_info[n] / max(hyp_ngrams[n], 1) for n in range(1, NIST_MAX_N + 1))
+        refs_per_mr = sum(len([r for r in rs if r]) for rs in ref_toks) / len(ref_toks)
+        avg_ref_len = ref_words / refs_per_mr
+    else:
+        score = sum(matched_info[n] / hyp_ngrams[n] for n in range(1, NIST_MAX_N + 1) if hyp_ngrams[n])
+        avg_ref_len = sum(sum(len(r) for r in rs) / len(rs) for rs in ref_toks)
+    return float(score * nist_length_penalty(hyp_ngrams[1] / avg_ref_len))
 
 
 def rouge_l(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
@@ -130,13 +250,31 @@ def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[floa
     Returns:
         ``(corpus score, per-MR scores)``.
 
-    Talks to the jar's ``-stdio`` protocol itself (one ``SCORE`` line per MR, then one ``EVAL`` line) and stops
-    the JVM before returning.
-
     Raises:
         MetricError: no Java or jar, or the jar failed.
     """
-    _check(hyps, refs)
+    return meteor_jar_corpora([(hyps, refs)])[0]
+
+
+def meteor_jar_corpora(corpora: Sequence[Tuple[Sequence[str], Sequence[Sequence[str]]]]
+                       ) -> List[Tuple[float, List[float]]]:
+    """:func:`meteor_jar` for several corpora in one JVM (starting it and loading its paraphrase table takes
+    seconds), each scored on its own.
+
+    Args:
+        corpora: ``(hyps, refs)`` pairs.
+
+    Returns:
+        Per corpus, ``(corpus score, per-MR scores)``.
+
+    Talks to the jar's ``-stdio`` protocol itself (one ``SCORE`` line per MR, then one ``EVAL`` line per corpus)
+    and stops the JVM before returning.
+
+    Raises:
+        ValueError: as :func:`bleu`, for any corpus. MetricError: no Java or jar, or the jar failed.
+    """
+    for hyps, refs in corpora:
+        _check(hyps, refs)
     jar = meteor_jar_path()
     if jar is None:
         raise MetricError("METEOR jar needs java and pycocoevalcap's meteor-1.5.jar")
@@ -144,24 +282,26 @@ def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[floa
     def clean(s: str) -> str:
         return " ".join(coco_tokens(s).replace("|||", "").split())
 
-    score_lines = [" ||| ".join(["SCORE", *[clean(r) for r in rs], clean(h)]) for h, rs in zip(hyps, refs)]
     cmd = ["java", "-Xmx2G", "-jar", jar, "-", "-", "-stdio", "-l", "en", "-norm"]
     try:
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True, cwd=os.path.dirname(jar))
     except OSError as e:
         raise MetricError(f"METEOR jar did not start: {e}") from e
+    results = []
     try:
-        # The jar answers each SCORE line with a statistics line, which the EVAL line must quote: the dialogue
-        # goes line by line, in one JVM (starting it and loading its paraphrase table takes seconds).
-        stats = [_ask(p, line) for line in score_lines]
-        p.stdin.write("EVAL ||| " + " ||| ".join(stats) + "\n")
-        p.stdin.flush()
-        out = [_read(p) for _ in range(len(hyps) + 1)]
+        for hyps, refs in corpora:
+            # The jar answers each SCORE line with a statistics line, which the EVAL line must quote: the dialogue
+            # goes line by line.
+            stats = [_ask(p, " ||| ".join(["SCORE", *[clean(r) for r in rs], clean(h)])) for h, rs in zip(hyps, refs)]
+            p.stdin.write("EVAL ||| " + " ||| ".join(stats) + "\n")
+            p.stdin.flush()
+            out = [_read(p) for _ in range(len(hyps) + 1)]
+            results.append((float(out[-1]), [float(x) for x in out[:-1]]))  # the corpus score follows the segments'
     finally:
         p.kill()
         p.wait()
-    return float(out[-1]), [float(x) for x in out[:-1]]  # the corpus score follows the per-segment ones
+    return results
 
 
 def _read(p) -> str:
@@ -232,33 +372,39 @@ def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]], impl: str = "auto
 
 IMPLEMENTATIONS = {
     "BLEU": "sacrebleu corpus_bleu, 13a, lowercase (identical to the official script)",
-    "NIST": "nltk corpus_nist n=5 on 13a tokens (approximate: ~10-16% off the official)",
     "ROUGE_L": "pycocoevalcap Rouge on COCO-style tokens (identical)",
     "CIDEr": "pycocoevalcap Cider (CIDEr-D) on COCO-style tokens (identical)",
 }
 
 
-def score_all(hyps: Sequence[str], refs: Sequence[Sequence[str]], meteor_impl: str = "auto") -> Dict[str, object]:
+def score_all(hyps: Sequence[str], refs: Sequence[Sequence[str]], meteor_impl: str = "auto",
+              nist_variant: str = "perl") -> Dict[str, object]:
     """All five metrics, on the official script's scales, and which implementation produced each.
 
     Args:
         hyps: one generated text per unique MR.
         refs: per MR, all its references.
         meteor_impl: see :func:`meteor`.
+        nist_variant: see :func:`nist`.
 
     Returns:
-        ``{"BLEU": .., "NIST": .., "METEOR": .., "ROUGE_L": .., "CIDEr": .., "implementations": {...},
-        "num_mrs": int, "num_references": int}``.
+        ``{"BLEU": .., "NIST": .., "METEOR": .., "ROUGE_L": .., "CIDEr": .., "implementations": {metric: str},
+        "nist_variant": str, "scales": str, "num_mrs": int, "num_references": int}``.
 
     Raises:
-        ValueError: lengths differ, nothing to score, or an empty reference group.
+        ValueError: unknown ``nist_variant``, lengths differ, nothing to score, or an empty reference group.
+        MetricError: ``meteor_impl="jar"`` and the jar cannot run.
     """
+    if nist_variant not in NIST_VARIANTS:
+        raise ValueError(f"unknown NIST variant {nist_variant!r}; use perl or python")
     _check(hyps, refs)
     m = meteor(hyps, refs, meteor_impl)
-    return {"BLEU": bleu(hyps, refs), "NIST": nist(hyps, refs), "METEOR": m["score"],
+    return {"BLEU": bleu(hyps, refs), "NIST": nist(hyps, refs, nist_variant), "METEOR": m["score"],
             "ROUGE_L": rouge_l(hyps, refs), "CIDEr": cider(hyps, refs),
-            "implementations": {**IMPLEMENTATIONS, "METEOR": m["implementation"]},
-            "num_mrs": len(hyps), "num_references": sum(len(r) for r in refs)}
+            "implementations": {**IMPLEMENTATIONS, "METEOR": m["implementation"],
+                                "NIST": f"{nist_variant} variant: {NIST_VARIANTS[nist_variant]}"},
+            "nist_variant": nist_variant, "scales": SCALES, "num_mrs": len(hyps),
+            "num_references": sum(len(r) for r in refs)}
 
 
 def format_table(scores: Dict[str, object]) -> str:
@@ -266,3 +412,13 @@ def format_table(scores: Dict[str, object]) -> str:
     head = "| BLEU | NIST | METEOR | ROUGE-L | CIDEr |"
     row = "| {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.4f} |".format(*(scores[k] for k in METRICS))
     return "\n".join([head, "|---|---|---|---|---|", row])
+
+
+def format_report(scores: Dict[str, object]) -> str:
+    """:func:`format_table`, then one line naming the NIST variant and one the METEOR implementation.
+
+    Args:
+        scores: what :func:`score_all` returned.
+    """
+    impl = scores["implementations"]
+    return "\n".join([format_table(scores), f"NIST: {impl['NIST']}", f"METEOR: {impl['METEOR']}"])
