@@ -65,6 +65,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_examples", type=int, default=0, help="evaluate the first N unique MRs only (0: all)")
     g.add_argument("--data_dir", default=None,
                    help=f"directory with test.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
+    g.add_argument("--no_download", action="store_true",
+                   help="never fetch the E2E data: without it, --eval downloads it into data/e2e/ when found in "
+                        "none of those places")
     g.add_argument("--meteor", default="auto", choices=["auto", "jar", "nltk"],
                    help="METEOR implementation: the official 1.5 jar (needs Java), nltk, or auto (jar if Java)")
     g.add_argument("--output_dir", default=None,
@@ -97,6 +100,7 @@ def run(args) -> dict:
 
     # --- inputs ---
     if args.eval:
+        D.ensure_data(args.data_dir, (args.split,), download=not args.no_download)
         groups = D.load_references(args.split, args.data_dir)
         n_lines = sum(len(r) for _, r in groups)
         if args.max_examples:

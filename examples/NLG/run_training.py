@@ -71,6 +71,9 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input / output")
     g.add_argument("--data_dir", default=None,
                    help=f"directory with train.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
+    g.add_argument("--no_download", action="store_true",
+                   help="never fetch the E2E data: without it, data found in none of those places is downloaded "
+                        "into data/e2e/ (sha256-checked)")
     g.add_argument("--output_dir", default="lora_model",
                    help="where pytorch_model.bin, adapter_config.json, metrics.json, loss.png go")
     g.add_argument("--adapter_format", choices=sorted(WEIGHTS_FILES), default="bin",
@@ -143,6 +146,18 @@ def _train(args, ctx, stop, step_callback) -> dict:
 
     # --- data ---
     t_load = time.time()
+    # Rank 0 fetches missing data; the others wait for its verdict, so no rank reads a half-fetched directory.
+    fetch_error = None
+    if is_main:
+        try:
+            D.ensure_data(args.data_dir, ("train", "valid"), download=not args.no_download,
+                          progress=not args.no_progress)
+        except D.DataError as e:
+            fetch_error = e
+    if ctx.enabled and Dist.all_reduce_max(ctx, [fetch_error is not None])[0] and fetch_error is None:
+        raise D.DataError("rank 0 could not get the E2E data (its error says why)")
+    if fetch_error is not None:
+        raise fetch_error
     # Only rank 0 writes, the token cache included.
     train_split = D.load_tokenized("train", args.data_dir, write_cache=is_main)
     valid_split = D.load_tokenized("valid", args.data_dir, write_cache=is_main)
