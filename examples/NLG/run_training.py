@@ -1,7 +1,7 @@
 """Fine-tune GPT-2 with LoRA on E2E NLG: only the LoRA weights train; the adapter is saved as a ~4.6 MB file.
 
-    E2E_DATA_DIR=../shared/data/e2e python examples/NLG/run_training.py
-    E2E_DATA_DIR=../shared/data/e2e torchrun --nproc_per_node 2 examples/NLG/run_training.py   # data parallel
+    python examples/NLG/run_training.py
+    torchrun --nproc_per_node 2 examples/NLG/run_training.py   # data parallel
 
 Without --init_checkpoint the frozen base is a *random* GPT-2 (seeded by --seed): no pretrained weights ship with
 this repo. See README.md, "Examples: GPT-2 on E2E NLG", for the measured default run.

@@ -2,7 +2,7 @@
 
 The official scorer (tuetschek/e2e-metrics ``measure_scores.py``) scores one hypothesis per unique meaning
 representation against all of that MR's references. What each function here uses and how close it is (measured,
-see ``/work/shared/notes/e2e-metrics.md`` and README.md, "Inference and scores"):
+see README.md, "Inference and scores"):
 
 ========  ===========================================================  ======================================
 metric    implementation                                               vs. the official script
