@@ -41,7 +41,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="adapter directory written by run_training.py (default: lora_model). Repeat it to load "
                         "the base once and generate with each adapter in turn (only the LoRA weights swap)")
     g.add_argument("--init_checkpoint", default=None,
-                   help="base checkpoint to use instead of the one recorded in adapter_config.json")
+                   help="base checkpoint (local path or Hugging Face Hub name) to use instead of the one recorded "
+                        "in adapter_config.json; it must be the same weights (checked by fingerprint)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
     g = p.add_argument_group("input")
     g.add_argument("--input", action="append", default=None,
@@ -116,7 +117,10 @@ def run(args) -> dict:
     # --- model: the base once, then each adapter ---
     multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint)
     base = multi.adapters[0].config.get("base", {})
-    print(f"base: {base.get('init_checkpoint') or 'random GPT-2 drawn from seed %s' % base.get('base_seed')} "
+    name = args.init_checkpoint or base.get("init_checkpoint")
+    if name and not args.init_checkpoint and base.get("init_revision"):
+        name += f" (commit {base['init_revision']})"
+    print(f"base: {name or 'random GPT-2 drawn from seed %s' % base.get('base_seed')} "
           f"({multi.model.num_params():,} parameters), device {device}; decoding: "
           + ("greedy" if decode.beam_size == 1 else
              f"beam {decode.beam_size}, length penalty {decode.length_penalty}")

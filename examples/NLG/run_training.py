@@ -24,7 +24,8 @@ from src import distributed as Dist  # noqa: E402
 from src import train_utils as U  # noqa: E402
 from src.adapter_io import (AdapterError, WEIGHTS_FILES, load_adapter_weights, read_adapter_weights,  # noqa: E402
                             save_adapter_dir, weights_path)
-from src.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights  # noqa: E402
+from src.hf_checkpoint import (CheckpointError, infer_config, load_hf_gpt2_weights,  # noqa: E402
+                               resolve_init_checkpoint)
 from src.model import GPTConfig, build_model  # noqa: E402
 
 
@@ -66,8 +67,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_alpha", type=int, default=d.lora_alpha, help="LoRA alpha (scaling = alpha / r)")
     g.add_argument("--lora_dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA path")
     g.add_argument("--init_checkpoint", default=None,
-                   help="Hugging Face GPT-2 model.safetensors / pytorch_model.bin (or its directory) to use as the "
-                        "frozen base; its sizes override --vocab_size/--hidden_dim/--num_layers/--num_heads")
+                   help="the frozen base: a Hugging Face Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any "
+                        "org/name in the GPT-2 layout; needs huggingface_hub, uses its cache and HF_HUB_OFFLINE) "
+                        "or a local model.safetensors / pytorch_model.bin or its directory; its config.json sets "
+                        "--vocab_size/--hidden_dim/--num_layers/--num_heads")
+    g.add_argument("--init_revision", default=None,
+                   help="with a Hub name: the branch, tag or commit to fetch (default: main); the commit sha used "
+                        "is recorded in adapter_config.json")
     g = p.add_argument_group("input / output")
     g.add_argument("--data_dir", default=None,
                    help=f"directory with train.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
@@ -101,16 +107,19 @@ def check_args(args) -> None:
         raise ValueError("--lora_dim 0 leaves nothing to train; use a LoRA rank >= 1")
 
 
-def build(args, device):
-    """The model (base from --init_checkpoint or the random draw of --seed), LoRA weights trainable only."""
+def build(args, device, source=None):
+    """The model (base from --init_checkpoint or the random draw of --seed), LoRA weights trainable only.
+    ``source``: the :class:`ResolvedCheckpoint` of --init_checkpoint when the caller has resolved it already."""
     sizes = dict(vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
                  num_heads=args.num_heads)
-    if args.init_checkpoint:
-        sizes.update(infer_config(args.init_checkpoint))
+    if args.init_checkpoint and source is None:
+        source = resolve_init_checkpoint(args.init_checkpoint, getattr(args, "init_revision", None))
+    if source is not None:
+        sizes.update(infer_config(source.path))
     cfg = GPTConfig(**sizes, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     model = build_model(cfg, base_seed=args.seed)
-    if args.init_checkpoint:
-        load_hf_gpt2_weights(model, args.init_checkpoint)
+    if source is not None:
+        load_hf_gpt2_weights(model, source.path)
     lora.mark_only_lora_as_trainable(model)
     return model.to(device)
 
@@ -182,7 +191,10 @@ def _train(args, ctx, stop, step_callback) -> dict:
             return None
 
     # --- model, optimizer, schedule ---
-    model = build(args, device)
+    source = resolve_init_checkpoint(args.init_checkpoint, args.init_revision) if args.init_checkpoint else None
+    if source is not None and source.from_hub:
+        log(f"base: {source.spec} from the Hugging Face Hub, commit {source.revision} ({source.path})")
+    model = build(args, device, source)
     counts = U.param_counts(model)
     log(f"model: {counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable (LoRA), "
         f"device {device}")
@@ -249,7 +261,9 @@ def _train(args, ctx, stop, step_callback) -> dict:
                           "prompt_format": 'format_prompt(mr) = mr + " ||"; completion = " " + reference + EOT',
                           "train_examples": len(train_idx), "val_examples": len(val_idx)},
                  "step": step}
-        save_adapter_dir(model, args.output_dir, base_seed=args.seed, init_checkpoint=args.init_checkpoint,
+        save_adapter_dir(model, args.output_dir, base_seed=args.seed,
+                         init_checkpoint=source.recorded if source else None,
+                         init_revision=source.revision if source else None,
                          extra=extra, weights_format=args.adapter_format)
         U.save_training_state(args.output_dir, {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
