@@ -26,11 +26,18 @@ from src.adapter_io import (AdapterError, WEIGHTS_FILES, load_adapter_weights, r
                             save_adapter_dir, weights_path)
 from src.hf_checkpoint import (CheckpointError, infer_config, load_hf_gpt2_weights,  # noqa: E402
                                resolve_init_checkpoint)
-from src.model import GPTConfig, build_model  # noqa: E402
+from src.model import LORA_TARGETS, GPTConfig, build_model  # noqa: E402
+from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", default="none", choices=["none", *sorted(RECIPES)],
+                   help="paper: Microsoft's examples/NLG settings for GPT-2 M on E2E (LoRA r=4, alpha=32, dropout "
+                        "0.1 on query and value; AdamW lr 2e-4, beta2 0.999, eps 1e-6, weight decay 0.01; no "
+                        "clipping; 500 warmup steps then linear decay; batch 8; 5 epochs; seq_len 512; label "
+                        "smoothing 0.1; seed 110; all of train.txt and valid.txt); flags given explicitly override "
+                        "it; pair it with --init_checkpoint gpt2-medium")
     g = p.add_argument_group("training")
     g.add_argument("--num_epochs", type=int, default=2, help="passes over the (possibly limited) training set")
     g.add_argument("--batch_size", type=int, default=4, help="examples per micro-batch, padded to their longest")
@@ -38,6 +45,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (LoRA weights only)")
     g.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps, then linear decay to 0")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
     g.add_argument("--max_steps", type=int, default=0,
@@ -66,6 +75,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_dim", type=int, default=d.lora_dim, help="LoRA rank r")
     g.add_argument("--lora_alpha", type=int, default=d.lora_alpha, help="LoRA alpha (scaling = alpha / r)")
     g.add_argument("--lora_dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA path")
+    g.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=None,
+                   help="modules that get LoRA: attn (query and value), mlp (both projections), lm_head "
+                        "(default: all of them)")
     g.add_argument("--init_checkpoint", default=None,
                    help="the frozen base: a Hugging Face Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any "
                         "org/name in the GPT-2 layout; needs huggingface_hub, uses its cache and HF_HUB_OFFLINE) "
@@ -101,6 +113,9 @@ def check_args(args) -> None:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.adam_beta2 < 1.0 or args.adam_eps <= 0 or args.max_grad_norm < 0:
+        raise ValueError(f"--adam_beta2 must be in [0, 1) (got {args.adam_beta2}), --adam_eps > 0 (got "
+                         f"{args.adam_eps}) and --max_grad_norm >= 0 (got {args.max_grad_norm})")
     if not 0.0 <= args.label_smoothing < 1.0 or not 0.0 <= args.lora_dropout < 1.0:
         raise ValueError("--label_smoothing and --lora_dropout must be in [0, 1)")
     if args.lora_dim == 0:
@@ -116,7 +131,8 @@ def build(args, device, source=None):
         source = resolve_init_checkpoint(args.init_checkpoint, getattr(args, "init_revision", None))
     if source is not None:
         sizes.update(infer_config(source.path))
-    cfg = GPTConfig(**sizes, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    cfg = GPTConfig(**sizes, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                    lora_targets=getattr(args, "lora_targets", None))
     model = build_model(cfg, base_seed=args.seed)
     if source is not None:
         load_hf_gpt2_weights(model, source.path)
@@ -124,9 +140,30 @@ def build(args, device, source=None):
     return model.to(device)
 
 
+def use_recipe(args, explicit=None) -> None:
+    """Apply ``args.recipe`` to ``args`` (once), keeping the flags in ``explicit``; the outcome goes to
+    ``args.recipe_info``. ``explicit=None`` (args not from :func:`parse_args`): values that differ from the
+    defaults count as given."""
+    if getattr(args, "recipe_info", None) is not None:
+        return
+    if explicit is None:
+        defaults = vars(get_parser().parse_args([]))
+        explicit = {k for k, v in vars(args).items() if defaults.get(k, v) != v}
+    args.recipe_info = apply_recipe(args, getattr(args, "recipe", "none"), "train", explicit)
+
+
+def parse_args(argv=None):
+    """The command line, with ``--recipe`` applied: its values, except for the flags typed explicitly."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_parser().parse_args(argv)
+    use_recipe(args, explicit_dests(get_parser, argv))
+    return args
+
+
 def train(args, step_callback=None) -> dict:
     """Run training as configured by ``args``; return the metrics (None on ranks other than 0 under torchrun).
     ``step_callback(step)`` runs after every optimizer step (tests use it to interrupt a run)."""
+    use_recipe(args)
     check_args(args)
     ctx = Dist.init(args.device, args.dist_backend)
     try:
@@ -194,12 +231,19 @@ def _train(args, ctx, stop, step_callback) -> dict:
     source = resolve_init_checkpoint(args.init_checkpoint, args.init_revision) if args.init_checkpoint else None
     if source is not None and source.from_hub:
         log(f"base: {source.spec} from the Hugging Face Hub, commit {source.revision} ({source.path})")
+    if args.recipe_info:
+        log(f"recipe {args.recipe}: " + ", ".join(f"{k}={getattr(args, k)}" for k in args.recipe_info["values"])
+            + (f" (given explicitly: {', '.join(sorted(args.recipe_info['overridden']))})"
+               if args.recipe_info["overridden"] else ""))
+        if not args.init_checkpoint:
+            log("note: no --init_checkpoint, so the base is a random GPT-2; the paper's recipe is meant for "
+                "--init_checkpoint gpt2-medium")
     model = build(args, device, source)
     counts = U.param_counts(model)
     log(f"model: {counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable (LoRA), "
         f"device {device}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
+                            betas=(0.9, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
     global_batch = args.batch_size * world_size * args.grad_accum
     # Every rank must run the same number of steps (a rank with one batch more would wait in a collective
     # forever), so an epoch is the global batches that fit: the same count one process with the global batch has.
@@ -261,6 +305,9 @@ def _train(args, ctx, stop, step_callback) -> dict:
                           "prompt_format": 'format_prompt(mr) = mr + " ||"; completion = " " + reference + EOT',
                           "train_examples": len(train_idx), "val_examples": len(val_idx)},
                  "step": step}
+        if args.recipe_info:
+            # The decoding half is what run_inference.py uses for an adapter trained with this recipe.
+            extra["recipe"] = {**args.recipe_info, "decode": RECIPES[args.recipe]["decode"]}
         save_adapter_dir(model, args.output_dir, base_seed=args.seed,
                          init_checkpoint=source.recorded if source else None,
                          init_revision=source.revision if source else None,
@@ -398,7 +445,7 @@ def _rank_prefix() -> str:
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         train(args)
     except KeyboardInterrupt:
