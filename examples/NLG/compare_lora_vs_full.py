@@ -40,7 +40,7 @@ import loralib as lora  # noqa: E402
 from src import distributed as Dist  # noqa: E402
 from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
-from src.data import DataError, iterate_batches, load_tokenized, select_indices  # noqa: E402
+from src.data import DataError, ensure_data, iterate_batches, load_tokenized, select_indices  # noqa: E402
 from src.model import GPTConfig, base_fingerprint, build_model  # noqa: E402
 from src.train_utils import DeviceError, evaluate, select_device  # noqa: E402
 from src.tokenizer import EOT_ID  # noqa: E402
@@ -77,6 +77,9 @@ def parse_args(argv=None):
     t.add_argument("--seed", type=int, default=0, help="base weights, data order and subsets")
     t.add_argument("--data_dir", default=None, help="directory with the E2E train.txt/valid.txt "
                    "(default: $E2E_DATA_DIR, then data/e2e/)")
+    t.add_argument("--no_download", action="store_true",
+                   help="never fetch the E2E data: without it, data found in none of those places is downloaded "
+                        "into data/e2e/ (sha256-checked)")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
     o.add_argument("--plot", default=None, metavar="PATH", help="write a bar chart (PNG) to this file")
@@ -485,6 +488,7 @@ def _main(argv) -> int:
     try:
         device = select_device(args.device)
         # Parse and tokenise here, once: bad or missing data stops the run before any training starts.
+        ensure_data(args.data_dir, ("train", "valid"), download=not args.no_download)
         n_train = len(load_tokenized("train", args.data_dir))
         load_tokenized("valid", args.data_dir)
     except (DeviceError, DataError) as e:

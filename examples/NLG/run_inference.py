@@ -3,10 +3,11 @@
     python examples/NLG/run_inference.py                                  # sample MRs, adapter in lora_model/
     python examples/NLG/run_inference.py --input "name : The Eagle | Type : pub | area : riverside"
     python examples/NLG/run_inference.py --eval --split test --max_examples 50
-    python examples/NLG/run_inference.py --beam_size 10 --length_penalty 0.8 --no_repeat_ngram_size 4  # E2E recipe
+    python examples/NLG/run_inference.py --recipe paper          # Microsoft's E2E decoding: beam 10, penalty 0.8, ...
 
 The model is rebuilt from adapter_config.json alone (base: the recorded --init_checkpoint, or the random base drawn
-from the recorded seed). See README.md, "Inference and scores".
+from the recorded seed). An adapter trained with --recipe paper is decoded with that recipe's settings unless
+flags given here say otherwise. See README.md, "Inference and scores".
 """
 import argparse
 import json
@@ -24,6 +25,8 @@ from src.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
 from src.generate import DecodeConfig  # noqa: E402
 from src.hf_checkpoint import CheckpointError  # noqa: E402
 from src.inference import MRError, adapter_delex, check_mr, describe, load_adapters, read_mr_file  # noqa: E402
+from src.adapter_io import read_adapter_config  # noqa: E402
+from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
 
 SAMPLE_MRS = [
     "name : The Eagle | Type : coffee shop | food : French | price : moderate | customer rating : 3 out of 5 | "
@@ -42,7 +45,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="adapter directory written by run_training.py (default: lora_model). Repeat it to load "
                         "the base once and generate with each adapter in turn (only the LoRA weights swap)")
     g.add_argument("--init_checkpoint", default=None,
-                   help="base checkpoint to use instead of the one recorded in adapter_config.json")
+                   help="base checkpoint (local path or Hugging Face Hub name) to use instead of the one recorded "
+                        "in adapter_config.json; it must be the same weights (checked by fingerprint)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
     g = p.add_argument_group("input")
     g.add_argument("--input", action="append", default=None,
@@ -50,12 +54,19 @@ def get_parser() -> argparse.ArgumentParser:
                         f"{len(SAMPLE_MRS)} built-in samples")
     g.add_argument("--input_file", default=None, help="a file with one meaning representation per line")
     g = p.add_argument_group("decoding")
+    g.add_argument("--recipe", default="auto", choices=["auto", "none", *sorted(RECIPES)],
+                   help="decoding settings by name: auto = the recipe the (first) adapter was trained with, if any; "
+                        "paper = beam 10, length penalty 0.8, no-repeat 4-grams, at most 64 new tokens, stop at "
+                        "628 ('\\n\\n') too; the flags below, when given, override it")
     g.add_argument("--beam_size", type=int, default=1, help="beams per input; 1 is greedy (E2E recipe: 10)")
     g.add_argument("--length_penalty", type=float, default=1.0,
-                   help="beam score = sum of log-probs / length ** length_penalty (E2E recipe: 0.8)")
+                   help="beam score = sum of log-probs / length ** length_penalty (recipe paper: 0.8, from "
+                        "Microsoft's README; the paper's Table 11 says 0.9)")
     g.add_argument("--no_repeat_ngram_size", type=int, default=0,
                    help="never repeat an n-gram of this size within the generated text; 0: off (E2E recipe: 4)")
     g.add_argument("--max_new_tokens", type=int, default=64, help="stop after this many tokens without end-of-text")
+    g.add_argument("--stop_token_ids", type=int, nargs="*", default=[],
+                   help="token ids that end a text besides <|endoftext|> (recipe paper: 628, '\\n\\n')")
     g.add_argument("--batch_size", type=int, default=16, help="inputs decoded together (x beam_size rows)")
     g.add_argument("--no_unmerged", action="store_true",
                    help="skip the unmerged run (it shows the tokens equal the merged model's and times it)")
@@ -66,6 +77,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_examples", type=int, default=0, help="evaluate the first N unique MRs only (0: all)")
     g.add_argument("--data_dir", default=None,
                    help=f"directory with test.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
+    g.add_argument("--no_download", action="store_true",
+                   help="never fetch the E2E data: without it, --eval downloads it into data/e2e/ when found in "
+                        "none of those places")
     g.add_argument("--meteor", default="auto", choices=["auto", "jar", "nltk"],
                    help="METEOR implementation: the official 1.5 jar (needs Java), nltk, or auto (jar if Java)")
     g.add_argument("--nist", default="perl", choices=sorted(M.NIST_VARIANTS),
@@ -96,11 +110,10 @@ def run(args) -> dict:
     check_args(args)
     dirs = args.adapter_dir or ["lora_model"]
     device = U.select_device(args.device)
-    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, beam_size=args.beam_size,
-                          length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
 
     # --- inputs ---
     if args.eval:
+        D.ensure_data(args.data_dir, (args.split,), download=not args.no_download)
         groups = D.load_references(args.split, args.data_dir)
         n_lines = sum(len(r) for _, r in groups)
         if args.max_examples:
@@ -113,15 +126,34 @@ def run(args) -> dict:
             mrs += read_mr_file(args.input_file)
         mrs = mrs or SAMPLE_MRS
 
+    # --- decoding: the flags, over the recipe's values ---
+    recipe = args.recipe
+    if recipe == "auto":
+        recipe = (read_adapter_config(dirs[0]).get("recipe") or {}).get("name")
+    explicit = getattr(args, "explicit", None)
+    if explicit is None:  # args not from parse_args: values that differ from the defaults count as given
+        defaults = vars(get_parser().parse_args([]))
+        explicit = {k for k, v in vars(args).items() if defaults.get(k, v) != v}
+    apply_recipe(args, recipe, "decode", explicit)
+    check_args(args)
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, beam_size=args.beam_size,
+                          length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                          stop_ids=tuple(args.stop_token_ids))
+
     # --- model: the base once, then each adapter ---
     multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint)
     base = multi.adapters[0].config.get("base", {})
-    print(f"base: {base.get('init_checkpoint') or 'random GPT-2 drawn from seed %s' % base.get('base_seed')} "
+    name = args.init_checkpoint or base.get("init_checkpoint")
+    if name and not args.init_checkpoint and base.get("init_revision"):
+        name += f" (commit {base['init_revision']})"
+    print(f"base: {name or 'random GPT-2 drawn from seed %s' % base.get('base_seed')} "
           f"({multi.model.num_params():,} parameters), device {device}; decoding: "
           + ("greedy" if decode.beam_size == 1 else
              f"beam {decode.beam_size}, length penalty {decode.length_penalty}")
           + (f", no-repeat {decode.no_repeat_ngram_size}-grams" if decode.no_repeat_ngram_size else "")
-          + f", at most {decode.max_new_tokens} new tokens")
+          + f", at most {decode.max_new_tokens} new tokens"
+          + (f", stop also at {list(decode.stop_ids)}" if decode.stop_ids else "")
+          + (f" (recipe {recipe})" if recipe and recipe != "none" else ""))
 
     results = []
     for i, adapter in enumerate(multi.adapters):
@@ -158,7 +190,8 @@ def run(args) -> dict:
             write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
             scores = M.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist)
             scores["slots"] = S.slot_scores(mrs, texts)
-            scores.update({"split": args.split, "decoding": vars(decode), "adapter_dir": adapter.path,
+            scores.update({"split": args.split, "decoding": vars(decode), "recipe": recipe,
+                           "adapter_dir": adapter.path,
                            "tokens_per_second": speed})
             atomic_json(os.path.join(out_dir, "scores.json"), scores)
             print(M.format_report(scores))
@@ -169,8 +202,16 @@ def run(args) -> dict:
     return {"mrs": mrs, "results": results}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
+    """The command line; ``args.explicit`` holds the flags typed, which a recipe's decoding never overrides."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
+    args.explicit = explicit_dests(get_parser, argv)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         run(args)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Fine-tune GPT-2 with LoRA on E2E NLG: only the LoRA weights train; the adapter is saved as a ~4.6 MB file.
 
-    E2E_DATA_DIR=../shared/data/e2e python examples/NLG/run_training.py
-    E2E_DATA_DIR=../shared/data/e2e torchrun --nproc_per_node 2 examples/NLG/run_training.py   # data parallel
+    python examples/NLG/run_training.py
+    torchrun --nproc_per_node 2 examples/NLG/run_training.py   # data parallel
 
 Without --init_checkpoint the frozen base is a *random* GPT-2 (seeded by --seed): no pretrained weights ship with
 this repo. See README.md, "Examples: GPT-2 on E2E NLG", for the measured default run.
@@ -24,12 +24,20 @@ from src import distributed as Dist  # noqa: E402
 from src import train_utils as U  # noqa: E402
 from src.adapter_io import (AdapterError, WEIGHTS_FILES, load_adapter_weights, read_adapter_weights,  # noqa: E402
                             save_adapter_dir, weights_path)
-from src.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights  # noqa: E402
-from src.model import GPTConfig, base_fingerprint, build_model  # noqa: E402
+from src.hf_checkpoint import (CheckpointError, infer_config, load_hf_gpt2_weights,  # noqa: E402
+                               resolve_init_checkpoint)
+from src.model import LORA_TARGETS, GPTConfig, base_fingerprint, build_model  # noqa: E402
+from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", default="none", choices=["none", *sorted(RECIPES)],
+                   help="paper: Microsoft's examples/NLG settings for GPT-2 M on E2E (LoRA r=4, alpha=32, dropout "
+                        "0.1 on query and value; AdamW lr 2e-4, beta2 0.999, eps 1e-6, weight decay 0.01; no "
+                        "clipping; 500 warmup steps then linear decay; batch 8; 5 epochs; seq_len 512; label "
+                        "smoothing 0.1; seed 110; all of train.txt and valid.txt); flags given explicitly override "
+                        "it; pair it with --init_checkpoint gpt2-medium")
     g = p.add_argument_group("training")
     g.add_argument("--num_epochs", type=int, default=2, help="passes over the (possibly limited) training set")
     g.add_argument("--batch_size", type=int, default=4, help="examples per micro-batch, padded to their longest")
@@ -37,6 +45,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (LoRA weights only)")
     g.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps, then linear decay to 0")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
     g.add_argument("--max_steps", type=int, default=0,
@@ -73,12 +83,23 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_dim", type=int, default=d.lora_dim, help="LoRA rank r")
     g.add_argument("--lora_alpha", type=int, default=d.lora_alpha, help="LoRA alpha (scaling = alpha / r)")
     g.add_argument("--lora_dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA path")
+    g.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=None,
+                   help="modules that get LoRA: attn (query and value), mlp (both projections), lm_head "
+                        "(default: all of them)")
     g.add_argument("--init_checkpoint", default=None,
-                   help="Hugging Face GPT-2 model.safetensors / pytorch_model.bin (or its directory) to use as the "
-                        "frozen base; its sizes override --vocab_size/--hidden_dim/--num_layers/--num_heads")
+                   help="the frozen base: a Hugging Face Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any "
+                        "org/name in the GPT-2 layout; needs huggingface_hub, uses its cache and HF_HUB_OFFLINE) "
+                        "or a local model.safetensors / pytorch_model.bin or its directory; its config.json sets "
+                        "--vocab_size/--hidden_dim/--num_layers/--num_heads")
+    g.add_argument("--init_revision", default=None,
+                   help="with a Hub name: the branch, tag or commit to fetch (default: main); the commit sha used "
+                        "is recorded in adapter_config.json")
     g = p.add_argument_group("input / output")
     g.add_argument("--data_dir", default=None,
                    help=f"directory with train.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
+    g.add_argument("--no_download", action="store_true",
+                   help="never fetch the E2E data: without it, data found in none of those places is downloaded "
+                        "into data/e2e/ (sha256-checked)")
     g.add_argument("--output_dir", default="lora_model",
                    help="where pytorch_model.bin, adapter_config.json, metrics.json, loss.png go")
     g.add_argument("--adapter_format", choices=sorted(WEIGHTS_FILES), default="bin",
@@ -100,6 +121,9 @@ def check_args(args) -> None:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.adam_beta2 < 1.0 or args.adam_eps <= 0 or args.max_grad_norm < 0:
+        raise ValueError(f"--adam_beta2 must be in [0, 1) (got {args.adam_beta2}), --adam_eps > 0 (got "
+                         f"{args.adam_eps}) and --max_grad_norm >= 0 (got {args.max_grad_norm})")
     if not 0.0 <= args.label_smoothing < 1.0 or not 0.0 <= args.lora_dropout < 1.0:
         raise ValueError("--label_smoothing and --lora_dropout must be in [0, 1)")
     if args.lora_dim == 0:
@@ -119,27 +143,52 @@ def delex_slots(args) -> tuple:
     return slots
 
 
-def build(args, device, precision: str = "fp32"):
+def build(args, device, source=None, precision: str = "fp32"):
     """The model (base from --init_checkpoint or the random draw of --seed), LoRA weights trainable only, the
     frozen base stored in ``precision``; and the base's fingerprint (taken before that cast, so inference can
-    check it against a float32 rebuild)."""
+    check it against a float32 rebuild).
+    ``source``: the :class:`ResolvedCheckpoint` of --init_checkpoint when the caller has resolved it already."""
     sizes = dict(vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
                  num_heads=args.num_heads)
-    if args.init_checkpoint:
-        sizes.update(infer_config(args.init_checkpoint))
-    cfg = GPTConfig(**sizes, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    if args.init_checkpoint and source is None:
+        source = resolve_init_checkpoint(args.init_checkpoint, getattr(args, "init_revision", None))
+    if source is not None:
+        sizes.update(infer_config(source.path))
+    cfg = GPTConfig(**sizes, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                    lora_targets=getattr(args, "lora_targets", None))
     model = build_model(cfg, base_seed=args.seed)
-    if args.init_checkpoint:
-        load_hf_gpt2_weights(model, args.init_checkpoint)
+    if source is not None:
+        load_hf_gpt2_weights(model, source.path)
     lora.mark_only_lora_as_trainable(model)
     fingerprint = base_fingerprint(model)
     U.cast_frozen(model, precision)
     return model.to(device), fingerprint
 
 
+def use_recipe(args, explicit=None) -> None:
+    """Apply ``args.recipe`` to ``args`` (once), keeping the flags in ``explicit``; the outcome goes to
+    ``args.recipe_info``. ``explicit=None`` (args not from :func:`parse_args`): values that differ from the
+    defaults count as given."""
+    if getattr(args, "recipe_info", None) is not None:
+        return
+    if explicit is None:
+        defaults = vars(get_parser().parse_args([]))
+        explicit = {k for k, v in vars(args).items() if defaults.get(k, v) != v}
+    args.recipe_info = apply_recipe(args, getattr(args, "recipe", "none"), "train", explicit)
+
+
+def parse_args(argv=None):
+    """The command line, with ``--recipe`` applied: its values, except for the flags typed explicitly."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_parser().parse_args(argv)
+    use_recipe(args, explicit_dests(get_parser, argv))
+    return args
+
+
 def train(args, step_callback=None) -> dict:
     """Run training as configured by ``args``; return the metrics (None on ranks other than 0 under torchrun).
     ``step_callback(step)`` runs after every optimizer step (tests use it to interrupt a run)."""
+    use_recipe(args)
     check_args(args)
     ctx = Dist.init(args.device, args.dist_backend)
     try:
@@ -168,6 +217,18 @@ def _train(args, ctx, stop, step_callback) -> dict:
 
     # --- data ---
     t_load = time.time()
+    # Rank 0 fetches missing data; the others wait for its verdict, so no rank reads a half-fetched directory.
+    fetch_error = None
+    if is_main:
+        try:
+            D.ensure_data(args.data_dir, ("train", "valid"), download=not args.no_download,
+                          progress=not args.no_progress)
+        except D.DataError as e:
+            fetch_error = e
+    if ctx.enabled and Dist.all_reduce_max(ctx, [fetch_error is not None])[0] and fetch_error is None:
+        raise D.DataError("rank 0 could not get the E2E data (its error says why)")
+    if fetch_error is not None:
+        raise fetch_error
     # Only rank 0 writes, the token cache included.
     delex = delex_slots(args)
     train_split = D.load_tokenized("train", args.data_dir, write_cache=is_main, delex=delex)
@@ -194,7 +255,17 @@ def _train(args, ctx, stop, step_callback) -> dict:
 
     # --- model, optimizer, schedule ---
     precision, why = U.resolve_precision(args.precision, device)
-    model, fingerprint = build(args, device, precision)
+    source = resolve_init_checkpoint(args.init_checkpoint, args.init_revision) if args.init_checkpoint else None
+    if source is not None and source.from_hub:
+        log(f"base: {source.spec} from the Hugging Face Hub, commit {source.revision} ({source.path})")
+    if args.recipe_info:
+        log(f"recipe {args.recipe}: " + ", ".join(f"{k}={getattr(args, k)}" for k in args.recipe_info["values"])
+            + (f" (given explicitly: {', '.join(sorted(args.recipe_info['overridden']))})"
+               if args.recipe_info["overridden"] else ""))
+        if not args.init_checkpoint:
+            log("note: no --init_checkpoint, so the base is a random GPT-2; the paper's recipe is meant for "
+                "--init_checkpoint gpt2-medium")
+    model, fingerprint = build(args, device, source, precision)
     counts = U.param_counts(model)
     log(f"model: {counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable (LoRA), "
         f"device {device}")
@@ -202,7 +273,7 @@ def _train(args, ctx, stop, step_callback) -> dict:
     # float16 gradients can underflow; bfloat16 has float32's range and needs no scaler.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
+                            betas=(0.9, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
     global_batch = args.batch_size * world_size * args.grad_accum
     # Every rank must run the same number of steps (a rank with one batch more would wait in a collective
     # forever), so an epoch is the global batches that fit: the same count one process with the global batch has.
@@ -266,7 +337,12 @@ def _train(args, ctx, stop, step_callback) -> dict:
                           "train_examples": len(train_idx), "val_examples": len(val_idx)},
                  "step": step}
         extra["precision"] = precision
-        save_adapter_dir(model, args.output_dir, base_seed=args.seed, init_checkpoint=args.init_checkpoint,
+        if args.recipe_info:
+            # The decoding half is what run_inference.py uses for an adapter trained with this recipe.
+            extra["recipe"] = {**args.recipe_info, "decode": RECIPES[args.recipe]["decode"]}
+        save_adapter_dir(model, args.output_dir, base_seed=args.seed,
+                         init_checkpoint=source.recorded if source else None,
+                         init_revision=source.revision if source else None,
                          extra=extra, weights_format=args.adapter_format, fingerprint=fingerprint)
         U.save_training_state(args.output_dir, {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
@@ -404,7 +480,7 @@ def _rank_prefix() -> str:
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         train(args)
     except KeyboardInterrupt:

@@ -178,7 +178,7 @@ def test_data_errors_are_one_line(e2e_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(D, "DEFAULT_DATA_DIR", str(tmp_path / "none"))
     argv = tiny_args(e2e_dir, tmp_path / "out")
     del argv[:2]  # no --data_dir, no $E2E_DATA_DIR (the fixture unset it), no data/e2e/
-    assert run_training.main(argv) == 2
+    assert run_training.main(argv + ["--no_download"]) == 2
     err = capsys.readouterr().err
     assert "$E2E_DATA_DIR" in err and "data/e2e/" in err and "download_e2e.py" in err
 
@@ -276,7 +276,7 @@ def test_bf16_base_float32_adapter(e2e_dir, tmp_path):
         argv = tiny_args(e2e_dir, tmp_path / p, "--num_epochs", "2", "--seed", "3")
         argv[argv.index("--precision") + 1] = p
         args = run_training.get_parser().parse_args(argv)
-        model, _ = run_training.build(args, torch.device("cpu"), p)
+        model, _ = run_training.build(args, torch.device("cpu"), precision=p)
         dtypes = {("lora_" in n, q.dtype) for n, q in model.named_parameters()}
         assert dtypes == {(True, torch.float32), (False, torch.float32 if p == "fp32" else torch.bfloat16)}
         runs[p] = run_training.train(args)

@@ -65,11 +65,15 @@ def atomic_json(path: str, obj) -> None:
 
 def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
                      init_checkpoint: Optional[str] = None, extra: Optional[dict] = None,
-                     lora_bias: str = "none", weights_format: str = "bin", fingerprint: Optional[str] = None) -> dict:
+                     lora_bias: str = "none", weights_format: str = "bin", init_revision: Optional[str] = None,
+                     fingerprint: Optional[str] = None) -> dict:
     """Write the weights (``pytorch_model.bin``, or ``adapter_model.safetensors`` with ``weights_format=
     "safetensors"``) and ``adapter_config.json`` atomically; return the config written.
     ``fingerprint``: the base's, when the model's frozen weights were cast after it was built (half precision);
     by default it is computed from the model.
+
+    ``init_checkpoint`` is recorded as an absolute path when it is a local one, as given otherwise (a Hugging Face
+    Hub name), with ``init_revision`` (the Hub commit sha) beside it.
 
     Raises:
         ValueError: an unknown ``weights_format``.
@@ -83,7 +87,9 @@ def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
         "loralib_version": lora.__version__,
         "model_config": model.config.to_dict(),
         "base": {
-            "init_checkpoint": os.path.abspath(init_checkpoint) if init_checkpoint else None,
+            "init_checkpoint": (os.path.abspath(init_checkpoint) if os.path.exists(init_checkpoint)
+                                else init_checkpoint) if init_checkpoint else None,
+            "init_revision": init_revision,
             "base_seed": None if init_checkpoint else base_seed,
             "fingerprint": fingerprint or base_fingerprint(model),
         },
@@ -181,7 +187,7 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
     Args:
         adapter_dir: a directory written by :func:`save_adapter_dir`.
         device: where to put the model.
-        init_checkpoint: overrides the base checkpoint path recorded in the config.
+        init_checkpoint: overrides the base checkpoint (path or Hub name) recorded in the config.
 
     Returns:
         (model in train mode, config dict). Call ``model.eval()`` to merge the adapter.
@@ -196,11 +202,13 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
         raise AdapterError(f"model_config in {adapter_dir}/{CONFIG_NAME} is invalid: {e}") from e
     base = config.get("base", {})
     ckpt = init_checkpoint or base.get("init_checkpoint")
+    # The recorded Hub commit pins the very weights trained on; an overriding --init_checkpoint takes its own.
+    revision = None if init_checkpoint else base.get("init_revision")
     model = build_model(cfg, base_seed=base.get("base_seed") or 0)
     if ckpt:
-        from .hf_checkpoint import load_hf_gpt2_weights  # the trainer's importer of Hugging Face GPT-2 weights
+        from .hf_checkpoint import load_hf_gpt2_weights, resolve_init_checkpoint  # the trainer's importer
 
-        load_hf_gpt2_weights(model, ckpt)
+        load_hf_gpt2_weights(model, resolve_init_checkpoint(ckpt, revision).path)
     expected = base.get("fingerprint")
     if expected and base_fingerprint(model) != expected:
         raise AdapterError(f"the base weights rebuilt for {adapter_dir} (fingerprint {base_fingerprint(model)}) "

@@ -9,9 +9,11 @@ so a training example is ``tokens(prompt) + tokens(completion) + [EOT]``, and ge
 ``tokens(format_prompt(mr))`` and stops at ``<|endoftext|>``.
 """
 import hashlib
+import importlib.util
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -24,6 +26,7 @@ ENV_VAR = "E2E_DATA_DIR"
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 DEFAULT_DATA_DIR = os.path.join(REPO_ROOT, "data", "e2e")
 DOWNLOAD_CMD = "python data/download_e2e.py  (or: python data/download_e2e.py --from DIR_WITH_THE_TXT_FILES)"
+DOWNLOADER_PATH = os.path.join(REPO_ROOT, "data", "download_e2e.py")
 IGNORE_INDEX = -100  # label value the loss skips (prompt and padding)
 PROMPT_FORMAT_VERSION = 1  # bump when format_prompt / completion format changes: invalidates the token cache
 
@@ -116,6 +119,76 @@ def find_data_dir(data_dir: Optional[str] = None, split: str = "train") -> str:
     raise DataError(f"E2E data not found: no {fname} in --data_dir (not given), {tried[0]}, or {tried[1]}. "
                     f"Get it with: {DOWNLOAD_CMD}  -- or point --data_dir / ${ENV_VAR} at a directory holding "
                     f"train.txt, valid.txt and test.txt")
+
+
+def downloader():
+    """``data/download_e2e.py`` as a module (it is a script, not a package): its ``fetch_e2e`` does the fetching,
+    so the examples and the command line share one sha256-checked, atomic implementation.
+
+    Raises:
+        DataError: the script is not there (a copy of ``examples/`` outside the repository).
+    """
+    name = "loralib_nlg_download_e2e"
+    if name not in sys.modules:
+        if not os.path.isfile(DOWNLOADER_PATH):
+            raise DataError(f"{DOWNLOADER_PATH} is missing, so the E2E data cannot be fetched; point --data_dir "
+                            f"or ${ENV_VAR} at a directory holding train.txt, valid.txt and test.txt")
+        spec = importlib.util.spec_from_file_location(name, DOWNLOADER_PATH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def ensure_data(data_dir: Optional[str] = None, splits: Sequence[str] = ("train", "valid"), download: bool = True,
+                progress: bool = True) -> None:
+    """Make sure every split in ``splits`` is found (see :func:`find_data_dir`), fetching the E2E files into
+    ``data/e2e/`` when none of the three places has them, as torchvision's and Hugging Face's datasets do.
+
+    An explicit ``data_dir`` is never replaced by a download: it must hold the files itself. A directory that
+    ``$E2E_DATA_DIR`` points at and that holds them means nothing is downloaded (CI and offline machines).
+
+    Args:
+        data_dir: ``--data_dir``, or None.
+        splits: the files the caller is about to read.
+        download: False (``--no_download``) turns fetching off: a missing split is an error.
+        progress: show tqdm bars while downloading.
+
+    Raises:
+        DataError: a split is missing and fetching is off or failed; one line naming the three places, the
+            ``--from`` command and ``$E2E_DATA_DIR``.
+    """
+    if data_dir:
+        for split in splits:
+            find_data_dir(data_dir, split)
+        return
+    missing = []
+    for split in splits:
+        try:
+            find_data_dir(None, split)
+        except DataError:
+            missing.append(split)
+    if not missing:
+        return
+    env = os.environ.get(ENV_VAR)
+    where = (f"no {missing[0]}.txt in --data_dir (not given), ${ENV_VAR} ({env if env else 'not set'}) or "
+             f"data/e2e/")
+    fix = (f"Copy the three files with `python data/download_e2e.py --from DIR`, or set ${ENV_VAR} to a "
+           "directory holding train.txt, valid.txt and test.txt")
+    if not download:
+        raise DataError(f"E2E data not found: {where}, and --no_download forbids fetching it; {fix}")
+    dl = downloader()
+    print(f"E2E data not found ({where}): fetching it into data/e2e/ from {dl.BASE_URL} (sha256-checked)",
+          file=sys.stderr)
+    existed = os.path.isdir(DEFAULT_DATA_DIR)
+    try:
+        dl.fetch_e2e(DEFAULT_DATA_DIR, progress=progress, log=lambda msg: print(msg, file=sys.stderr))
+    except dl.DownloadError as e:
+        if not existed and os.path.isdir(DEFAULT_DATA_DIR) and not os.listdir(DEFAULT_DATA_DIR):
+            os.rmdir(DEFAULT_DATA_DIR)  # a failed first fetch leaves no empty data/e2e/ behind
+        if isinstance(e, dl.NetworkError):
+            raise DataError(f"E2E data not found ({where}) and the download failed ({e}). Offline? {fix}") from e
+        raise DataError(f"E2E data not found ({where}) and the download was refused: {e}. {fix}") from e
 
 
 def split_path(split: str, data_dir: Optional[str] = None) -> str:

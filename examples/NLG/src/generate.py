@@ -2,7 +2,8 @@
 
 Prompts of different lengths are padded on the *left* (so every row's next token sits in the last column); the
 attention mask hides the padding and ``position_ids`` count only real tokens, so a padded row computes exactly what
-it would alone. Decoding stops at ``<|endoftext|>`` or after ``max_new_tokens``.
+it would alone. Decoding stops at ``<|endoftext|>`` (or any of ``stop_ids``, e.g. 628 = "\\n\\n" in Microsoft's E2E
+recipe) or after ``max_new_tokens``.
 
 Beam search follows Hugging Face ``transformers``' ``generate(num_beams=K, early_stopping=False)`` (tested to give
 the same tokens): 2K candidates per step, only the K best-ranked may finish, a finished hypothesis scores
@@ -29,8 +30,12 @@ class DecodeConfig:
     no_repeat_ngram_size: int = 0
     eos_id: int = EOT_ID
     pad_id: int = EOT_ID
+    stop_ids: Tuple[int, ...] = ()  # more tokens that end a text as eos_id does (not part of the output)
 
     def __post_init__(self):
+        self.stop_ids = tuple(int(t) for t in self.stop_ids)
+        if any(t < 0 for t in self.stop_ids):
+            raise ValueError(f"stop_ids must be token ids >= 0, got {list(self.stop_ids)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.beam_size < 1:
@@ -113,13 +118,14 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig) -> 
     out: List[List[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     next_pos = pos[:, -1:] + 1
+    stops = {cfg.eos_id, *cfg.stop_ids}
     for t in range(cfg.max_new_tokens):
         logprobs = _ban(logprobs, out, cfg.no_repeat_ngram_size)
         tok = logprobs.argmax(-1)
         for i, k in enumerate(tok.tolist()):
             if done[i]:
                 continue
-            if k == cfg.eos_id:
+            if k in stops:
                 done[i] = True
             else:
                 out[i].append(k)
@@ -153,6 +159,7 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig
     scores[:, 0] = 0.0  # at the first step all K beams are the same prompt: expand only one of them
     finished: List[List[Tuple[float, List[int]]]] = [[] for _ in range(B)]  # best K, sorted by score, descending
     done = [False] * B
+    stops = {cfg.eos_id, *cfg.stop_ids}
     for t in range(cfg.max_new_tokens):
         new_len = t + 1
         logprobs = _ban(logprobs, beams, n_gram)
@@ -167,9 +174,9 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig
             keep = []
             for r in range(2 * K):
                 j, k, s = src_beam[b][r], token[b][r], top_val[b][r]
-                if k == cfg.eos_id or last:
+                if k in stops or last:
                     if r < K and not done[b] and s > float("-inf"):
-                        seq = beams[b * K + j] + ([] if k == cfg.eos_id else [k])
+                        seq = beams[b * K + j] + ([] if k in stops else [k])
                         _add_finished(finished[b], K, s / new_len ** lp, seq)
                 elif len(keep) < K:
                     keep.append((j, k, s))

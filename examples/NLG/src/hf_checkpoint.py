@@ -3,11 +3,16 @@
 Hugging Face stores GPT-2's projections as ``Conv1D`` with weights laid out (in, out); ours are ``nn.Linear``
 (out, in), so those four weights per block are transposed. LoRA weights are untouched: they start as loralib made
 them, on top of the imported base.
+
+``--init_checkpoint`` is a local file or directory, or a name on the Hugging Face Hub (``gpt2``, ``gpt2-medium``,
+``gpt2-large``, ``gpt2-xl``, any ``org/name`` in the GPT-2 layout): :func:`resolve_init_checkpoint` turns a name
+into files in huggingface_hub's cache (``$HF_HOME``; ``HF_HUB_OFFLINE=1`` uses the cache only).
 """
 import json
 import os
 import re
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 
@@ -17,8 +22,92 @@ _CONV1D = re.compile(r"^transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_f
 _BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")  # HF's causal-mask buffers in older checkpoints
 
 
+CONFIG_NAME = "config.json"
+HUB_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four sizes; any repo id in the layout works
+# A Hub repo id: "name" or "org/name" (letters, digits, '-', '_', '.'); a path with more parts or a file suffix is not.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model; the message names keys and shapes."""
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """Where an ``--init_checkpoint`` value was found.
+
+    ``path`` is a local file or directory; ``revision`` is the Hub commit sha it came from (None for a local path).
+    """
+    spec: str
+    path: str
+    revision: Optional[str] = None
+    from_hub: bool = False
+
+    @property
+    def recorded(self) -> str:
+        """What adapter_config.json keeps: the Hub name as given, or the local path made absolute."""
+        return self.spec if self.from_hub else os.path.abspath(self.spec)
+
+
+def _hub_download(repo_id: str, revision: Optional[str]):
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise CheckpointError(f"--init_checkpoint {repo_id!r} is not a local file or directory, and fetching it from "
+                              "the Hugging Face Hub by name needs huggingface_hub: `pip install huggingface_hub`, or "
+                              "pass a local directory holding config.json and model.safetensors") from e
+
+    def one_line(e: Exception) -> str:
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+    try:
+        config = hf_hub_download(repo_id, CONFIG_NAME, revision=revision)
+    except Exception as e:  # unknown repo, no network and nothing cached, offline mode, HTTP errors: all one story
+        raise CheckpointError(
+            f"--init_checkpoint {repo_id!r} is not a local file or directory, and the Hugging Face Hub could not "
+            f"provide {repo_id}/{CONFIG_NAME}{f' at revision {revision}' if revision else ''} ({one_line(e)}); "
+            "without network it must already be in the cache ($HF_HOME, HF_HUB_OFFLINE=1), or pass a local "
+            "directory") from e
+    snapshot = os.path.dirname(config)
+    # The cache keeps each revision in snapshots/<commit sha>/: that sha pins exactly the weights used.
+    commit = os.path.basename(snapshot)
+    commit = commit if _COMMIT.match(commit) and os.path.basename(os.path.dirname(snapshot)) == "snapshots" \
+        else revision
+    errors = []
+    for name in (SAFETENSORS_NAME, BIN_NAME):  # safetensors first: it holds no code
+        try:
+            weights = hf_hub_download(repo_id, name, revision=commit or revision)
+            return os.path.dirname(weights), commit
+        except Exception as e:
+            errors.append(f"{name}: {one_line(e)}")
+    raise CheckpointError(f"{repo_id} on the Hugging Face Hub has {CONFIG_NAME} but neither weights file could be "
+                          f"fetched ({'; '.join(errors)}); sharded checkpoints are not supported")
+
+
+def resolve_init_checkpoint(spec: str, revision: Optional[str] = None) -> ResolvedCheckpoint:
+    """Find the files of an ``--init_checkpoint`` value.
+
+    Args:
+        spec: a local ``model.safetensors`` / ``pytorch_model.bin`` or a directory holding one (and ideally its
+            ``config.json``), else a Hugging Face Hub repo id such as ``gpt2-medium`` or ``org/name``.
+        revision: for a Hub name, a branch, tag or commit sha (default: ``main``); ignored for a local path.
+
+    Returns:
+        A :class:`ResolvedCheckpoint`; for a Hub name its ``path`` is the snapshot directory in the cache and its
+        ``revision`` the commit sha.
+
+    Raises:
+        CheckpointError: neither an existing path nor a repo id, huggingface_hub missing (says
+            ``pip install huggingface_hub``), or the Hub (or, offline, the cache) without the files.
+    """
+    if os.path.exists(spec):
+        resolve_checkpoint_path(spec)  # a directory must hold the weights: say so now, not after a build
+        return ResolvedCheckpoint(spec, spec)
+    if not _REPO_ID.match(spec) or spec.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        resolve_checkpoint_path(spec)  # raises "does not exist"
+    path, commit = _hub_download(spec, revision)
+    return ResolvedCheckpoint(spec, path, commit, from_hub=True)
 
 
 def resolve_checkpoint_path(path: str) -> str:
@@ -31,7 +120,8 @@ def resolve_checkpoint_path(path: str) -> str:
                               "(sharded checkpoints are not supported)")
     if not os.path.isfile(path):
         raise CheckpointError(f"--init_checkpoint {path!r} does not exist; pass a Hugging Face GPT-2 "
-                              f"{SAFETENSORS_NAME} / {BIN_NAME} or the directory holding it")
+                              f"{SAFETENSORS_NAME} / {BIN_NAME}, the directory holding it, or a Hub name such as "
+                              f"{', '.join(HUB_GPT2)}")
     return path
 
 
@@ -66,28 +156,72 @@ def read_hf_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _config_json(path: str) -> Optional[str]:
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    f = os.path.join(d, CONFIG_NAME)
+    return f if os.path.isfile(f) else None
+
+
+def config_from_json(cfg_json: str) -> dict:
+    """GPTConfig fields from a Hugging Face GPT-2 ``config.json``.
+
+    Raises:
+        CheckpointError: unreadable JSON, a missing size, or a GPT-2 variant this model does not implement
+            (another ``model_type`` or activation, attention scaled differently).
+    """
+    try:
+        with open(cfg_json, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {cfg_json}: {e}") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_json} is not a JSON object")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"{cfg_json}: model_type {hf.get('model_type')!r} is not gpt2; only GPT-2 "
+                              "checkpoints can be the base")
+    unsupported = [f"{k}={hf[k]!r}" for k, ok in (("activation_function", ("gelu_new", "gelu_pytorch_tanh")),
+                                                   ("scale_attn_weights", (True,)),
+                                                   ("scale_attn_by_inverse_layer_idx", (False,)),
+                                                   ("reorder_and_upcast_attn", (False,))) if k in hf and hf[k] not in ok]
+    if unsupported:
+        raise CheckpointError(f"{cfg_json}: {', '.join(unsupported)} is a GPT-2 variant this model does not "
+                              "implement (it computes plain GPT-2)")
+    try:
+        cfg = dict(vocab_size=int(hf["vocab_size"]), hidden_dim=int(hf["n_embd"]),
+                   max_positions=int(hf.get("n_positions", hf.get("n_ctx"))), num_layers=int(hf["n_layer"]),
+                   num_heads=int(hf["n_head"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_json} lacks a GPT-2 size ({type(e).__name__}: {e}); it needs vocab_size, "
+                              "n_embd, n_positions, n_layer and n_head") from e
+    if "layer_norm_epsilon" in hf:
+        cfg["layer_norm_eps"] = float(hf["layer_norm_epsilon"])
+    return cfg
+
+
 def infer_config(path: str) -> dict:
-    """GPTConfig fields implied by a checkpoint (shapes, plus ``num_heads``/eps from a ``config.json`` beside it).
+    """GPTConfig fields of a checkpoint: from the ``config.json`` beside it (GPT-2's own sizes), else from the
+    tensors' shapes.
+
+    Args:
+        path: ``model.safetensors``, ``pytorch_model.bin``, or a directory holding one.
 
     Returns:
-        A dict with ``vocab_size``, ``hidden_dim``, ``max_positions``, ``num_layers`` and, when a ``config.json`` is
-        found, ``num_heads`` and ``layer_norm_eps``.
+        A dict with ``vocab_size``, ``hidden_dim``, ``max_positions``, ``num_layers`` and, from ``config.json``,
+        ``num_heads`` and ``layer_norm_eps`` (without one, ``num_heads`` is left to the caller).
+
+    Raises:
+        CheckpointError: as :func:`config_from_json`, or weights that are not a GPT-2's.
     """
+    cfg_json = _config_json(resolve_checkpoint_path(path))
+    if cfg_json:
+        # The weights are not read here: load_hf_gpt2_weights checks every shape against these sizes.
+        return config_from_json(cfg_json)
     sd = read_hf_state_dict(path)
     if "transformer.wte.weight" not in sd or "transformer.wpe.weight" not in sd:
         raise CheckpointError(f"{path} has no transformer.wte.weight / transformer.wpe.weight: not a GPT-2 checkpoint")
     layers = {int(m.group(1)) for k in sd for m in [re.match(r"transformer\.h\.(\d+)\.", k)] if m}
-    cfg = dict(vocab_size=sd["transformer.wte.weight"].shape[0], hidden_dim=sd["transformer.wte.weight"].shape[1],
-               max_positions=sd["transformer.wpe.weight"].shape[0], num_layers=len(layers))
-    cfg_json = os.path.join(os.path.dirname(resolve_checkpoint_path(path)), "config.json")
-    if os.path.isfile(cfg_json):
-        with open(cfg_json) as f:
-            hf = json.load(f)
-        if "n_head" in hf:
-            cfg["num_heads"] = hf["n_head"]
-        if "layer_norm_epsilon" in hf:
-            cfg["layer_norm_eps"] = hf["layer_norm_epsilon"]
-    return cfg
+    return dict(vocab_size=sd["transformer.wte.weight"].shape[0], hidden_dim=sd["transformer.wte.weight"].shape[1],
+                max_positions=sd["transformer.wpe.weight"].shape[0], num_layers=len(layers))
 
 
 @torch.no_grad()

@@ -7,13 +7,18 @@ Weights are stored in ``nn.Linear`` layout (out, in); GPT-2's ``Conv1D`` (in, ou
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import loralib as lora
+
+
+# Where LoRA can sit: "attn" = the attention's query and value (c_attn, enable_lora=[True, False, True]), "mlp" = both
+# MLP projections, "lm_head" = the output projection to the vocabulary.
+LORA_TARGETS = ("attn", "mlp", "lm_head")
 
 
 @dataclass
@@ -28,16 +33,31 @@ class GPTConfig:
     lora_dim: int = 16  # LoRA rank r; 0 makes every layer a plain one
     lora_alpha: int = 128  # LoRA scaling = lora_alpha / lora_dim
     lora_dropout: float = 0.0  # dropout on the LoRA path's input
+    # Which modules get LoRA, from LORA_TARGETS; None: the default placement (every one of them).
+    lora_targets: Optional[Sequence[str]] = None
 
     def __post_init__(self):
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)  # a JSON list in adapter_config.json
+            bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+            if bad or not self.lora_targets:
+                raise ValueError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}, got "
+                                 f"{list(self.lora_targets)}")
         if self.hidden_dim % self.num_heads != 0:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
         for name in ("vocab_size", "max_positions", "hidden_dim", "num_layers", "num_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
+    def lora_r(self, target: str) -> int:
+        """The LoRA rank of ``target`` (one of LORA_TARGETS): ``lora_dim`` where LoRA is placed, else 0."""
+        return self.lora_dim if self.lora_targets is None or target in self.lora_targets else 0
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["lora_targets"] is not None:
+            d["lora_targets"] = list(d["lora_targets"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -59,7 +79,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.num_heads
         C = cfg.hidden_dim
-        self.c_attn = lora.MergedLinear(C, 3 * C, r=cfg.lora_dim, lora_alpha=cfg.lora_alpha,
+        self.c_attn = lora.MergedLinear(C, 3 * C, r=cfg.lora_r("attn"), lora_alpha=cfg.lora_alpha,
                                         lora_dropout=cfg.lora_dropout, enable_lora=[True, False, True])
         self.c_proj = nn.Linear(C, C)
         self.dropout = cfg.dropout
@@ -95,7 +115,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        C, kw = cfg.hidden_dim, dict(r=cfg.lora_dim, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+        C, kw = cfg.hidden_dim, dict(r=cfg.lora_r("mlp"), lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
         self.c_fc = lora.Linear(C, 4 * C, **kw)
         self.c_proj = lora.Linear(4 * C, C, **kw)
         self.dropout = cfg.dropout
@@ -139,7 +159,7 @@ class SimpleGPT2WithLoRA(nn.Module):
             ln_f=nn.LayerNorm(cfg.hidden_dim, eps=cfg.layer_norm_eps),
         ))
         # Its own weight (not tied to wte): merging the head's LoRA must never change the input embedding.
-        self.lm_head = lora.Linear(cfg.hidden_dim, cfg.vocab_size, r=cfg.lora_dim, lora_alpha=cfg.lora_alpha,
+        self.lm_head = lora.Linear(cfg.hidden_dim, cfg.vocab_size, r=cfg.lora_r("lm_head"), lora_alpha=cfg.lora_alpha,
                                    lora_dropout=cfg.lora_dropout, bias=False)
         self._init_base_weights()
 
