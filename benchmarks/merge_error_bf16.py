@@ -1,14 +1,14 @@
 """How far merged inference drifts from unmerged inference when the frozen weights are bfloat16.
 
-    python benchmarks/merge_error_bf16.py              # GPT-2 small's shape, c_attn + c_proj adapted, 8 x 64 tokens
+    python benchmarks/merge_error_bf16.py     # GPT-2 small's shape, c_attn + c_proj adapted, 8 x 64 tokens
 
 A randomly initialised GPT-2 small (``transformers``' default ``GPT2Config``: 12 layers, 768 wide, 50,257
 tokens; seed 0, no download; dropout 0) is stored in bfloat16 and given float32 LoRA adapters with
 ``lora.inject``, whose B is filled with N(0, --b_std) values so that the update is not zero. The logits of the
 same tokens are then computed unmerged (the update added on the fly, in float32, to each bfloat16 matmul's
 output) and merged (``model.eval()``: each update folded into its bfloat16 weight, which rounds it to bfloat16).
-Beside their difference the script prints, for scale, how far each is from the float32 model with the same values (weights and
-adapters upcast exactly), i.e. bfloat16's own error on this model.
+Beside their difference the script prints, for scale, how far each is from the float32 model with the same
+values (weights and adapters upcast exactly), i.e. bfloat16's own error on this model.
 """
 import argparse
 import copy
