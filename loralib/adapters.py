@@ -68,6 +68,12 @@ def init_lora(A: torch.Tensor, B: torch.Tensor, how: str, embedding: bool, r: in
         B.zero_()
 
 
+def default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """float32 for a half-precision (bfloat16 / float16) frozen weight, else the weight's own dtype: an adapter
+    trained in half precision loses the small updates that the optimizer makes to it."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
 def rslora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
     """``lora_alpha / sqrt(r)`` with rank-stabilised LoRA (Kalajdzievski, 2023), else loralib's ``lora_alpha / r``."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -93,8 +99,11 @@ class LoRAAdapter(nn.Module):
         self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
         w = layer._frozen_weight()
         a_shape, b_shape = lora_shapes(layer, r)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, device=w.device, dtype=w.dtype))
+        # The dtype of the layer's own adapter (float32 on a half-precision base after inject), else the default.
+        own = getattr(layer, "lora_A", None)
+        dtype = own.dtype if isinstance(own, torch.Tensor) else default_adapter_dtype(w.dtype)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=w.device, dtype=dtype))
         init_lora(self.lora_A, self.lora_B, init_lora_weights, isinstance(layer, Embedding), r)
 
     def extra_repr(self) -> str:
@@ -137,6 +146,9 @@ def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float = 8, 
             suffix, or as a regular expression (full match). The first matching pattern wins.
         use_rslora: scale by ``lora_alpha / sqrt(r)``.
         init_lora_weights: ``"kaiming"`` (loralib), ``"gaussian"`` or ``"zeros"``; see :func:`init_lora`.
+
+    The new adapter takes the dtype of the layer's own ``lora_A`` (float32 on a half-precision model after
+    :func:`lora.inject`).
 
     Returns:
         The names of the layers that got the adapter.

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .adapters import INIT_MODES, init_lora, matches, pattern_value, rslora_scaling
+from .adapters import INIT_MODES, default_adapter_dtype, init_lora, matches, pattern_value, rslora_scaling
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer
 
 __all__ = ["inject", "merge_and_unload"]
@@ -160,7 +160,7 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
            lora_dropout: float = 0.0, exclude_modules: Union[List[str], str, None] = None, *,
            rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None,
            use_rslora: bool = False, init_lora_weights: str = "kaiming", safe_merge: bool = False,
-           merge_weights: bool = True) -> List[str]:
+           merge_weights: bool = True, adapter_dtype: Optional[torch.dtype] = None) -> List[str]:
     """Replace layers of ``model``, in place, by loralib layers that keep their weights and add a LoRA update.
 
     Args:
@@ -179,6 +179,10 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
         merge_weights: as in loralib's layers, merge in eval mode. A target whose weight is tied to another
             module (GPT-2's ``wte`` and ``lm_head``) never merges in place, since the other module would change too;
             :func:`merge_and_unload` unties it, giving it its own merged weight.
+        adapter_dtype: dtype of the new ``lora_A`` / ``lora_B``. ``None`` (default): float32 when the layer's
+            weight is half precision (bfloat16 / float16), else the weight's dtype. A half-precision base with a
+            float32 adapter trains the adapter in full precision while the frozen matmuls run in half precision;
+            each layer's output keeps the base layer's dtype (or autocast's).
 
     Returns:
         The names of the replaced layers, in model order.
@@ -189,6 +193,9 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
     """
     if init_lora_weights not in INIT_MODES:
         raise ValueError(f"init_lora_weights must be one of {INIT_MODES}, got {init_lora_weights!r}")
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+        raise ValueError(f"adapter_dtype must be a floating-point torch.dtype (e.g. torch.float32) or None, "
+                         f"got {adapter_dtype!r}")
     chosen = _select(model, target_modules, exclude_modules)
     modules = dict(_walk(model))
     tied = _shared_weights(model)
@@ -211,8 +218,9 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
     for name, layer in layers.items():
         orig = modules[name]
         w = layer._frozen_weight()
-        layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, device=w.device, dtype=w.dtype))
-        layer.lora_B = nn.Parameter(torch.empty(layer.lora_B.shape, device=w.device, dtype=w.dtype))
+        dtype = adapter_dtype or default_adapter_dtype(w.dtype)
+        layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, device=w.device, dtype=dtype))
+        layer.lora_B = nn.Parameter(torch.empty(layer.lora_B.shape, device=w.device, dtype=dtype))
         init_lora(layer.lora_A, layer.lora_B, init_lora_weights, isinstance(layer, Embedding), layer.r)
         layer.scaling = rslora_scaling(layer.lora_alpha, layer.r, use_rslora)
         layer.use_rslora = use_rslora

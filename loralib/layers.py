@@ -186,6 +186,10 @@ class _AdapterView:
 
 
 # --- the fused LoRA linear path ---------------------------------------------------------------------------------
+# Mixed precision: the frozen weight may be half precision (bfloat16 / float16) while lora_A / lora_B stay float32
+# (inject's default on a half-precision model). The base matmul then runs in the weight's dtype, as the frozen
+# layer's own would, and the LoRA path in the adapter's dtype: x is cast to it (one (N, in) copy, which dropout
+# makes anyway), and the (N, out) update is added to the base output in float32 and rounded once.
 
 def _dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
     """The keep-mask (1 keeps, 0 drops) of dropout with probability ``p``, as 0/1 values of ``dtype``.
@@ -199,24 +203,42 @@ def _dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
     return keep if keep.dtype == dtype else keep.to(dtype)
 
 
+def _lora_input(x2: torch.Tensor, dtype: torch.dtype, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x2 * mask`` (or ``x2``) in the adapter's ``dtype``, allocating one (N, in) tensor at most."""
+    if mask is None:
+        return x2.to(dtype)  # the tensor itself when the dtypes agree
+    if x2.dtype == dtype:
+        return x2 * mask
+    return x2.to(dtype).mul_(mask)
+
+
+def _add_update(result2: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """``result2 += scaling * h B^T`` in place; ``result2`` is (N, out) in the base dtype, ``h`` and ``B`` in the
+    adapter's."""
+    if result2.dtype == h.dtype:
+        result2.addmm_(h, lora_B.t(), alpha=scaling)  # no (N, out) temporary
+    else:
+        result2.add_(torch.mm(h, lora_B.t()).mul_(scaling))  # summed in the wider dtype, rounded once
+
+
 class _LoRALinearFn(torch.autograd.Function):
     """y = x W^T + b + scaling * drop(x) A^T B^T, saving only x (already alive), the (N, r) intermediate and a seed.
 
     A plain autograd graph would also keep the dropped copy of x and its mask for backward. With keep-mask M,
     drop(x) A^T = ((x * M) A^T) / (1 - p): the rescaling acts on the (N, r) intermediate, and backward builds M once
-    for both the input gradient and A's.
+    for both the input gradient and A's. The gradients of A and B come out in the adapter's dtype, that of x (and
+    W, b) in theirs.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
         result = F.linear(x, weight, bias)  # the frozen matmul: one call, as the base layer makes it
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        mask = _dropout_mask(x2.shape, p, seed, x.device, lora_A.dtype) if p > 0 else None
+        h = _lora_input(x2, lora_A.dtype, mask) @ lora_A.t()  # (N, r), adapter dtype
         if p > 0:
-            h = (x2 * _dropout_mask(x2.shape, p, seed, x.device, x.dtype)) @ lora_A.t()  # (N, r)
             h.mul_(1.0 / (1.0 - p))
-        else:
-            h = x2 @ lora_A.t()  # (N, r)
-        result.view(-1, result.shape[-1]).addmm_(h, lora_B.t(), alpha=scaling)
+        _add_update(result.view(-1, result.shape[-1]), h, lora_B, scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h)
         ctx.scaling, ctx.p, ctx.seed, ctx.has_bias = scaling, p, seed, bias is not None
         return result
@@ -225,27 +247,31 @@ class _LoRALinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
-        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), base dtype
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         need = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_A = grad_B = None
+        ga = g.to(lora_B.dtype) if (need[0] or need[3] or need[4]) else None  # g in the adapter's dtype
         if need[0] or need[3]:
             # Gradient at drop(x) A^T, already carrying dropout's 1 / (1 - p): (N, r)
-            gh = (g @ lora_B).mul_(s / (1.0 - p) if p > 0 else s)
-            mask = _dropout_mask(x2.shape, p, ctx.seed, x.device, x.dtype) if p > 0 else None  # (N, in)
+            gh = (ga @ lora_B).mul_(s / (1.0 - p) if p > 0 else s)
+            mask = _dropout_mask(x2.shape, p, ctx.seed, x.device, lora_A.dtype) if p > 0 else None  # (N, in)
         if need[0]:
-            gdx = gh @ lora_A  # (N, in)
+            gdx = gh @ lora_A  # (N, in), adapter dtype
             if mask is not None:
                 gdx.mul_(mask)
-            grad_x = gdx.addmm_(g, weight).view(x.shape)
+            if gdx.dtype == x.dtype:
+                grad_x = gdx.addmm_(g, weight).view(x.shape)
+            else:
+                grad_x = torch.mm(g, weight).add_(gdx).view(x.shape)  # in x's dtype, as the base layer's
         if need[1]:
             grad_w = g.t() @ x2
         if need[2] and ctx.has_bias:
             grad_b = g.sum(0)
         if need[3]:
-            grad_A = gh.t() @ (x2 * mask if mask is not None else x2)
+            grad_A = gh.t() @ _lora_input(x2, lora_A.dtype, mask)
         if need[4]:
-            grad_B = (g.t() @ h).mul_(s)
+            grad_B = (ga.t() @ h).mul_(s)
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
 
 
@@ -253,15 +279,18 @@ def _lora_linear(layer, x: torch.Tensor, weight: torch.Tensor, lora_B: torch.Ten
     """The unmerged forward of Linear/MergedLinear. ``lora_B`` is (out, R), ``weight`` is (out, in)."""
     dropout = layer.lora_dropout
     p = dropout.p if (isinstance(dropout, nn.Dropout) and dropout.training) else 0.0
-    if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast picks each matmul's dtype; out-of-place ops, so that autograd tracks the casts it inserts.
+        result = F.linear(x, weight, layer.bias)
+        h = F.linear(dropout(x), layer.lora_A)
+        return result + F.linear(h, lora_B) * layer.scaling
+    if torch.is_grad_enabled():
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LoRALinearFn.apply(x, weight, layer.bias, layer.lora_A, lora_B, layer.scaling, p, seed)
+    # Inference: add the scaled update into the base output (no (N, out) temporary when the dtypes agree).
     result = F.linear(x, weight, layer.bias)
-    h = F.linear(dropout(x), layer.lora_A)
-    if torch.is_grad_enabled() or result.dtype != lora_B.dtype:
-        return result + F.linear(h, lora_B) * layer.scaling  # autocast: out-of-place ops, autograd tracks them
-    # Inference: add the scaled update into the base output in one call (no (N, out) temporaries).
-    result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=layer.scaling)
+    h = F.linear(_lora_input(dropout(x), layer.lora_A.dtype, None), layer.lora_A)
+    _add_update(result.view(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B, layer.scaling)
     return result
 
 
@@ -304,7 +333,9 @@ class Embedding(nn.Embedding, LoRALayer):
         result = nn.Embedding.forward(self, x)
         after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type,
                               self.scale_grad_by_freq, self.sparse)
-        return result + (after_A @ self.lora_B.t()) * self.scaling
+        # The frozen embedding's dtype, as the plain layer gives (a float32 update on a bfloat16 table is summed
+        # in float32 and rounded once).
+        return (result + (after_A @ self.lora_B.t()) * self.scaling).to(result.dtype)
 
 
 class Linear(nn.Linear, LoRALayer):
@@ -485,11 +516,14 @@ class ConvLoRA(nn.Module, LoRALayer):
             return self._forward_other(x)
         if self.r == 0 or self.merged:
             return self.conv(x)
+        # The update is a kernel: it is computed in the adapter's dtype and the convolution runs in the frozen
+        # weight's, as the plain layer's does (a half-precision kernel rounds W + delta once, as merging would).
+        w = self.conv.weight
         if isinstance(self.lora_dropout, nn.Dropout) and self.training:
             # Dropout acts on the LoRA path's input only, so that path needs a convolution of its own.
-            delta = self._delta_weight()
+            delta = self._delta_weight().to(w.dtype)
             return self.conv(x) + self.conv._conv_forward(self.lora_dropout(x), delta, None)
-        return self.conv._conv_forward(x, self.conv.weight + self._delta_weight(), self.conv.bias)
+        return self.conv._conv_forward(x, (w + self._delta_weight()).to(w.dtype), self.conv.bias)
 
 
 class Conv2d(ConvLoRA):
