@@ -68,6 +68,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="dtype of the frozen base and of autocast: auto = bf16 on a CPU with native bfloat16 "
                         "instructions (AVX512-BF16/AMX) or a GPU that has it, fp16 on other GPUs, else fp32. LoRA "
                         "weights, optimizer state and losses stay float32")
+    g.add_argument("--train_refs", default="faithful", choices=["faithful", "all"],
+                   help="faithful: train on the references that realise every attribute of their MR and nothing "
+                        "else (61%% of train.txt, checked by src/slots.py), so the model does not learn to leave "
+                        "attributes out; all: every reference")
     g.add_argument("--delex", default=",".join(D.DELEX_SLOTS),
                    help="attributes whose values become placeholders ([name], [near]) in the prompt and the "
                         "target text, filled back in from the MR after generation; 'none' to train on the "
@@ -233,7 +237,8 @@ def _train(args, ctx, stop, step_callback) -> dict:
     delex = delex_slots(args)
     train_split = D.load_tokenized("train", args.data_dir, write_cache=is_main, delex=delex)
     valid_split = D.load_tokenized("valid", args.data_dir, write_cache=is_main, delex=delex)
-    train_idx = D.select_indices(len(train_split), args.max_train_examples or None, args.seed)
+    among = torch.nonzero(train_split.faithful).flatten().tolist() if args.train_refs == "faithful" else None
+    train_idx = D.select_indices(len(train_split), args.max_train_examples or None, args.seed, among)
     val_idx = D.select_indices(len(valid_split), args.val_examples or None, 0)
     log(f"data: {len(train_idx)} of {len(train_split)} train examples, {len(val_idx)} of {len(valid_split)} "
         f"validation examples (loaded in {time.time() - t_load:.1f}s)")

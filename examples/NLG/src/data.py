@@ -28,7 +28,7 @@ DEFAULT_DATA_DIR = os.path.join(REPO_ROOT, "data", "e2e")
 DOWNLOAD_CMD = "python data/download_e2e.py  (or: python data/download_e2e.py --from DIR_WITH_THE_TXT_FILES)"
 DOWNLOADER_PATH = os.path.join(REPO_ROOT, "data", "download_e2e.py")
 IGNORE_INDEX = -100  # label value the loss skips (prompt and padding)
-PROMPT_FORMAT_VERSION = 1  # bump when format_prompt / completion format changes: invalidates the token cache
+PROMPT_FORMAT_VERSION = 2  # bump when format_prompt / completion format changes: invalidates the token cache
 
 
 class DataError(ValueError):
@@ -256,6 +256,7 @@ class TokenizedSplit:
     offsets: torch.Tensor  # int64 (n+1,)
     prompt_lens: torch.Tensor  # int32 (n,)
     sha256: str
+    faithful: torch.Tensor  # bool (n,): the reference realises every attribute of its MR (src/slots.py)
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -295,19 +296,30 @@ def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool =
     if use_cache and os.path.isfile(cpath):
         try:
             d = torch.load(cpath, map_location="cpu", weights_only=True)
-            return TokenizedSplit(d["tokens"], d["offsets"], d["prompt_lens"], digest)
+            return TokenizedSplit(d["tokens"], d["offsets"], d["prompt_lens"], digest, d["faithful"])
         except Exception:
             pass  # a damaged cache entry is rebuilt below
-    tokens, offsets, prompt_lens = tokenize_pairs(read_e2e(path), delex)
+    pairs = read_e2e(path)
+    tokens, offsets, prompt_lens = tokenize_pairs(pairs, delex)
+    faithful = torch.tensor([_faithful(mr, ref) for mr, ref in pairs], dtype=torch.bool)
     if use_cache and write_cache:
         try:
             from .adapter_io import atomic_write
 
             atomic_write(cpath, lambda f: torch.save(
-                {"tokens": tokens, "offsets": offsets, "prompt_lens": prompt_lens}, f))
+                {"tokens": tokens, "offsets": offsets, "prompt_lens": prompt_lens, "faithful": faithful}, f))
         except OSError:
             pass  # a read-only cache location only costs the next run a re-tokenisation
-    return TokenizedSplit(tokens, offsets, prompt_lens, digest)
+    return TokenizedSplit(tokens, offsets, prompt_lens, digest, faithful)
+
+
+def _faithful(mr: str, ref: str) -> bool:
+    from .slots import check
+
+    try:
+        return check(mr, ref).errors == 0
+    except ValueError:  # an MR field the matcher cannot parse: not known to be faithful
+        return False
 
 
 def make_example(tokens: List[int], prompt_len: int, max_len: Optional[int] = None) -> Tuple[List[int], List[int]]:
@@ -336,9 +348,10 @@ def collate(examples: Sequence[Tuple[List[int], List[int]]]) -> Dict[str, torch.
     return {"input_ids": ids, "labels": labels}
 
 
-def select_indices(n: int, limit: Optional[int], seed: int) -> List[int]:
-    """A fixed random subset of ``limit`` of ``n`` example indices (all of them when ``limit`` is None)."""
-    idx = list(range(n))
+def select_indices(n: int, limit: Optional[int], seed: int, among: Optional[Sequence[int]] = None) -> List[int]:
+    """A fixed random subset of ``limit`` of ``n`` example indices (all of them when ``limit`` is None);
+    ``among``: choose from these indices only."""
+    idx = list(range(n)) if among is None else list(among)
     if limit is not None and limit < n:
         random.Random(seed).shuffle(idx)
         idx = sorted(idx[:limit])
