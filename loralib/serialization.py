@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from typing import Dict, Optional, Tuple
 
@@ -57,6 +58,46 @@ def atomic_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _prev_path(path: str) -> str:
+    """Where the weights that the current config describes are kept while a save replaces them."""
+    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".prev")
+
+
+def _file_sha256(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _keep_previous(weights: str, config_path: str) -> bool:
+    """Before a save replaces a weights/config pair, keep the weights the current config describes reachable as
+    ``.<weights>.prev`` (a hard link, a copy where links are not supported). A save killed between the two
+    renames then leaves the old config, the new weights and the old weights under ``.prev``: loading finds the
+    old pair complete. Returns whether a ``.prev`` now holds the weights the current config describes."""
+    prev = _prev_path(weights)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            expected = json.load(f).get("weights_sha256")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+    if not isinstance(expected, str):
+        return False
+    if _file_sha256(weights) != expected:
+        # A torn earlier save: the weights on disk are not the config's. Its .prev still is; leave it alone.
+        return _file_sha256(prev) == expected
+    tmp = prev + ".tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(weights, tmp)
+    except OSError:
+        shutil.copyfile(weights, tmp)
+    os.replace(tmp, prev)
+    return True
 
 
 def _json_bytes(obj) -> bytes:
@@ -164,8 +205,13 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
     data = save_bytes(tensors, metadata={"format": "pt"})
     if format == "loralib":  # PEFT warns about keys it does not know
         config["weights_sha256"] = hashlib.sha256(data).hexdigest()
-    atomic_write(os.path.join(save_directory, WEIGHTS_NAME), data)
-    atomic_write(os.path.join(save_directory, CONFIG_NAME), _json_bytes(config))  # last: config => complete
+    weights, config_path = os.path.join(save_directory, WEIGHTS_NAME), os.path.join(save_directory, CONFIG_NAME)
+    os.makedirs(save_directory, exist_ok=True)
+    kept = _keep_previous(weights, config_path)
+    atomic_write(weights, data)
+    atomic_write(config_path, _json_bytes(config))  # last: config => complete
+    if kept:
+        os.unlink(_prev_path(weights))  # the new pair is complete: the old weights are no longer needed
     return config
 
 
@@ -340,6 +386,16 @@ def _read_weights(directory: str, expected_sha: Optional[str]) -> Dict[str, torc
         with open(path, "rb") as f:
             data = f.read()
         if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
+            # A save killed between its two renames: the previous weights, kept aside, match this config.
+            prev = _inside(directory, os.path.basename(_prev_path(path)))
+            if prev is not None:
+                with open(prev, "rb") as f:
+                    prev_data = f.read()
+                if hashlib.sha256(prev_data).hexdigest() == expected_sha:
+                    try:
+                        return load_bytes(prev_data, source=prev)[0]
+                    except SafetensorsError as e:
+                        raise AdapterError(str(e)) from e
             raise AdapterError(f"{path} is not the file {CONFIG_NAME} was written with (SHA-256 differs): the "
                                "directory is corrupted or was half-overwritten; save the adapter again")
         try:

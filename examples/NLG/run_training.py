@@ -196,8 +196,11 @@ def _train(args, ctx, stop, step_callback) -> dict:
             raise ValueError(f"--resume: {args.output_dir} was trained with a global batch of "
                              f"{state['global_batch']} examples per step, this run has {global_batch} "
                              f"(batch_size x processes x grad_accum); use the same global batch to continue")
-        load_adapter_weights(model, read_adapter_weights(args.output_dir),
-                             source=weights_path(args.output_dir))
+        # The LoRA weights saved inside training_state.pt (one atomic file) always belong to its optimizer state
+        # and step, even when a kill landed between the adapter's save and this file's.
+        lora_sd = state.get("lora")
+        load_adapter_weights(model, lora_sd if lora_sd is not None else read_adapter_weights(args.output_dir),
+                             source=U.STATE_NAME if lora_sd is not None else weights_path(args.output_dir))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history, seconds_before = state["step"], state["history"], state["seconds"]
@@ -239,7 +242,8 @@ def _train(args, ctx, stop, step_callback) -> dict:
         U.save_training_state(args.output_dir, {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
             "seconds": elapsed, "rng": U.rng_state(), "args": U.to_jsonable(U.dump_args(args)),
-            "global_batch": global_batch, "world_size": world_size})
+            "global_batch": global_batch, "world_size": world_size,
+            "lora": {k: v.detach().cpu() for k, v in lora.lora_state_dict(model).items()}})
         vals = [v for _, v in history["val"]]
         metrics = {**counts, "steps": step, "total_steps": total_steps, "finished": final,
                    "seconds": round(elapsed, 2), "val_loss_start": vals[0] if vals else None,

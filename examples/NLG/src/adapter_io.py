@@ -9,16 +9,19 @@ Layout of ``--output_dir`` (default ``lora_model``):
                           (``init_checkpoint`` or the random ``base_seed``, and the base weights' fingerprint),
                           ``tokenizer``, ``lora_bias``, plus whatever the trainer adds (training args, data hashes)
 """
+import hashlib
+import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Optional, Tuple
 
 import torch
 
 import loralib as lora
-from loralib.safetensors_format import load_file, save_bytes
+from loralib.safetensors_format import load_bytes, save_bytes
 
 from .model import GPTConfig, SimpleGPT2WithLoRA, base_fingerprint, build_model
 
@@ -95,15 +98,63 @@ def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
     path = os.path.join(out_dir, WEIGHTS_FILES[weights_format])
     if weights_format == "safetensors":
         data = save_bytes(state, metadata={"format": FORMAT})
-        atomic_write(path, lambda f: f.write(data))
     else:
-        atomic_write(path, lambda f: torch.save(state, f))
-    # A weights file of the other format left by an earlier run would no longer match the config: remove it.
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    # The config names its weights by SHA-256: a save killed between the weights' rename and the config's leaves
+    # a pair that does not match, and the loader then takes the previous weights, kept aside (see _keep_previous).
+    config["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    os.makedirs(out_dir, exist_ok=True)
+    kept = _keep_previous(out_dir)
+    atomic_write(path, lambda f: f.write(data))
+    atomic_json(os.path.join(out_dir, CONFIG_NAME), config)  # last: a dir with a config is complete
+    if kept is not None:
+        os.unlink(kept)
+    # A weights file of the other format left by an earlier run no longer matches the config: remove it (only now,
+    # since until the new config was in place the old one may have named it).
     for name in WEIGHTS_FILES.values():
         if name != WEIGHTS_FILES[weights_format] and os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))
-    atomic_json(os.path.join(out_dir, CONFIG_NAME), config)  # last: a dir with a config is complete
     return config
+
+
+def _sha256_of(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _prev_path(path: str) -> str:
+    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".prev")
+
+
+def _keep_previous(out_dir: str) -> Optional[str]:
+    """Keep the weights the current config describes reachable as ``.<weights>.prev`` (hard link, else copy)
+    while a save replaces them; return that path, or None when there is nothing consistent to keep."""
+    try:
+        with open(os.path.join(out_dir, CONFIG_NAME), encoding="utf-8") as f:
+            old = json.load(f)
+        expected, name = old.get("weights_sha256"), old.get("weights_file", WEIGHTS_NAME)
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(expected, str) or name not in WEIGHTS_FILES.values():
+        return None
+    current, prev = os.path.join(out_dir, name), _prev_path(os.path.join(out_dir, name))
+    if _sha256_of(current) != expected:
+        # A torn earlier save: the weights on disk are not the config's; its .prev still is: leave it.
+        return prev if _sha256_of(prev) == expected else None
+    tmp = prev + ".tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(current, tmp)
+    except OSError:
+        shutil.copyfile(current, tmp)
+    os.replace(tmp, prev)
+    return prev
 
 
 def _inside(adapter_dir: str, name: str) -> str:
@@ -157,8 +208,20 @@ def read_adapter_weights(adapter_dir: str) -> dict:
     if not os.path.isfile(path):
         raise AdapterError(f"{path} is missing: {adapter_dir!r} has a config but no adapter weights")
     try:
-        if path.endswith(".safetensors"):
-            state = load_file(path)
+        with open(_inside(adapter_dir, CONFIG_NAME), encoding="utf-8") as f:
+            expected = json.load(f).get("weights_sha256")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        expected = None  # read_adapter_config reports a broken config
+    if isinstance(expected, str) and _sha256_of(path) != expected:
+        prev = _inside(adapter_dir, os.path.basename(_prev_path(path)))
+        if _sha256_of(prev) != expected:
+            raise AdapterError(f"cannot load {path}: it is not the file {CONFIG_NAME} was written with (SHA-256 "
+                               "differs): truncated, corrupted or half-overwritten; save the adapter again")
+        path = prev  # a save killed between its renames: the previous weights, kept aside, match this config
+    try:
+        if path.endswith(".safetensors") or path.endswith(".safetensors.prev"):
+            with open(path, "rb") as f:
+                state = load_bytes(f.read(), source=path)[0]
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, forbidden global: all mean "do not trust this file"
