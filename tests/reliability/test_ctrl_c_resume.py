@@ -11,7 +11,6 @@ import os
 import random
 import signal
 
-import pytest
 import torch
 
 from . import test_loader_fuzz  # noqa: F401  (puts the NLG example on sys.path)
