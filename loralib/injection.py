@@ -280,13 +280,20 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     for name, layer in targets:  # check all before changing any
         if safe_merge and layer.r > 0 and layer._has_lora() and not layer.adapters_disabled:
             lora, w = layer._lora_view(), layer._frozen_weight()
-            merged_w = w if layer.merged else w + lora._delta_weight().to(w.dtype)
+            if not layer.merged:
+                merged_w = w + lora._delta_weight().to(w.dtype)
+            elif layer._merged_is_stale():  # changed while merged: the result will hold the current update
+                merged_w = w - layer._merged_delta().to(w.dtype) + lora._delta_weight().to(w.dtype)
+            else:
+                merged_w = w
             if not torch.isfinite(merged_w).all():
                 raise ValueError(f"safe_merge: the merged weight of {name or type(layer).__name__!r} has NaN/Inf; "
                                  "the adapter is broken, nothing was merged")
     plain_root = None
     for name, layer in targets:
         layer.adapters_disabled = False
+        if layer._merged_is_stale():
+            layer.unmerge()  # the adapter changed while merged: fold in its current update, not the old one
         if getattr(layer, "_lora_tied", False) and not layer.merged:
             # Untie: this layer gets its own merged weight; the module it shared the weight with keeps the old one.
             w = layer._frozen_weight()

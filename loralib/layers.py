@@ -14,6 +14,7 @@ checkpoints move across unchanged. What differs (all of it fixes) is listed in t
 import math
 import numbers
 import types
+import warnings
 from typing import List, Optional
 
 import torch
@@ -47,10 +48,11 @@ def _ours(module) -> bool:
 def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
     if not _ours(module):
         return
-    lora = module._lora_view()  # the adapter that is merged in (the default one unless set_adapter chose another)
-    if module.merged and lora.r > 0 and lora._has_lora():
+    if module.merged:
         key = prefix + module._weight_key
-        state_dict[key] = (state_dict[key] - lora._delta_weight().to(state_dict[key].dtype)).detach()
+        delta = module._merged_delta()  # what merge() added, even if the adapter changed since
+        if delta is not None:
+            state_dict[key] = (state_dict[key] - delta.to(state_dict[key].dtype)).detach()
 
 
 def _unmerge_before_load(module, state_dict, prefix, *args):
@@ -86,6 +88,7 @@ class LoRALayer():
     active_adapter = "default"
     adapters_disabled = False
     safe_merge = False  # when True, merge() refuses a merged weight with NaN/Inf (set by lora.inject)
+    _lora_merged_update = None  # a _MergedUpdate while merged (class default: layers pickled by older versions)
 
     def __init__(self, r: int, lora_alpha: int, lora_dropout: float, merge_weights: bool):
         _check_lora_args(r, lora_alpha, lora_dropout)
@@ -131,25 +134,70 @@ class LoRALayer():
         """
         if not self.merged and not self.adapters_disabled:
             lora = self._lora_view()
+            snapshot = None
             if lora.r > 0 and lora._has_lora():
                 w = self._frozen_weight()
-                delta = lora._delta_weight().to(w.dtype)
+                snapshot = _MergedUpdate(lora, self.active_adapter)
+                delta = snapshot.delta(self, w.device).to(w.dtype)
                 if self.safe_merge and not torch.isfinite(w + delta).all():
                     raise ValueError(f"safe_merge: merging adapter {self.active_adapter!r} into this "
                                      f"{type(self).__name__} would put NaN/Inf in its weight; the adapter is "
                                      "broken (check the learning rate / loss scaling), the layer stays unmerged")
                 w.add_(delta)
+            self._lora_merged_update = snapshot
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ``scaling * B A`` back out of the frozen weight. Unmerging an unmerged layer is a no-op."""
+        """Take out of the frozen weight exactly the update :meth:`merge` put in, even if ``lora_A``, ``lora_B`` or
+        ``scaling`` changed in between (an optimizer step or an edit in eval mode); that case warns once per layer,
+        since eval-mode outputs did not see the change. Unmerging an unmerged layer is a no-op.
+
+        In float32 the weight comes back within rounding of ``(W + d) - d`` (about one ulp of ``|W| + |d|``); in
+        float16 / bfloat16 that rounding is the half-precision ulp, since the low bits ``W + d`` lost cannot be
+        recovered without keeping a dense copy of the weight.
+        """
         if self.merged:
-            lora = self._lora_view()
-            if lora.r > 0 and lora._has_lora():
+            delta = self._merged_delta()
+            if delta is not None:
                 w = self._frozen_weight()
-                w.sub_(lora._delta_weight().to(w.dtype))
+                snapshot = self._lora_merged_update
+                if snapshot is not None and not getattr(self, "_lora_warned_stale", False) \
+                        and snapshot.changed(self._source_of(snapshot.adapter)):
+                    self._lora_warned_stale = True
+                    warnings.warn(
+                        "a LoRA adapter changed while merged into its layer's weight (an optimizer step or an edit "
+                        "of lora_A / lora_B / scaling in eval mode): eval-mode outputs did not use the change. "
+                        "unmerge() took out the update that was merged, so the frozen weight is intact; call "
+                        "model.train() before changing the adapter", UserWarning, stacklevel=3)
+                w.sub_(delta.to(w.dtype))
+            self._lora_merged_update = None
             self.merged = False
+
+    def _source_of(self, adapter: str):
+        """The object holding adapter ``adapter``'s current factors: the layer, or its named adapter module."""
+        if adapter == "default":
+            return self
+        adapters = getattr(self, "lora_adapters", None)
+        return adapters[adapter] if adapters is not None and adapter in adapters else None
+
+    def _merged_delta(self) -> Optional[torch.Tensor]:
+        """The dense update merged into the weight now (in the adapter's dtype), or None when nothing is merged."""
+        if not self.merged:
+            return None
+        snapshot = self._lora_merged_update
+        if snapshot is not None:
+            return snapshot.delta(self, self._frozen_weight().device)
+        # Merged by a loralib without snapshots (an old pickle): the current factors are all there is.
+        lora = self._lora_view()
+        if lora.r > 0 and lora._has_lora():
+            return lora._delta_weight()
+        return None
+
+    def _merged_is_stale(self) -> bool:
+        """True when the layer is merged and its active adapter changed since the merge."""
+        snapshot = self._lora_merged_update if self.merged else None
+        return snapshot is not None and snapshot.changed(self._source_of(snapshot.adapter))
 
     def _train_merge(self, mode: bool) -> None:
         if self.merge_weights:
@@ -157,6 +205,40 @@ class LoRALayer():
                 self.unmerge()
             else:
                 self.merge()
+
+
+class _MergedUpdate:
+    """What :meth:`LoRALayer.merge` folded into a weight: copies of the factors A and B (r x (in + out) numbers,
+    never the dense out x in update) and the scale. :meth:`LoRALayer.unmerge` recomputes the update from these, so
+    it takes out the same bits merge put in, whatever happened to the live adapter in between.
+
+    A plain attribute, not a buffer: it adds no state-dict key (0.1.2's keys stay exact) and no buffer for DDP to
+    broadcast. Its tensors move to the weight's device when used; they keep the adapter's dtype of merge time.
+    """
+
+    __slots__ = ("adapter", "r", "lora_alpha", "scaling", "lora_dropout", "lora_A", "lora_B")
+
+    def __init__(self, lora, adapter: str):
+        self.adapter = adapter
+        self.r, self.lora_alpha, self.scaling = lora.r, lora.lora_alpha, lora.scaling
+        self.lora_dropout = nn.Identity()
+        self.lora_A = lora.lora_A.detach().clone()
+        self.lora_B = lora.lora_B.detach().clone()
+
+    def delta(self, layer, device) -> torch.Tensor:
+        """The dense update, computed by ``layer``'s own ``_delta_weight`` on these factors, on ``device``."""
+        if self.lora_A.device != device:
+            self.lora_A, self.lora_B = self.lora_A.to(device), self.lora_B.to(device)
+        return _AdapterView(layer, self)._delta_weight()
+
+    def changed(self, source) -> bool:
+        """Whether ``source`` (a layer or a named adapter) no longer holds these factors and scale."""
+        if source is None:  # the adapter was deleted
+            return True
+        a, b = source.lora_A, source.lora_B
+        return (source.scaling != self.scaling or a.shape != self.lora_A.shape or b.shape != self.lora_B.shape
+                or not torch.equal(self.lora_A.to(a.device, a.dtype), a.detach())
+                or not torch.equal(self.lora_B.to(b.device, b.dtype), b.detach()))
 
 
 class _AdapterView:

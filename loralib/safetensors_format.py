@@ -7,6 +7,7 @@ by the ``safetensors`` package and the other way round (tested).
 """
 import ctypes
 import json
+import math
 import struct
 import sys
 from typing import Dict, Optional, Tuple
@@ -67,39 +68,101 @@ def save_file(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Di
         f.write(save_bytes(tensors, metadata))
 
 
+def _object_without_duplicates(source: str):
+    def hook(pairs):
+        obj = {}
+        for key, value in pairs:
+            if key in obj:
+                raise SafetensorsError(f"{source}: the header names {key!r} twice; the file is corrupted")
+            obj[key] = value
+        return obj
+    return hook
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_header(raw: bytes, source: str) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_without_duplicates(source),
+                            parse_constant=_no_constants)
+    except SafetensorsError:
+        raise
+    # ValueError covers JSONDecodeError, NaN/Infinity and integers too long to parse; RecursionError deep nesting
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{source}: the header is not valid JSON ({type(e).__name__}: "
+                               f"{str(e)[:200]}); the file is corrupted or not safetensors") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{source}: the header is not a JSON object; the file is corrupted or not safetensors")
+    return header
+
+
 def load_bytes(buf: bytes, source: str = "<bytes>") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Decode a safetensors byte string into (tensors on CPU, metadata); every offset and size is checked."""
+    """Decode a safetensors byte string into (tensors on CPU, metadata).
+
+    Everything is checked before any tensor is built: the header length against the buffer, the JSON (no duplicate
+    names, no NaN), each entry's dtype, shape and offsets (sizes computed with Python integers, so a shape whose
+    product overflows 64 bits is caught), and that the entries tile the data exactly, without overlap or gap, as
+    the reference implementation requires. Nothing is allocated from a size the file declares.
+
+    Raises:
+        SafetensorsError: naming ``source`` and what is wrong.
+    """
     if len(buf) < 8:
         raise SafetensorsError(f"{source}: {len(buf)} bytes, too short for a safetensors file")
     (n,) = struct.unpack("<Q", buf[:8])
     if n > _MAX_HEADER or 8 + n > len(buf):
         raise SafetensorsError(f"{source}: header length {n} does not fit a {len(buf)}-byte file "
                                "(truncated or not safetensors)")
-    try:
-        header = json.loads(buf[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{source}: the header is not valid JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{source}: the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    header = _parse_header(bytes(buf[8:8 + n]), source)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{source}: __metadata__ must map strings to strings; the file is corrupted")
     data = memoryview(buf)[8 + n:]
-    tensors = {}
+    entries = []
     for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise SafetensorsError(f"{source}: entry {name!r} is malformed or has an unsupported dtype "
-                                   f"({info!r})") from e
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) or end - begin != size:
-            raise SafetensorsError(f"{source}: entry {name!r} (shape {shape}, {info['dtype']}) points at bytes "
-                                   f"[{begin}, {end}) of {len(data)}: the file is truncated or corrupted")
-        if size == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise SafetensorsError(f"{source}: entry {name!r} has dtype {dtype!r}; this reader knows "
+                                   f"{sorted(_DTYPES)} (the file is corrupted or uses an unsupported dtype)")
+        # The product of the non-zero dimensions bounds the strides torch would compute, even for an empty tensor.
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+                and math.prod(d for d in shape if d) < 2**63):
+            raise SafetensorsError(f"{source}: entry {name!r} has shape {shape!r}, not a list of non-negative "
+                                   "integers whose product fits 64 bits; the file is corrupted")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise SafetensorsError(f"{source}: entry {name!r} has data_offsets {offsets!r}, not [begin, end]; "
+                                   "the file is corrupted")
+        begin, end = offsets
+        size = math.prod(shape) * torch.empty((), dtype=_DTYPES[dtype]).element_size()  # exact: Python ints
+        if not 0 <= begin <= end <= len(data) or end - begin != size:
+            raise SafetensorsError(f"{source}: entry {name!r} (shape {shape}, {dtype}: {size} bytes) points at "
+                                   f"bytes [{begin}, {end}) of {len(data)}: the file is truncated or corrupted")
+        entries.append((begin, end, name, dtype, shape))
+    position = 0
+    for begin, end, name, _, _ in sorted(entries):
+        if begin != position:
+            what = "overlaps the entry before it" if begin < position else f"leaves bytes [{position}, {begin}) unused"
+            raise SafetensorsError(f"{source}: entry {name!r} at [{begin}, {end}) {what}; the file is corrupted")
+        position = end
+    if position != len(data):
+        raise SafetensorsError(f"{source}: {len(data) - position} bytes after the last tensor; the file is "
+                               "corrupted or two files were concatenated")
+    tensors = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin == end:
+            tensors[name] = torch.empty(shape, dtype=_DTYPES[dtype])
         else:
-            tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
+            tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=_DTYPES[dtype]).reshape(shape)
     return tensors, metadata
 
 

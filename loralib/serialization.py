@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from typing import Dict, Optional, Tuple
 
@@ -57,6 +58,46 @@ def atomic_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _prev_path(path: str) -> str:
+    """Where the weights that the current config describes are kept while a save replaces them."""
+    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".prev")
+
+
+def _file_sha256(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _keep_previous(weights: str, config_path: str) -> bool:
+    """Before a save replaces a weights/config pair, keep the weights the current config describes reachable as
+    ``.<weights>.prev`` (a hard link, a copy where links are not supported). A save killed between the two
+    renames then leaves the old config, the new weights and the old weights under ``.prev``: loading finds the
+    old pair complete. Returns whether a ``.prev`` now holds the weights the current config describes."""
+    prev = _prev_path(weights)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            expected = json.load(f).get("weights_sha256")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+    if not isinstance(expected, str):
+        return False
+    if _file_sha256(weights) != expected:
+        # A torn earlier save: the weights on disk are not the config's. Its .prev still is; leave it alone.
+        return _file_sha256(prev) == expected
+    tmp = prev + ".tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(weights, tmp)
+    except OSError:
+        shutil.copyfile(weights, tmp)
+    os.replace(tmp, prev)
+    return True
 
 
 def _json_bytes(obj) -> bytes:
@@ -164,8 +205,13 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
     data = save_bytes(tensors, metadata={"format": "pt"})
     if format == "loralib":  # PEFT warns about keys it does not know
         config["weights_sha256"] = hashlib.sha256(data).hexdigest()
-    atomic_write(os.path.join(save_directory, WEIGHTS_NAME), data)
-    atomic_write(os.path.join(save_directory, CONFIG_NAME), _json_bytes(config))  # last: config => complete
+    weights, config_path = os.path.join(save_directory, WEIGHTS_NAME), os.path.join(save_directory, CONFIG_NAME)
+    os.makedirs(save_directory, exist_ok=True)
+    kept = _keep_previous(weights, config_path)
+    atomic_write(weights, data)
+    atomic_write(config_path, _json_bytes(config))  # last: config => complete
+    if kept:
+        os.unlink(_prev_path(weights))  # the new pair is complete: the old weights are no longer needed
     return config
 
 
@@ -220,22 +266,100 @@ def _peft_export(layers: Dict[str, LoRALayer], adapter: str, task_type) -> Tuple
 
 # --- load ----------------------------------------------------------------------------------------------------------
 
+def _inside(directory: str, name: str) -> Optional[str]:
+    """``directory/name`` if it is a regular file whose real path lies inside ``directory``, None if it does not
+    exist. A link out of the directory (to ``/etc/passwd``, to another adapter) is refused before anything is read,
+    except Hugging Face's cache layout, where ``snapshots/<revision>/<file>`` links to ``../../blobs/<hash>``.
+
+    Raises:
+        AdapterError: the name leads outside the directory, or is not a regular file.
+    """
+    path = os.path.join(directory, name)
+    if not os.path.lexists(path):
+        return None
+    root, real = os.path.realpath(directory), os.path.realpath(path)
+    in_hf_cache = (os.path.basename(os.path.dirname(root)) == "snapshots"
+                   and os.path.dirname(real) == os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    if os.path.commonpath([root, real]) != root and not in_hf_cache:
+        raise AdapterError(f"{path} leads to {real}, outside the adapter directory: refusing to read it (copy the "
+                           "file into the directory instead of linking it)")
+    if not os.path.isfile(real):
+        raise AdapterError(f"{path} is not a regular file (a broken link, a directory or a device)")
+    return path
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_specs(specs: dict, path: str) -> None:
+    """Every per-layer spec of a loralib config is well formed; a hostile or corrupted config fails here, with the
+    field it got wrong, before any layer is built from it."""
+    types = ("Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d")
+    for name, spec in specs.items():
+        def bad(field, want):
+            raise AdapterError(f"{path}: layer {name!r} has {field}={spec.get(field)!r} ({want}); the config is "
+                               "corrupted")
+        if not isinstance(spec, dict):
+            raise AdapterError(f"{path}: the spec of layer {name!r} is not a JSON object; the config is corrupted")
+        if spec.get("type") not in types:
+            bad("type", f"expected one of {list(types)}")
+        if not (isinstance(spec.get("r"), int) and not isinstance(spec.get("r"), bool) and spec["r"] > 0):
+            bad("r", "a positive integer")
+        for field in ("lora_alpha", "scaling"):
+            if not (_is_number(spec.get(field)) and spec[field] > 0):
+                bad(field, "a positive finite number")
+        if not (_is_number(spec.get("lora_dropout", 0.0)) and 0 <= spec.get("lora_dropout", 0.0) < 1):
+            bad("lora_dropout", "a number in [0, 1)")
+        for field in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(spec.get(field, False), bool):
+                bad(field, "true or false")
+        if "enable_lora" in spec and not (isinstance(spec["enable_lora"], list) and spec["enable_lora"]
+                                          and all(isinstance(e, bool) for e in spec["enable_lora"])):
+            bad("enable_lora", "a non-empty list of booleans")
+        if not isinstance(spec.get("base_type"), (str, type(None))):
+            bad("base_type", "a class name or null")
+
+
+def _check_peft_config(config: dict, path: str) -> None:
+    if not (_is_number(config.get("lora_alpha", 8)) and config.get("lora_alpha", 8) > 0):
+        raise AdapterError(f"{path}: lora_alpha={config.get('lora_alpha')!r} is not a positive number")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict) or not all(isinstance(k, str) and _is_number(v) and v > 0
+                                                 for k, v in patterns.items()):
+        raise AdapterError(f"{path}: alpha_pattern must map layer patterns to positive numbers")
+    for k in patterns:
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise AdapterError(f"{path}: alpha_pattern key {k!r} is not a regular expression ({e})") from None
+    dropout = config.get("lora_dropout", 0.0) or 0.0
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise AdapterError(f"{path}: lora_dropout={dropout!r} is not a number in [0, 1)")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"{path}: use_rslora={config.get('use_rslora')!r} is not true or false")
+
+
 def _read_config(directory: str) -> dict:
     if not os.path.isdir(directory):
         raise AdapterError(f"adapter directory {directory!r} does not exist (write one with lora.save_adapter)")
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise AdapterError(f"{path} is missing: {directory!r} is not a complete adapter directory")
+    path = _inside(directory, CONFIG_NAME)
+    if path is None:
+        raise AdapterError(f"{os.path.join(directory, CONFIG_NAME)} is missing: {directory!r} is not a complete "
+                           "adapter directory")
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path} is not valid JSON ({e}); the file is corrupted") from e
+    # ValueError: JSONDecodeError and integers too long to parse; RecursionError: absurdly deep nesting
+    except (ValueError, RecursionError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the file is "
+                           "corrupted") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{path} does not hold a JSON object")
     if config.get("peft_type") is not None:
         if config["peft_type"] != "LORA":
-            raise AdapterError(f"{path} is a PEFT {config['peft_type']} adapter; only LoRA adapters load here")
+            raise AdapterError(f"{path} is a PEFT {config['peft_type']!r} adapter; only LoRA adapters load here")
+        _check_peft_config(config, path)
         return config
     if config.get("format") != FORMAT or not isinstance(config.get("layers"), dict) or not config["layers"]:
         raise AdapterError(f"{path} is neither a loralib adapter config ('format': '{FORMAT}' with 'layers') "
@@ -245,15 +369,33 @@ def _read_config(directory: str) -> dict:
         raise AdapterError(f"{path} has format_version {version!r}, written by loralib "
                            f"{config.get('library_version')}; this loralib ({__version__}) reads version "
                            f"{FORMAT_VERSION}: upgrade loralib")
+    _check_specs(config["layers"], path)
+    fp = config.get("base_fingerprint")
+    if not (isinstance(fp, dict) and isinstance(fp.get("sha256"), str) and isinstance(fp.get("shapes"), dict)
+            and all(isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+                    for v in fp["shapes"].values())):
+        raise AdapterError(f"{path}: base_fingerprint is missing or malformed; the config is corrupted")
+    if not isinstance(config.get("weights_sha256"), (str, type(None))):
+        raise AdapterError(f"{path}: weights_sha256 is not a string; the config is corrupted")
     return config
 
 
 def _read_weights(directory: str, expected_sha: Optional[str]) -> Dict[str, torch.Tensor]:
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.isfile(path):
+    path = _inside(directory, WEIGHTS_NAME)
+    if path is not None:
         with open(path, "rb") as f:
             data = f.read()
         if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
+            # A save killed between its two renames: the previous weights, kept aside, match this config.
+            prev = _inside(directory, os.path.basename(_prev_path(path)))
+            if prev is not None:
+                with open(prev, "rb") as f:
+                    prev_data = f.read()
+                if hashlib.sha256(prev_data).hexdigest() == expected_sha:
+                    try:
+                        return load_bytes(prev_data, source=prev)[0]
+                    except SafetensorsError as e:
+                        raise AdapterError(str(e)) from e
             raise AdapterError(f"{path} is not the file {CONFIG_NAME} was written with (SHA-256 differs): the "
                                "directory is corrupted or was half-overwritten; save the adapter again")
         try:
@@ -261,8 +403,8 @@ def _read_weights(directory: str, expected_sha: Optional[str]) -> Dict[str, torc
         except SafetensorsError as e:
             raise AdapterError(str(e)) from e
     for name in PICKLE_NAMES:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
+        path = _inside(directory, name)
+        if path is not None:
             try:
                 # weights_only: plain tensors only; a pickle that would import or call anything is refused.
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -270,7 +412,8 @@ def _read_weights(directory: str, expected_sha: Optional[str]) -> Dict[str, torc
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise AdapterError(f"refusing to load {path}: {type(e).__name__}: {first} (truncated, "
                                    "corrupted, or a pickle that is not a plain dict of tensors)") from e
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()):
                 raise AdapterError(f"{path} does not hold a dict of tensors")
             return state
     raise AdapterError(f"{directory!r} has {CONFIG_NAME} but no weights ({WEIGHTS_NAME} or "
@@ -311,6 +454,8 @@ def _peft_specs(config: dict, tensors: Dict[str, torch.Tensor], model: nn.Module
         m = pat.fullmatch(key)
         if not m:
             raise AdapterError(f"PEFT adapter entry {key!r} is not a LoRA A/B weight loralib can load")
+        if t.dim() != 2 or 0 in t.shape:
+            raise AdapterError(f"PEFT adapter entry {key!r} has shape {tuple(t.shape)}, not a non-empty matrix")
         name, part = m.groups()
         out[f"{name}.lora_{part.split('.')[0][-1]}"] = t  # lora_A.weight / lora_embedding_A -> A
     for key in [k for k in out if k.endswith(".lora_A")]:
@@ -401,6 +546,24 @@ def _add_from_specs(model: nn.Module, specs: Dict[str, dict], adapter: str) -> N
         layer.lora_adapters[adapter] = ad
 
 
+def _check_tensors(specs: Dict[str, dict], tensors: Dict[str, torch.Tensor], directory: str) -> None:
+    """The factors are finite floating-point matrices whose shapes agree with the rank the config declares
+    (which bounds what building the layers allocates by what the file holds)."""
+    for name, spec in specs.items():
+        A, B = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        for key, t in ((f"{name}.lora_A", A), (f"{name}.lora_B", B)):
+            if not t.is_floating_point() or t.dim() != 2:
+                raise AdapterError(f"{key} in {directory} is a {t.dim()}-d {t.dtype} tensor; LoRA factors are "
+                                   "2-d floating-point matrices: the file is corrupted")
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"{key} in {directory} holds NaN or Inf: the adapter is broken (diverged "
+                                   "training?); it was not loaded")
+        r = spec["r"]
+        if A.shape[0] % r:  # A has r (times the groups / kernel rows) rows: r cannot exceed what the file holds
+            raise AdapterError(f"{name!r} in {directory}: lora_A {tuple(A.shape)} does not fit rank r={r} in its "
+                               "config; the directory is corrupted")
+
+
 def load_adapter(model: nn.Module, load_directory: str, adapter: str = DEFAULT) -> dict:
     """Load an adapter directory (loralib's or PEFT's LoRA format) into ``model``, checking that it fits.
 
@@ -420,8 +583,17 @@ def load_adapter(model: nn.Module, load_directory: str, adapter: str = DEFAULT) 
     Raises:
         AdapterError: missing or corrupted files, a pickle that is not plain tensors, a base model with other
             weight names or shapes, other LoRA layers / ranks / scalings, or tensors of the wrong shape. The
-            message names the first mismatch; on error the model is unchanged.
+            message names the first mismatch and the directory; on error the model is unchanged.
     """
+    try:
+        return _load_adapter(model, load_directory, adapter)
+    except AdapterError as e:
+        if str(load_directory) in str(e):
+            raise
+        raise AdapterError(f"{load_directory}: {e}") from e
+
+
+def _load_adapter(model: nn.Module, load_directory: str, adapter: str) -> dict:
     config = _read_config(load_directory)
     tensors = _read_weights(load_directory, config.get("weights_sha256"))
     if "peft_type" in config:
@@ -441,6 +613,7 @@ def load_adapter(model: nn.Module, load_directory: str, adapter: str = DEFAULT) 
     if unexpected or missing:
         what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which no adapted layer has"
         raise AdapterError(f"the weights in {load_directory} do not match its config: it {what}")
+    _check_tensors(specs, tensors, load_directory)
     created = None
     if not has_lora:
         _inject_from_specs(model, specs, load_directory)

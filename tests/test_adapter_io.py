@@ -278,12 +278,19 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         lora.save_adapter(other, str(d))
     monkeypatch.undo()
-    assert [os.path.basename(c) for c in calls] == ["adapter_model.safetensors", "adapter_config.json"]
-    assert sorted(p.name for p in d.iterdir()) == sorted(before)  # no temporary file left behind
+    assert [os.path.basename(c) for c in calls] == [".adapter_model.safetensors.prev", "adapter_model.safetensors",
+                                                     "adapter_config.json"]
+    # no temporary file left behind; the old weights are kept aside until a config names the new ones
+    assert sorted(p.name for p in d.iterdir()) == sorted([*before, ".adapter_model.safetensors.prev"])
     assert (d / "adapter_config.json").read_bytes() == before["adapter_config.json"]
-    # weights replaced, config not: the recorded SHA-256 catches the inconsistent pair
-    with pytest.raises(lora.AdapterError, match="SHA-256 differs"):
-        lora.load_adapter(tiny_gpt2(), str(d))
+    assert (d / ".adapter_model.safetensors.prev").read_bytes() == before["adapter_model.safetensors"]
+    # weights replaced, config not: the recorded SHA-256 catches the inconsistent pair, and the old adapter loads
+    target = tiny_gpt2()
+    lora.load_adapter(target, str(d))
+    want = lora.lora_state_dict(model)
+    assert all(torch.equal(v, want[k]) for k, v in lora.lora_state_dict(target).items())
+    lora.save_adapter(other, str(d))  # the next save completes and removes the kept copy
+    assert sorted(p.name for p in d.iterdir()) == sorted(before)
 
 
 def test_save_errors(tmp_path):

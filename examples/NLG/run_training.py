@@ -302,8 +302,11 @@ def _train(args, ctx, stop, step_callback) -> dict:
             raise ValueError(f"--resume: {args.output_dir} was trained with a global batch of "
                              f"{state['global_batch']} examples per step, this run has {global_batch} "
                              f"(batch_size x processes x grad_accum); use the same global batch to continue")
-        load_adapter_weights(model, read_adapter_weights(args.output_dir),
-                             source=weights_path(args.output_dir))
+        # The LoRA weights saved inside training_state.pt (one atomic file) always belong to its optimizer state
+        # and step, even when a kill landed between the adapter's save and this file's.
+        lora_sd = state.get("lora")
+        load_adapter_weights(model, lora_sd if lora_sd is not None else read_adapter_weights(args.output_dir),
+                             source=U.STATE_NAME if lora_sd is not None else weights_path(args.output_dir))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history, seconds_before = state["step"], state["history"], state["seconds"]
@@ -351,8 +354,9 @@ def _train(args, ctx, stop, step_callback) -> dict:
                          extra=extra, weights_format=args.adapter_format, fingerprint=fingerprint)
         U.save_training_state(args.output_dir, {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
-            "seconds": elapsed, "rng": U.rng_state(), "args": U.to_jsonable(U.dump_args(args)),
-            "global_batch": global_batch, "world_size": world_size})
+            "seconds": elapsed, "rng": rng_boundary, "args": U.to_jsonable(U.dump_args(args)),
+            "global_batch": global_batch, "world_size": world_size,
+            "lora": {k: v.detach().cpu() for k, v in lora.lora_state_dict(model).items()}})
         vals = [v for _, v in history["val"]]
         metrics = {**counts, "steps": step, "total_steps": total_steps, "finished": final,
                    "seconds": round(elapsed, 2), "val_loss_start": vals[0] if vals else None,
@@ -375,6 +379,9 @@ def _train(args, ctx, stop, step_callback) -> dict:
     # --- training loop ---
     model.train()
     t_start, tokens_seen = time.time(), 0
+    # A Ctrl-C in the middle of a step (dropout has drawn from the RNG) saves the weights of the last completed
+    # step: the RNG state saved with them must be that step's too, or --resume would draw other dropout masks.
+    rng_boundary = U.rng_state()
     start_epoch, skip = divmod(step, steps_per_epoch)
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or not is_main, desc="train",
                dynamic_ncols=True)
@@ -432,15 +439,19 @@ def _train(args, ctx, stop, step_callback) -> dict:
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    args.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                loss = loss_sum / n_tok
-                if not U.is_finite(loss):
-                    raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
-                history["train"].append((step, loss))
+                # Ctrl-C waits for the end of this block: weights, optimizer, schedule and step counter move
+                # together, and the RNG state a checkpoint records is the one at this step boundary.
+                with U.sigint_deferred():
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    rng_boundary = U.rng_state()
+                    loss = loss_sum / n_tok
+                    if not U.is_finite(loss):
+                        raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
+                    history["train"].append((step, loss))
                 tok_s = step_tokens / max(1e-9, time.time() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{sched.get_last_lr()[0]:.2e}")

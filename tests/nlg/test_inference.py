@@ -150,6 +150,10 @@ def test_user_errors(adapters, tmp_path, capsys):
     key = sorted(sd)[0]
     sd[key] = torch.zeros(sd[key].shape[0] + 1, *sd[key].shape[1:])
     torch.save(sd, str(w))
+    _expect_error(["--adapter_dir", str(d)], capsys, "SHA-256 differs")  # the config names other weights
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["weights_sha256"]  # as in directories written before the config recorded it
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
     _expect_error(["--adapter_dir", str(d)], capsys, key)  # the shape mismatch names the key
     os.remove(w)
     _expect_error(["--adapter_dir", str(d)], capsys, "pytorch_model.bin is missing")

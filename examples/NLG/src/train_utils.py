@@ -4,6 +4,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -159,6 +161,27 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then raise KeyboardInterrupt.
+
+    For the few lines that must run together (optimizer step, schedule step, step counter). Does nothing outside
+    the main thread, or where SIGINT has another handler than Python's default (torchrun's stop flag).
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def save_training_state(out_dir: str, state: dict) -> None:
