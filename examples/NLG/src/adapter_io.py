@@ -280,10 +280,15 @@ def _model_config(config: dict, path: str) -> GPTConfig:
     if not isinstance(d, dict):
         raise AdapterError(f"model_config in {path} is not a JSON object; the config is corrupted")
     for k, v in d.items():
-        ok = (isinstance(v, int) and not isinstance(v, bool)) if k in _INT_FIELDS else (
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        if k == "lora_targets":  # None (every target) or a list of names, which GPTConfig checks
+            ok = v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v))
+        elif k in _INT_FIELDS:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if k in GPTConfig.__dataclass_fields__ and not ok:
-            want = "an integer" if k in _INT_FIELDS else "a finite number"
+            want = {"lora_targets": "null or a list of names"}.get(
+                k, "an integer" if k in _INT_FIELDS else "a finite number")
             raise AdapterError(f"model_config in {path}: {k}={v!r} is not {want}; the config is corrupted")
     try:
         return GPTConfig.from_dict(d)
