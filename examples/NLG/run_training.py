@@ -39,20 +39,21 @@ def get_parser() -> argparse.ArgumentParser:
                         "smoothing 0.1; seed 110; all of train.txt and valid.txt); flags given explicitly override "
                         "it; pair it with --init_checkpoint gpt2-medium")
     g = p.add_argument_group("training")
-    g.add_argument("--num_epochs", type=int, default=2, help="passes over the (possibly limited) training set")
+    g.add_argument("--num_epochs", type=int, default=1, help="passes over the (possibly limited) training set")
     g.add_argument("--batch_size", type=int, default=4, help="examples per micro-batch, padded to their longest")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (LoRA weights only)")
-    g.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps, then linear decay to 0")
+    g.add_argument("--warmup_steps", type=int, default=30, help="linear warmup steps, then linear decay to 0")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
     g.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
-    g.add_argument("--max_steps", type=int, default=0,
+    g.add_argument("--max_steps", type=int, default=1200,
                    help="stop after this many optimizer steps (0: no limit; run --num_epochs epochs)")
-    g.add_argument("--max_train_examples", type=int, default=1000,
-                   help="train on a fixed random subset of this many examples (0: all 42,061)")
+    g.add_argument("--max_train_examples", type=int, default=0,
+                   help="train on a fixed random subset of this many examples (0: all of them: the 25,687 "
+                        "faithful references of train.txt, or its 42,061 with --train_refs all)")
     g.add_argument("--seq_len", type=int, default=128,
                    help="truncate examples to this many tokens (the longest E2E example has 115)")
     g.add_argument("--seed", type=int, default=42,
@@ -88,8 +89,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_alpha", type=int, default=d.lora_alpha, help="LoRA alpha (scaling = alpha / r)")
     g.add_argument("--lora_dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA path")
     g.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=None,
-                   help="modules that get LoRA: attn (query and value), mlp (both projections), lm_head "
-                        "(default: all of them)")
+                   help="modules that get LoRA: attn (query and value), attn_k (the key too), attn_proj (the "
+                        "attention's output projection), mlp (both projections), lm_head (default: attn mlp lm_head)")
     g.add_argument("--init_checkpoint", default=None,
                    help="the frozen base: a Hugging Face Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any "
                         "org/name in the GPT-2 layout; needs huggingface_hub, uses its cache and HF_HUB_OFFLINE) "

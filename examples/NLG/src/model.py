@@ -16,9 +16,11 @@ import torch.nn.functional as F
 import loralib as lora
 
 
-# Where LoRA can sit: "attn" = the attention's query and value (c_attn, enable_lora=[True, False, True]), "mlp" = both
-# MLP projections, "lm_head" = the output projection to the vocabulary.
-LORA_TARGETS = ("attn", "mlp", "lm_head")
+# Where LoRA can sit: "attn" = the attention's query and value (c_attn, enable_lora=[True, False, True]), "attn_k" =
+# its key too, "attn_proj" = the attention's output projection, "mlp" = both MLP projections, "lm_head" = the output
+# projection to the vocabulary. DEFAULT_TARGETS: where it sits when lora_targets is None.
+LORA_TARGETS = ("attn", "attn_k", "attn_proj", "mlp", "lm_head")
+DEFAULT_TARGETS = ("attn", "mlp", "lm_head")
 
 
 @dataclass
@@ -33,7 +35,7 @@ class GPTConfig:
     lora_dim: int = 16  # LoRA rank r; 0 makes every layer a plain one
     lora_alpha: int = 128  # LoRA scaling = lora_alpha / lora_dim
     lora_dropout: float = 0.0  # dropout on the LoRA path's input
-    # Which modules get LoRA, from LORA_TARGETS; None: the default placement (every one of them).
+    # Which modules get LoRA, from LORA_TARGETS; None: DEFAULT_TARGETS.
     lora_targets: Optional[Sequence[str]] = None
 
     def __post_init__(self):
@@ -51,7 +53,7 @@ class GPTConfig:
 
     def lora_r(self, target: str) -> int:
         """The LoRA rank of ``target`` (one of LORA_TARGETS): ``lora_dim`` where LoRA is placed, else 0."""
-        return self.lora_dim if self.lora_targets is None or target in self.lora_targets else 0
+        return self.lora_dim if target in (self.lora_targets or DEFAULT_TARGETS) else 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,8 +82,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.num_heads
         C = cfg.hidden_dim
         self.c_attn = lora.MergedLinear(C, 3 * C, r=cfg.lora_r("attn"), lora_alpha=cfg.lora_alpha,
-                                        lora_dropout=cfg.lora_dropout, enable_lora=[True, False, True])
-        self.c_proj = nn.Linear(C, C)
+                                        lora_dropout=cfg.lora_dropout,
+                                        enable_lora=[True, cfg.lora_r("attn_k") > 0, True])
+        # A plain nn.Linear unless adapted: building a LoRA layer draws from the RNG, which would change the
+        # random base that every adapter trained without it was fitted to.
+        self.c_proj = lora.Linear(C, C, r=cfg.lora_r("attn_proj"), lora_alpha=cfg.lora_alpha,
+                                  lora_dropout=cfg.lora_dropout) if cfg.lora_r("attn_proj") else nn.Linear(C, C)
         self.dropout = cfg.dropout
 
     def forward(self, x, attn_mask=None, past=None, q_index=None):
