@@ -31,7 +31,7 @@ from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
 SAMPLE_MRS = [
     "name : The Eagle | Type : coffee shop | food : French | price : moderate | customer rating : 3 out of 5 | "
     "area : riverside | family friendly : yes | near : Burger King",
-    "name : The Vaults | Type : pub | food : Italian | price : less than £20 | area : city centre",
+    "name : The Vaults | Type : pub | food : Italian | price : less than £ 20 | area : city centre",
     "name : Blue Spice | Type : restaurant | food : Chinese | area : riverside | family friendly : no",
     "name : Zizzi | Type : coffee shop | customer rating : 5 out of 5 | near : The Sorrento",
     "name : Alimentum | food : English | price : high | area : city centre | near : Yippee Noodle Bar",
@@ -58,11 +58,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="decoding settings by name: auto = the recipe the (first) adapter was trained with, if any; "
                         "paper = beam 10, length penalty 0.8, no-repeat 4-grams, at most 64 new tokens, stop at "
                         "628 ('\\n\\n') too; the flags below, when given, override it")
-    g.add_argument("--beam_size", type=int, default=1, help="beams per input; 1 is greedy (E2E recipe: 10)")
+    g.add_argument("--beam_size", type=int, default=5, help="beams per input; 1 is greedy (E2E recipe: 10)")
     g.add_argument("--length_penalty", type=float, default=1.0,
                    help="beam score = sum of log-probs / length ** length_penalty (recipe paper: 0.8, from "
                         "Microsoft's README; the paper's Table 11 says 0.9)")
-    g.add_argument("--no_repeat_ngram_size", type=int, default=0,
+    g.add_argument("--no_repeat_ngram_size", type=int, default=4,
                    help="never repeat an n-gram of this size within the generated text; 0: off (E2E recipe: 4)")
     g.add_argument("--max_new_tokens", type=int, default=64, help="stop after this many tokens without end-of-text")
     g.add_argument("--stop_token_ids", type=int, nargs="*", default=[],

@@ -46,6 +46,9 @@ def test_names_inside_other_names_and_added_slots():
     # a venue not in the MR at all is a hallucinated near
     r = S.check("name : The Vaults | food : Chinese", "The Vaults serves Chinese food near Avalon .")
     assert r.added == ["near"] and r.status["name"] == "ok"
+    # a placeholder a delexicalised model left for an MR without a near value is a hallucinated near too
+    r = S.check("name : The Vaults | food : Chinese", "The Vaults serves Chinese food near [near] .")
+    assert r.added == ["near"]
     # "restaurant" alone is what people call any venue: not an added Type
     assert S.check("name : The Vaults | food : Chinese", "The Vaults is a Chinese restaurant .").errors == 0
 

@@ -26,7 +26,11 @@ def test_help_documents_every_flag(capsys):
                  "--grad_accum", "--warmup_steps", "--weight_decay", "--label_smoothing", "--resume"]:
         assert flag in out
     d = run_training.get_parser().parse_args([])
-    assert (d.num_epochs, d.log_interval, d.output_dir, d.device) == (2, 10, "lora_model", "auto")
+    assert (d.num_epochs, d.log_interval, d.output_dir, d.device) == (1, 10, "lora_model", "auto")
+    # the default run (README, "Measured default run"): 1,200 steps of 4 examples over the faithful references,
+    # names delexicalised, bf16 where the CPU has it
+    assert (d.max_steps, d.batch_size, d.max_train_examples, d.lr, d.warmup_steps) == (1200, 4, 0, 1e-3, 30)
+    assert (d.train_refs, d.delex, d.precision) == ("faithful", "name,near", "auto")
     assert (d.vocab_size, d.hidden_dim, d.num_layers, d.lora_dim, d.lora_alpha, d.lora_dropout) == \
         (50257, 768, 2, 16, 128, 0.0)
 

@@ -160,6 +160,9 @@ def realised(text: str) -> Dict[str, set]:
         if low in t:
             venues.add(v)
             t = t.replace(low, " ")  # blank it out: no cuisine or café inside a name
+    # A placeholder left in a text (a delexicalised model wrote "[near]" for an MR without one) names no venue
+    # of the MR: it counts like a venue the MR does not have.
+    venues |= set(re.findall(r"\[(?:name|near)\]", t))
     found = {"venues": venues}
     for attr, classes in _COMPILED.items():
         found[attr] = {v for v, rx in classes.items() if rx.search(t)}
