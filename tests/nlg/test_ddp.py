@@ -102,11 +102,14 @@ def set_arg(argv, flag, value):
     return argv
 
 
-def assert_same_adapter(a_dir, b_dir, atol=1e-5):
+def assert_same_adapter(a_dir, b_dir, atol=1e-5, rel=None):
+    """Equal tensors within ``atol``, or within ``rel`` times each tensor's largest magnitude."""
     a, b = read_adapter_weights(str(a_dir)), read_adapter_weights(str(b_dir))
     assert a.keys() == b.keys() and a
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+        tol = atol if rel is None else rel * float(b[k].abs().max())
+        diff = float((a[k] - b[k]).abs().max())
+        assert diff <= tol, f"{k}: max difference {diff:.3g} > {tol:.3g}"
 
 
 def test_two_processes_equal_one_process_with_the_global_batch(e2e_dir, tmp_path):
@@ -172,7 +175,9 @@ def test_ctrl_c_under_torchrun_stops_all_ranks_and_resume_finishes_the_run(e2e_d
 
     ref = tmp_path / "ref"
     assert run_training.main(set_arg(tiny_args(e2e_dir, ref, *common), "--batch_size", "8")) == 0
-    assert_same_adapter(out, ref)
+    # 160 AdamW steps at lr 1e-2 amplify the rounding of 2-process vs 1-process sums (which differs between CPUs)
+    # to ~1e-4 of the weights' size; a resume that lost state would be off by orders of magnitude more.
+    assert_same_adapter(out, ref, rel=2e-4)
 
 
 def test_resume_with_another_global_batch_is_refused(e2e_dir, tmp_path, capsys):
