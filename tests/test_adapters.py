@@ -10,7 +10,7 @@ from inject_helpers import randomize_lora
 @pytest.fixture
 def ms(request):
     """PyPI loralib 0.1.2 imported as ``loralib_ms``: tests/conftest.py's session fixture when it exists,
-    else an importable ``loralib_ms`` (e.g. ``PYTHONPATH=/tmp/ref``), else skip."""
+    else an importable ``loralib_ms`` (e.g. ``PYTHONPATH=DIR``), else skip."""
     try:
         return request.getfixturevalue("loralib_ms")
     except pytest.FixtureLookupError:
