@@ -114,8 +114,9 @@ def test_train_with_recipe_records_it_and_inference_decodes_by_it(e2e_dir, tmp_p
            "(recipe paper)" in printed
     assert run_inference.main(base + ["--beam_size", "2", "--length_penalty", "0.9"]) == 0
     assert "beam 2, length penalty 0.9, no-repeat 4-grams" in capsys.readouterr().out
-    assert run_inference.main(base + ["--recipe", "none"]) == 0
-    assert "decoding: greedy, at most 3 new tokens\n" in capsys.readouterr().out
+    assert run_inference.main(base + ["--recipe", "none"]) == 0  # the script's own defaults
+    assert "decoding: beam 5, length penalty 1.0, no-repeat 4-grams, at most 3 new tokens\n" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("beam", [1, 3])

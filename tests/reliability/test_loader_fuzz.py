@@ -471,6 +471,11 @@ def test_example_loader_fuzz(tmp_path, tally, peak):
         "config deeply nested": b"[" * 200_000,
     }.items():
         variant("bin", label, config=c)
+    # Files that must load: untouched, and configs that differ only in form or in keys the loader ignores.
+    variant("bin", "unchanged")
+    variant("safetensors", "unchanged")
+    variant("bin", "config re-indented", config=json.dumps(cfg, indent=4).encode())
+    variant("bin", "config with a key the loader ignores", config=with_(note="trained on a Tuesday"))
     for i in range(25):
         b = bytearray(json.dumps(cfg).encode())
         for _ in range(rng.randint(1, 3)):
