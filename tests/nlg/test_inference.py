@@ -167,3 +167,22 @@ def test_second_adapter_with_other_config_is_named(adapters, tmp_path, capsys):
     assert run_training.main(argv) == 0
     capsys.readouterr()
     _expect_error(["--adapter_dir", a, "--adapter_dir", str(other)], capsys, "lora_dim is 2 there but 4 here")
+
+
+def test_adapter_in_the_previous_release_format_still_loads(adapters, tmp_path):
+    """A config without the keys this release added (precision, placeholders, weights SHA-256, Hub revision,
+    LoRA targets), as the previous release wrote it, loads and generates exactly what the same adapter does with
+    them; for an adapter trained with literal names the old and new prompts are the same."""
+    data, _, _ = adapters
+    new = tmp_path / "new"
+    assert run_training.main(tiny_args(data, new, "--seed", "3", "--delex", "none")) == 0
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    cfg = json.loads((old / "adapter_config.json").read_text())
+    for key in ("precision", "weights_sha256"):
+        del cfg[key]
+    del cfg["data"]["delexicalize"], cfg["base"]["init_revision"], cfg["model_config"]["lora_targets"]
+    (old / "adapter_config.json").write_text(json.dumps(cfg))
+    texts = {d: _run(["--adapter_dir", str(d), "--input", "name : The Eagle | Type : pub", "--no_unmerged"])[
+        "results"][0]["texts"] for d in (new, old)}
+    assert texts[old] == texts[new] and texts[new][0]
