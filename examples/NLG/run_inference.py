@@ -48,6 +48,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="base checkpoint (local path or Hugging Face Hub name) to use instead of the one recorded "
                         "in adapter_config.json; it must be the same weights (checked by fingerprint)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
+    g.add_argument("--precision", default="fp32", choices=U.PRECISIONS,
+                   help="dtype of the frozen base while generating, as run_training.py's flag (auto: bf16 where "
+                        "the CPU or GPU has native bfloat16); fp32 by default, where merged and unmerged texts "
+                        "are identical; the adapter stays float32")
     g = p.add_argument_group("input")
     g.add_argument("--input", action="append", default=None,
                    help="a meaning representation 'key : value | key : value ...' (repeatable); default: "
@@ -141,7 +145,10 @@ def run(args) -> dict:
                           stop_ids=tuple(args.stop_token_ids))
 
     # --- model: the base once, then each adapter ---
-    multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint)
+    precision, why = U.resolve_precision(args.precision, device)
+    multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint, precision=precision)
+    if precision != "fp32":
+        print(f"precision: {precision} ({why}); LoRA weights in float32")
     base = multi.adapters[0].config.get("base", {})
     name = args.init_checkpoint or base.get("init_checkpoint")
     if name and not args.init_checkpoint and base.get("init_revision"):
@@ -162,8 +169,9 @@ def run(args) -> dict:
         runs = {}
         for merged in ([True] if args.no_unmerged else [False, True]):
             model = multi.use(i, merged=merged)
-            texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
-                                    delex=adapter_delex(adapter.config))
+            with U.autocast(device, precision):
+                texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
+                                        delex=adapter_delex(adapter.config))
             runs["merged" if merged else "unmerged"] = (texts, stats)
         texts, stats = runs["merged"]
         speed = {k: round(s["tokens_per_second"], 1) for k, (_, s) in runs.items()}
@@ -190,7 +198,7 @@ def run(args) -> dict:
             write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
             scores = M.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist)
             scores["slots"] = S.slot_scores(mrs, texts)
-            scores.update({"split": args.split, "decoding": vars(decode), "recipe": recipe,
+            scores.update({"split": args.split, "decoding": vars(decode), "recipe": recipe, "precision": precision,
                            "adapter_dir": adapter.path,
                            "tokens_per_second": speed})
             atomic_json(os.path.join(out_dir, "scores.json"), scores)

@@ -186,3 +186,29 @@ def test_adapter_in_the_previous_release_format_still_loads(adapters, tmp_path):
     texts = {d: _run(["--adapter_dir", str(d), "--input", "name : The Eagle | Type : pub", "--no_unmerged"])[
         "results"][0]["texts"] for d in (new, old)}
     assert texts[old] == texts[new] and texts[new][0]
+
+
+def test_precision_flag(adapters, capsys, monkeypatch):
+    """--precision bf16: the base is stored in bfloat16, the adapter stays float32, texts come out and scores.json
+    would record it; fp32 (the default) prints no precision line; auto follows the CPU check."""
+    from src import inference as I
+    from src import train_utils as U
+
+    built = []
+    real = I.MultiAdapterModel.__init__
+
+    def spy(self, model, adapters_):
+        built.append({("lora_" in n, p.dtype) for n, p in model.named_parameters()})
+        real(self, model, adapters_)
+
+    monkeypatch.setattr(I.MultiAdapterModel, "__init__", spy)
+    _, a, _ = adapters
+    out = _run(["--adapter_dir", a, "--precision", "bf16"])
+    assert built[-1] == {(True, torch.float32), (False, torch.bfloat16)}
+    assert all(isinstance(t, str) for t in out["results"][0]["texts"])
+    assert "precision: bf16 (asked for with --precision)" in capsys.readouterr().out
+    _run(["--adapter_dir", a])
+    assert built[-1] == {(True, torch.float32), (False, torch.float32)} and "precision:" not in capsys.readouterr().out
+    monkeypatch.setattr(U, "cpu_has_bf16", lambda: False)
+    _run(["--adapter_dir", a, "--precision", "auto"])
+    assert built[-1] == {(True, torch.float32), (False, torch.float32)}

@@ -15,6 +15,7 @@ from .adapter_io import AdapterError, load_adapter_weights, load_model_from_adap
 from .data import delexicalize, format_prompt, relexicalize
 from .generate import DecodeConfig, generate
 from .tokenizer import get_tokenizer
+from .train_utils import cast_frozen
 
 
 class MRError(ValueError):
@@ -124,14 +125,16 @@ def _same_base(first: dict, other: dict, path: str, first_path: str) -> None:
         raise AdapterError(f"{path} was trained on another base (fingerprint {fb}) than {first_path} ({fa})")
 
 
-def load_adapters(adapter_dirs: Sequence[str], device="cpu",
-                  init_checkpoint: Optional[str] = None) -> MultiAdapterModel:
+def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Optional[str] = None,
+                  precision: str = "fp32") -> MultiAdapterModel:
     """Build the base once (from the first adapter's config) and read every adapter, checking it fits.
 
     Args:
         adapter_dirs: adapter directories written by run_training.py; the first decides the model.
         device: where the model goes.
         init_checkpoint: overrides the base checkpoint recorded in the configs.
+        precision: the dtype the frozen base is stored in (``"fp32"``, ``"bf16"``, ``"fp16"``); the LoRA weights
+            stay float32. Checked against the recorded fingerprint before the cast.
 
     Raises:
         AdapterError: a missing, corrupted or unsafe file, or an adapter that does not fit the base (named).
@@ -144,6 +147,8 @@ def load_adapters(adapter_dirs: Sequence[str], device="cpu",
         cfg = read_adapter_config(d)
         _same_base(config, cfg, d, adapter_dirs[0])
         adapters.append(Adapter(d, cfg, read_adapter_weights(d)))
+    lora.mark_only_lora_as_trainable(model)
+    cast_frozen(model, precision)
     multi = MultiAdapterModel(model.to(device), adapters)
     for i in range(1, len(adapters)):  # every shape and key checked now, before any generation
         multi.use(i)
