@@ -64,7 +64,8 @@ def test_family_friendly_wordings(phrase, value):
 
 
 @pytest.mark.parametrize("mr_value, text", [
-    ("less than £ 20", "it is cheap"), ("cheap", "prices are less than £ 20"), ("£ 20 - 25", "it is moderately priced"),
+    ("less than £ 20", "it is cheap"), ("cheap", "prices are less than £ 20"),
+    ("£ 20 - 25", "it is moderately priced"),
     ("more than £ 30", "it is expensive"), ("high", "it has a high price range"),
 ])
 def test_price_wordings_count_by_class(mr_value, text):

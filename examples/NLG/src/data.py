@@ -28,7 +28,7 @@ DEFAULT_DATA_DIR = os.path.join(REPO_ROOT, "data", "e2e")
 DOWNLOAD_CMD = "python data/download_e2e.py  (or: python data/download_e2e.py --from DIR_WITH_THE_TXT_FILES)"
 DOWNLOADER_PATH = os.path.join(REPO_ROOT, "data", "download_e2e.py")
 IGNORE_INDEX = -100  # label value the loss skips (prompt and padding)
-PROMPT_FORMAT_VERSION = 2  # bump when the prompt or completion format or the cached fields change: invalidates the cache
+PROMPT_FORMAT_VERSION = 2  # bump when the prompt/completion format or the cached fields change: a new cache
 
 
 class DataError(ValueError):

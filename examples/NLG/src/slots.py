@@ -105,7 +105,8 @@ _PATTERNS: Dict[str, Dict[str, str]] = {
         "average": r"\b3 out (?:of )?5\b|\bthree[\s-]*stars?\b|\b3[\s-]*stars?\b|\bmediocre\b"
                    rf"|\baverage[\s-]*(?:customer[\s-]*)?{_RATING_CTX}"
                    rf"|\b{_RATING_CTX}\s+(?:of\s+|is\s+|as\s+|are\s+)*(?:an?\s+)?average\b",
-        "high": r"\b5 out (?:of )?5\b|\b(?:great|good|excellent|top)[\s-]*(?:customer[\s-]*)?(?:rating|review)s?\b|\bfive[\s-]*stars?\b|\b5[\s-]*stars?\b|\bexcellent\b|\btop[\s-]*rated\b"
+        "high": r"\b5 out (?:of )?5\b|\b(?:great|good|excellent|top)[\s-]*(?:customer[\s-]*)?(?:rating|review)s?\b"
+                r"|\bfive[\s-]*stars?\b|\b5[\s-]*stars?\b|\bexcellent\b|\btop[\s-]*rated\b"
                 rf"|\bhigh(?:ly)?[\s-]*(?:customer[\s-]*)?{_RATING_CTX}"
                 rf"|\b{_RATING_CTX}\s+(?:of\s+|is\s+|as\s+|are\s+)*(?:a\s+)?high(?:ly)?\b|\bwell[\s-]*rated\b",
     },
