@@ -273,25 +273,28 @@ class _AdapterView:
 # layer's own would, and the LoRA path in the adapter's dtype: x is cast to it (one (N, in) copy, which dropout
 # makes anyway), and the (N, out) update is added to the base output in float32 and rounded once.
 
-def _dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
-    """The keep-mask (1 keeps, 0 drops) of dropout with probability ``p``, as 0/1 values of ``dtype``.
+def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
+    """Dropout's drop-mask with probability ``p`` as a bool tensor (True where an element is dropped).
 
-    Regenerated from ``seed`` in backward instead of being stored: dropout then costs no activation memory. The
-    1 / (1 - p) rescaling is left to the caller, which applies it to an (N, r) tensor instead of an (N, in) one.
+    Drawn once in forward and saved for backward: one byte per input element, a quarter of the dropped float32
+    copy of x that a plain autograd graph keeps. From a generator seeded with ``seed`` (one draw of torch's global
+    RNG), so ``torch.manual_seed`` reproduces it and the global stream advances as in earlier releases, which drew
+    the mask this way twice and kept no mask. The 1 / (1 - p) rescaling is left to the caller, which applies it to
+    an (N, r) tensor instead of an (N, in) one.
     """
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    keep = torch.rand(shape, generator=gen, device=device).ge_(p)  # in place: 1.0 where kept, 0.0 where dropped
-    return keep if keep.dtype == dtype else keep.to(dtype)
+    return torch.rand(shape, generator=gen, device=device) < p
 
 
-def _lora_input(x2: torch.Tensor, dtype: torch.dtype, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x2 * mask`` (or ``x2``) in the adapter's ``dtype``, allocating one (N, in) tensor at most."""
-    if mask is None:
+def _lora_input(x2: torch.Tensor, dtype: torch.dtype, drop: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x2`` with the ``drop`` positions zeroed (or ``x2``) in the adapter's ``dtype``, allocating one (N, in)
+    tensor at most."""
+    if drop is None:
         return x2.to(dtype)  # the tensor itself when the dtypes agree
     if x2.dtype == dtype:
-        return x2 * mask
-    return x2.to(dtype).mul_(mask)
+        return x2.masked_fill(drop, 0.0)
+    return x2.to(dtype).masked_fill_(drop, 0.0)
 
 
 def _add_update(result2: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
@@ -304,30 +307,31 @@ def _add_update(result2: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, sc
 
 
 class _LoRALinearFn(torch.autograd.Function):
-    """y = x W^T + b + scaling * drop(x) A^T B^T, saving only x (already alive), the (N, r) intermediate and a seed.
+    """y = x W^T + b + scaling * drop(x) A^T B^T, saving x (already alive), the (N, r) intermediate and, with
+    dropout, a one-byte-per-element mask.
 
-    A plain autograd graph would also keep the dropped copy of x and its mask for backward. With keep-mask M,
-    drop(x) A^T = ((x * M) A^T) / (1 - p): the rescaling acts on the (N, r) intermediate, and backward builds M once
-    for both the input gradient and A's. The gradients of A and B come out in the adapter's dtype, that of x (and
-    W, b) in theirs.
+    A plain autograd graph would also keep the dropped copy of x (and a mask) for backward. With keep-mask M,
+    drop(x) A^T = ((x * M) A^T) / (1 - p): the rescaling acts on the (N, r) intermediate, and backward reuses the
+    saved mask for both the input gradient and A's. The gradients of A and B come out in the adapter's dtype, that
+    of x (and W, b) in theirs.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
         result = F.linear(x, weight, bias)  # the frozen matmul: one call, as the base layer makes it
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        mask = _dropout_mask(x2.shape, p, seed, x.device, lora_A.dtype) if p > 0 else None
-        h = _lora_input(x2, lora_A.dtype, mask) @ lora_A.t()  # (N, r), adapter dtype
+        drop = _dropout_mask(x2.shape, p, seed, x.device) if p > 0 else None  # (N, in) bool
+        h = _lora_input(x2, lora_A.dtype, drop) @ lora_A.t()  # (N, r), adapter dtype
         if p > 0:
             h.mul_(1.0 / (1.0 - p))
         _add_update(result.view(-1, result.shape[-1]), h, lora_B, scaling)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
-        ctx.scaling, ctx.p, ctx.seed, ctx.has_bias = scaling, p, seed, bias is not None
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h, drop)
+        ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x, weight, lora_A, lora_B, h, drop = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), base dtype
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -337,11 +341,10 @@ class _LoRALinearFn(torch.autograd.Function):
         if need[0] or need[3]:
             # Gradient at drop(x) A^T, already carrying dropout's 1 / (1 - p): (N, r)
             gh = (ga @ lora_B).mul_(s / (1.0 - p) if p > 0 else s)
-            mask = _dropout_mask(x2.shape, p, ctx.seed, x.device, lora_A.dtype) if p > 0 else None  # (N, in)
         if need[0]:
             gdx = gh @ lora_A  # (N, in), adapter dtype
-            if mask is not None:
-                gdx.mul_(mask)
+            if drop is not None:
+                gdx.masked_fill_(drop, 0.0)
             if gdx.dtype == x.dtype:
                 grad_x = gdx.addmm_(g, weight).view(x.shape)
             else:
@@ -351,7 +354,7 @@ class _LoRALinearFn(torch.autograd.Function):
         if need[2] and ctx.has_bias:
             grad_b = g.sum(0)
         if need[3]:
-            grad_A = gh.t() @ _lora_input(x2, lora_A.dtype, mask)
+            grad_A = gh.t() @ _lora_input(x2, lora_A.dtype, drop)
         if need[4]:
             grad_B = (ga.t() @ h).mul_(s)
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None
