@@ -146,6 +146,22 @@ def _swap(swaps, use_lora: bool):
         setattr(parent, name, layer if use_lora else base)
 
 
+def half_precision(model, precision: str, method: str):
+    """As the NLG example's ``--precision``: the frozen weights stored in bfloat16, trainable ones (adapters, all of
+    full fine-tuning's) kept float32, and the step run under ``torch.autocast``. The floor's trainable biases are
+    bfloat16 too: a LayerNorm needs its bias in its weight's dtype (autocast does not cast it on CPU). Returns the
+    autocast context to run the model under (a no-op for fp32)."""
+    import torch
+    from src import train_utils as U
+
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if method == "floor":
+        model.to(U.precision_dtype(precision))
+    U.cast_frozen(model, precision)
+    return lambda: U.autocast(torch.device("cpu"), precision)
+
+
 def worker_train(args):
     import torch
     from src import measure as M
@@ -155,18 +171,22 @@ def worker_train(args):
     model.train()
     m = apply_method(model, args)
     model, swaps = m["model"], m["swaps"]
+    amp = half_precision(model, args.precision, args.method)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
+    assert args.method == "floor" or all(p.dtype == torch.float32 for p in trainable)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     out = dict(method=args.method, dropout=args.dropout, batch=args.batch, seq=args.seq, threads=args.threads,
-               params=M.param_counts(model), lib_file=m.get("lib_file"),
+               precision=args.precision, params=M.param_counts(model), lib_file=m.get("lib_file"),
+               frozen_dtypes=sorted({str(p.dtype) for p in params if not p.requires_grad}),
                malloc_env={k: os.environ.get(k) for k in MALLOC_ENV})
 
     opt = torch.optim.AdamW(trainable, lr=args.lr)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with amp():
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -174,7 +194,7 @@ def worker_train(args):
 
     times = []
     with M.PeakRSS() as peak:  # baseline: the built model, before any training
-        with M.SavedTensorBytes(exclude=params) as saved:
+        with M.SavedTensorBytes(exclude=params) as saved, amp():
             loss = model(input_ids=ids, labels=ids).loss  # one forward: what autograd keeps for backward
         loss.backward()
         del loss
@@ -270,10 +290,15 @@ def worker_nlg(args):
     model = NLG.build_model(cfg, base_seed=42)
     lora.mark_only_lora_as_trainable(model)
     model.train()
+    amp = half_precision(model, args.precision, "ours")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     batches, source = _nlg_batches(args)
 
     def loss_of(b):
+        with amp():
+            return _nlg_loss(b)
+
+    def _nlg_loss(b):
         if args.method == "fast":
             return model(b["input_ids"], labels=b["labels"]).loss
         logits = model(b["input_ids"]).logits  # (B, T, V) at every position
@@ -294,7 +319,8 @@ def worker_nlg(args):
             tokens += b["input_ids"].numel()
             # rows the 50,257-way output layer computes: the positions with a label (fast) or every position
             head_rows += int((b["labels"][:, 1:] != -100).sum()) if args.method == "fast" else b["input_ids"].numel()
-    return dict(method=args.method, source=source, config=cfg.to_dict(), tokens=tokens, seconds=seconds,
+    return dict(method=args.method, precision=args.precision, source=source, config=cfg.to_dict(), tokens=tokens,
+                seconds=seconds,
                 tokens_per_s=tokens / seconds if seconds else None, head_rows=head_rows, losses=losses)
 
 
@@ -369,6 +395,11 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--dropouts", default="0.1,0.0", help="lora_dropout values; the first is the timed one in quick")
     p.add_argument("--nlg_rounds", type=int, default=None, help="rounds of the NLG tokens/s comparison (0: skip)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: every method with its frozen weights in bfloat16 and float32 trainable weights, under "
+                        "torch.autocast (as the NLG example's --precision bf16), plus this loralib in float32 as the "
+                        "reference of the bf16 ratios; the NLG part compares the example's tokens/s in fp32 and "
+                        "bf16. Meant for a CPU with native bf16 instructions (avx512_bf16 / amx_bf16)")
     p.add_argument("--allocator", choices=["reuse", "system"], default="reuse",
                    help="reuse: workers keep freed memory (glibc MALLOC_* tunables, less page-fault noise); "
                         "system: glibc's defaults (see the module docstring)")
@@ -405,45 +436,44 @@ def main(argv=None):
     if args.data_dir:
         common += ["--data_dir", args.data_dir]
 
-    # Timed jobs: every method at the first dropout (full / floor have none); the other dropouts for the LoRA
-    # methods too in the full run. In quick, the other dropouts only get the (cheap) saved-bytes measurement.
-    timed = []
-    for d_i, d in enumerate(dropouts):
-        for m in methods:
-            if m in LORA_METHODS or d_i == 0:
-                timed.append((m, d if m in LORA_METHODS else 0.0, d_i == 0 or not q))
+    jobs = plan_jobs(methods, dropouts, q, args.precision)
     t_start = time.time()
     load_before = _loadavg()
     results = []
     print(f"load average before: {load_before}", flush=True)
     for B, T in shapes:
         for rnd in range(rounds):
-            order = timed[rnd % len(timed):] + timed[:rnd % len(timed)]  # rotate: no method always first
-            for m, d, is_timed in order:
+            order = jobs[rnd % len(jobs):] + jobs[:rnd % len(jobs)]  # rotate: no method always first
+            for m, d, prec, is_timed in order:
                 if (not is_timed or (q and m == "full")) and rnd > 0:
                     continue  # quick: the untimed figures and full fine-tuning (context) once
                 kw = dict(batch=B, seq=T, dropout=d, warmup=warmup if is_timed else 0,
-                          steps=steps if is_timed else 0, eval_reps=eval_reps if is_timed else 0)
+                          steps=steps if is_timed else 0, precision=prec,
+                          eval_reps=eval_reps if is_timed and prec == "fp32" else 0)
                 res = run_worker("train", m, common, args.allocator, **kw)
                 res["round"] = rnd
                 results.append(res)
-                print(f"[{time.time() - t_start:6.0f}s] {B}x{T} round {rnd} {m:5s} p={d}: step "
+                print(f"[{time.time() - t_start:6.0f}s] {B}x{T} round {rnd} {m:5s} {prec} p={d}: step "
                       f"{(res['step_median_s'] or 0) * 1e3:7.0f} ms  saved {res['saved_bytes'] / 1e6:7.1f} MB  "
                       f"rss +{res['rss_delta'] / 1e6:7.0f} MB", flush=True)
     nlg = []
+    # fp32: the example's label-positions head against every position; bf16: the example in fp32 and in bf16
+    nlg_jobs = [("fast", "fp32"), ("all", "fp32")] if args.precision == "fp32" else [("fast", "fp32"),
+                                                                                     ("fast", "bf16")]
     for rnd in range(nlg_rounds):
-        for m in (("fast", "all") if rnd % 2 == 0 else ("all", "fast")):
+        for m, prec in (nlg_jobs if rnd % 2 == 0 else nlg_jobs[::-1]):
             res = run_worker("nlg", m, common, args.allocator, batch=4, seq=128, warmup=2, steps=steps * 2,
-                             tiny_nlg=0 if args.layers == 12 else 1)
+                             tiny_nlg=0 if args.layers == 12 else 1, precision=prec)
             res["round"] = rnd
             nlg.append(res)
-            print(f"[{time.time() - t_start:6.0f}s] nlg round {rnd} {m}: {res['tokens_per_s']:,.0f} tokens/s "
+            print(f"[{time.time() - t_start:6.0f}s] nlg round {rnd} {m} {prec}: {res['tokens_per_s']:,.0f} tokens/s "
                   f"({res['source']})", flush=True)
     load_after = _loadavg()
     meta = dict(command=" ".join([Path(sys.executable).name, "benchmarks/bench_peers.py"] + (argv or sys.argv[1:])),
                 date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall_s=time.time() - t_start,
                 loadavg_before=load_before, loadavg_after=load_after, rounds=rounds, steps=steps, warmup=warmup,
-                eval_reps=eval_reps, shapes=shapes, allocator=args.allocator, machine=_machine(),
+                eval_reps=eval_reps, shapes=shapes, allocator=args.allocator, precision=args.precision,
+                machine=_machine(),
                 versions=_versions(),
                 model=dict(layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, r=args.r,
                            alpha=args.alpha, lr=args.lr, threads=args.threads))
@@ -454,6 +484,22 @@ def main(argv=None):
     Path(args.out + ".md").write_text(md)
     print(md)
     return 0
+
+
+def plan_jobs(methods, dropouts, quick: bool, precision: str):
+    """The worker jobs of one round: ``(method, dropout, precision, timed)``.
+
+    Every method is timed at the first dropout (full / floor have none); the LoRA methods at the other dropouts too
+    in the full run (in quick those get only the cheap saved-bytes measurement). With ``precision="bf16"`` every
+    job runs in bf16 and this loralib also runs in fp32 at the first dropout: the reference of the bf16 ratios."""
+    jobs = []
+    for d_i, d in enumerate(dropouts):
+        for m in methods:
+            if m in LORA_METHODS or d_i == 0:
+                jobs.append((m, d if m in LORA_METHODS else 0.0, precision, d_i == 0 or not quick))
+    if precision != "fp32" and "ours" in methods:
+        jobs.append(("ours", dropouts[0], "fp32", True))
+    return jobs
 
 
 def _machine():
@@ -487,7 +533,7 @@ def summarize(report):
     """Per (shape, method, dropout): the lists over processes of each figure, and the ratios of each round."""
     groups = {}
     for r in report["train"]:
-        key = (r["batch"], r["seq"], r["method"], r["dropout"])
+        key = (r["batch"], r["seq"], r["method"], r["dropout"], r.get("precision", "fp32"))
         groups.setdefault(key, []).append(r)
     return groups
 
@@ -517,6 +563,10 @@ def render(report):
         "`reuse` (workers started with " + ", ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) +
         ": freed memory is kept and reused instead of being faulted in again each step)" if alloc == "reuse" else
         "`system` (glibc's defaults)") + ".")
+    if meta.get("precision", "fp32") != "fp32":
+        L.append(f"Precision: {meta['precision']} rows store the frozen weights in {meta['precision']} and keep every "
+                 "trainable weight float32, the step under torch.autocast (as the NLG example's --precision); "
+                 "fp32 rows are the float32 reference. Eval latency is measured in fp32 only.")
     L.append("")
     shapes = sorted({(k[0], k[1]) for k in groups}, key=lambda s: (-s[0], s[1]))
     for B, T in shapes:
@@ -526,7 +576,8 @@ def render(report):
                  "base MB | trainable params | adapter file bytes | eval base ms | unmerged ms | merged ms | "
                  "unmerged / base | merged / base | max abs(merged − unmerged) |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for (b, t, m, d), rs in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][2]), -kv[0][3])):
+        for (b, t, m, d, prec), rs in sorted(groups.items(),
+                                             key=lambda kv: (kv[0][4] == "fp32", METHODS.index(kv[0][2]), -kv[0][3])):
             if (b, t) != (B, T):
                 continue
             timed = [r for r in rs if r["step_s"]]
@@ -541,7 +592,7 @@ def render(report):
 
             diffs = [r.get("merged_vs_unmerged_maxdiff") for r in ev if r.get("merged_vs_unmerged_maxdiff") is not None]
             L.append("| " + " | ".join([
-                LABELS[m], f"{d:g}" if m in LORA_METHODS else "–",
+                LABELS[m] + ("" if prec == "fp32" else f" ({prec})"), f"{d:g}" if m in LORA_METHODS else "–",
                 _spread([r["step_median_s"] for r in timed], 1e3) if timed else "(not timed)",
                 _spread([r["saved_bytes"] for r in rs], 1e-6, "{:,.1f}"),
                 _spread([r["rss_delta"] for r in timed], 1e-6) if timed else "–",
@@ -553,16 +604,17 @@ def render(report):
                 _spread(evr("merged"), 1, "{:.3f}") if ev and m in LORA_METHODS else "–",
                 f"{max(diffs):.1e}" if diffs else "–"]) + " |")
         L.append("")
-        L.extend(_targets(groups, B, T))
+        L.extend(_targets(groups, B, T, meta))
         L.append("")
     if report["nlg"]:
-        L.extend(_nlg_section(report["nlg"]))
+        precisions = {r.get("precision", "fp32") for r in report["nlg"]}
+        L.extend(_nlg_section(report["nlg"]) if precisions == {"fp32"} else _nlg_precision_section(report["nlg"]))
     return "\n".join(L) + "\n"
 
 
-def _targets(groups, B, T):
-    def k(m, d):
-        return (B, T, m, d if m in LORA_METHODS else 0.0)
+def _targets(groups, B, T, meta):
+    def k(m, d, prec="fp32"):
+        return (B, T, m, d if m in LORA_METHODS else 0.0, prec)
 
     def med(xs):
         return _med(xs)
@@ -588,9 +640,10 @@ def _targets(groups, B, T):
         lambda v: True)
     s = lambda m, d: med([r["saved_bytes"] for r in groups.get(k(m, d), [])])  # noqa: E731
     if s("ours", 0.1) is not None and s("ours", 0.0) is not None:
-        diff = (s("ours", 0.1) - s("ours", 0.0)) / 1e6
-        L.append(f"| saved bytes, this: dropout 0.1 − dropout 0.0 ≤ 2 MB | {diff:+.2f} MB | "
-                 f"{'yes' if diff <= 2 else '**no**'} |")
+        diff = s("ours", 0.1) - s("ours", 0.0)
+        mask = meta["model"]["layers"] * B * T * meta["model"]["width"]  # one bool per adapted input element
+        L.append(f"| saved bytes, this: dropout 0.1 − dropout 0.0 = its bool mask ({mask / 1e6:.2f} MB) | "
+                 f"{diff / 1e6:+.2f} MB | {'yes' if diff == mask else '**no**'} |")
     if s("ours", 0.1) is not None and s("peft", 0.1) is not None:
         diff = (s("peft", 0.1) - s("ours", 0.1)) / 1e6
         L.append(f"| saved bytes (dropout 0.1), peft − this ≥ 10 MB | {diff:.2f} MB | "
@@ -604,6 +657,16 @@ def _targets(groups, B, T):
         [r["eval_median_s"]["merged"] / r["eval_median_s"]["base"] for r in ev], lambda v: v <= 1.03)
     row("eval, this: max abs(merged − unmerged logits) ≤ 1e-4", [r["merged_vs_unmerged_maxdiff"] for r in ev],
         lambda v: v <= 1e-4, "{:.1e}")
+    h = meta.get("precision", "fp32")
+    if h != "fp32":
+        row(f"step {h}, this / peft ≤ 1.03 (dropout 0.1)",
+            _ratio_per_round(groups, k("ours", p, h), k("peft", p, h), "", step), lambda v: v <= 1.03)
+        row(f"step, this {h} / this fp32 ≤ 0.6", _ratio_per_round(groups, k("ours", p, h), k("ours", p), "", step),
+            lambda v: v <= 0.6)
+        row(f"peak RSS over base, this {h} / this fp32 ≤ 0.6",
+            _ratio_per_round(groups, k("ours", p, h), k("ours", p), "", rss), lambda v: v <= 0.6)
+        row(f"step {h}, floor / peft (context)", _ratio_per_round(groups, k("floor", p, h), k("peft", p, h), "", step),
+            lambda v: True)
     return L
 
 
@@ -637,6 +700,31 @@ def _nlg_section(nlg):
         L.append("")
         L.append(f"Ratio fast / every position per round: {_spread(ratios, 1, '{:.2f}')} (target ≥ 1.8: "
                  f"{'met' if statistics.median(ratios) >= 1.8 else '**not met**'}).")
+    return L + [""]
+
+
+def _nlg_precision_section(nlg):
+    """The NLG example's training step (label-positions head) in fp32 and in a half precision, per round."""
+    by = {}
+    for r in nlg:
+        by.setdefault(r.get("precision", "fp32"), []).append(r)
+    half = next(p for p in by if p != "fp32")
+    cfg = nlg[0]["config"]
+    L = [f"### The NLG example's training: fp32 vs {half}", "",
+         f"`SimpleGPT2WithLoRA` default config ({cfg['num_layers']} layers, width {cfg['hidden_dim']}, r = "
+         f"{cfg['lora_dim']}), batch 4, data: {nlg[0]['source']}; forward, loss, backward, AdamW step, as "
+         f"`run_training.py --precision fp32` / `--precision {half}` run it (frozen base in {half}, LoRA float32, "
+         "autocast). Tokens = padded input tokens processed.", "",
+         "| precision | tokens/s, median (min–max) over processes | first-step loss |", "|---|---|---|"]
+    for prec in ("fp32", half):
+        rs = by.get(prec, [])
+        L.append(f"| {prec} | {_spread([r['tokens_per_s'] for r in rs])} | {rs[0]['losses'][0]:.4f} |")
+    a = {r["round"]: r["tokens_per_s"] for r in by.get(half, [])}
+    b = {r["round"]: r["tokens_per_s"] for r in by.get("fp32", [])}
+    ratios = [a[k] / b[k] for k in sorted(a) if k in b]
+    if ratios:
+        L += ["", f"Ratio {half} / fp32 per round: {_spread(ratios, 1, '{:.2f}')} (target ≥ 1.7: "
+                  f"{'met' if statistics.median(ratios) >= 1.7 else '**not met**'})."]
     return L + [""]
 
 

@@ -72,24 +72,6 @@ def test_nlg_worker_fast_equals_every_position_loss(capsys):
     assert full["head_rows"] == full["tokens"] and fast["head_rows"] == fast["tokens"] * 20 // 50
 
 
-def test_render_reports_every_target():
-    fake = lambda m, d, rnd: dict(  # noqa: E731
-        method=m, dropout=d, batch=8, seq=64, round=rnd, params={"trainable": 1}, adapter_bytes=1, step_s=[1.0],
-        step_median_s=1.0, saved_bytes=1e6, rss_delta=1e6,
-        eval_median_s={"base": 1.0, "unmerged": 1.0, "merged": 1.0}, merged_vs_unmerged_maxdiff=0.0)
-    train = [fake(m, d if m in bench.LORA_METHODS else 0.0, rnd) for rnd in range(2) for m in bench.METHODS
-             for d in (0.1, 0.0)]
-    meta = dict(date_utc="now", command="x", wall_s=1, machine="m", loadavg_before=["0"], loadavg_after=["0"],
-                versions={"torch": "t"}, model=dict(layers=1, width=1, heads=1, vocab=1, r=1, alpha=1, lr=1, threads=1),
-                rounds=2, warmup=1, steps=1, eval_reps=1)
-    nlg = [dict(method=m, round=0, tokens_per_s=v, source="s", config=dict(num_layers=2, hidden_dim=8, lora_dim=2))
-           for m, v in (("fast", 2.0), ("all", 1.0))]
-    md = bench.render(dict(meta=meta, train=train, nlg=nlg))
-    for needle in ("this / peft ≤ 1.03", "loralib 0.1.2 ≤ 0.88", "dropout 0.0 ≤ 2 MB", "peft − this ≥ 10 MB",
-                   "peak RSS", "unmerged / base ≤ 1.05", "merged / base", "merged − unmerged", "≥ 1.8"):
-        assert needle in md, needle
-
-
 def test_bench_layer_table(capsys):
     sys.path.insert(0, str(bench.REPO / "benchmarks"))
     import bench_layer
@@ -121,3 +103,36 @@ def test_bench_layer_builds_the_adapters_it_names():
     assert ours[:, 16:32].abs().max() == 0 and ours.abs().max() > 1e-4
     assert torch.linalg.matrix_rank(ours[:, :16]) == r and torch.linalg.matrix_rank(ours[:, 32:]) == r
     assert peft_diff.abs().max() > 1e-4 and torch.linalg.matrix_rank(peft_diff) == r
+
+
+def test_bf16_workers_and_their_targets(capsys):
+    """--precision bf16: frozen weights in bfloat16, trainable ones float32, and the bf16 targets of the report
+    computed from these real (tiny) runs, paired by round."""
+    pytest.importorskip("peft")
+    import torch
+
+    args = ("--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "0", "--eval_reps", "0", "--dropout", "0.1")
+    runs = {(m, prec): _worker(capsys, "train", m, *args, "--precision", prec)
+            for m, prec in (("ours", "fp32"), ("ours", "bf16"), ("peft", "bf16"), ("floor", "bf16"))}
+    for (m, prec), r in runs.items():
+        frozen = torch.bfloat16 if prec == "bf16" else torch.float32
+        assert r["precision"] == prec and r["frozen_dtypes"] == [str(frozen)]
+        assert all(math.isfinite(t) and t > 0 for t in r["step_s"])
+        r["round"] = 0
+    assert runs["ours", "bf16"]["params"] == runs["ours", "fp32"]["params"]  # the adapter itself is unchanged
+    no_dropout = dict(_worker(capsys, "train", "ours", *args[:-1], "0.0"), round=0)
+    jobs = bench.plan_jobs(["floor", "ours", "peft"], [0.1, 0.0], False, "bf16")
+    assert ("ours", 0.1, "fp32", True) in jobs and all(j[2] == "bf16" for j in jobs if j != ("ours", 0.1, "fp32", True))
+
+    meta = dict(date_utc="now", command="x", wall_s=1, machine="m", loadavg_before=["0"], loadavg_after=["0"],
+                versions={"torch": "t"}, precision="bf16", rounds=1, warmup=0, steps=2, eval_reps=0,
+                model=dict(layers=1, width=D, heads=4, vocab=300, r=R, alpha=32, lr=1e-3, threads=2))
+    md = bench.render(dict(meta=meta, train=list(runs.values()) + [no_dropout], nlg=[]))
+    step = {k: r["step_median_s"] for k, r in runs.items()}
+    rows = dict(line.split(" | ")[:2] for line in md.splitlines() if line.startswith("| step"))
+    ours_peft = step["ours", "bf16"] / step["peft", "bf16"]
+    assert rows["| step bf16, this / peft ≤ 1.03 (dropout 0.1)"] == f"{ours_peft:.3f}"
+    assert rows["| step, this bf16 / this fp32 ≤ 0.6"] == f"{step['ours', 'bf16'] / step['ours', 'fp32']:.3f}"
+    assert "| this loralib (bf16) | 0.1 |" in md and "| peft (bf16) | 0.1 |" in md
+    mask_row = next(line for line in md.splitlines() if line.startswith("| saved bytes, this: dropout 0.1"))
+    assert mask_row.endswith("| yes |"), mask_row  # fp32: the bool mask is all dropout adds
