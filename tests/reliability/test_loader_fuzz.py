@@ -355,7 +355,7 @@ def test_load_adapter_fuzz(tmp_path, tally, peak):
         d = _write_dir(good_dir, tmp_path / f"p{len(cases)}")
         os.remove(os.path.join(d, "adapter_model.safetensors"))
         cfg = json.load(open(os.path.join(d, "adapter_config.json")))
-        cfg["weights_sha256"] = None
+        cfg["weights_sha256"] = cfg["weights_file"] = None  # as configs written before they named the file
         json.dump(cfg, open(os.path.join(d, "adapter_config.json"), "w"))
         with open(os.path.join(d, "adapter_model.bin"), "wb") as f:
             f.write(payload)
