@@ -436,13 +436,15 @@ def test_example_loader_fuzz(tmp_path, tally, peak):
     cfg = json.load(open(os.path.join(dirs["bin"], adapter_io.CONFIG_NAME)))
 
     def with_(**changes):
+        """The config with ``changes``: loralib's own keys at its top level, the example's in its extra."""
         c = copy.deepcopy(cfg)
         for k, v in changes.items():
+            where = c if k in ("weights_file", "format") else c["extra"]
             if "." in k:
                 a, b = k.split(".")
-                c[a] = {**c[a], b: v}
+                where[a] = {**where[a], b: v}
             else:
-                c[k] = v
+                where[k] = v
         return c
 
     outside = tmp_path / "outside"
