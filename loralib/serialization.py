@@ -537,8 +537,8 @@ def _read_weights(directory: str, config: dict) -> Dict[str, torch.Tensor]:
         if path is not None:
             return safe_load(path, config.get("weights_sha256"))
     if name:
-        raise AdapterError(f"{os.path.join(directory, name)} is missing: {directory!r} has {CONFIG_NAME} but no weights "
-                           "under the name it records; save the adapter again")
+        raise AdapterError(f"{os.path.join(directory, name)} is missing: {directory!r} has {CONFIG_NAME} but no "
+                           "weights under the name it records; save the adapter again")
     raise AdapterError(f"{directory!r} has {CONFIG_NAME} but no weights ({' / '.join([WEIGHTS_NAME, *PICKLE_NAMES])})")
 
 

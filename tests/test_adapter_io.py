@@ -377,7 +377,8 @@ def test_bin_weights_are_microsofts_layout_and_load_back(tmp_path):
     config = lora.save_adapter(model, str(bn), weights_format="bin")
     assert sorted(os.listdir(bn)) == ["adapter_config.json", "pytorch_model.bin"]
     data = (bn / "pytorch_model.bin").read_bytes()
-    assert config["weights_file"] == "pytorch_model.bin" and config["weights_sha256"] == hashlib.sha256(data).hexdigest()
+    assert config["weights_file"] == "pytorch_model.bin"
+    assert config["weights_sha256"] == hashlib.sha256(data).hexdigest()
     assert json.loads((st / "adapter_config.json").read_text())["weights_file"] == "adapter_model.safetensors"
     sd = torch.load(bn / "pytorch_model.bin", weights_only=True)
     assert _same(sd, sf.load_file(str(st / "adapter_model.safetensors")))
