@@ -1,22 +1,25 @@
 """Self-describing adapter directories: ``save_adapter`` / ``load_adapter``, and export to PEFT's layout.
 
 A directory holds ``adapter_config.json`` (which layers, their ranks, alphas, dropout and scaling, the library
-version, and a fingerprint of the base weights' names and shapes) and ``adapter_model.safetensors`` (the adapter's
-tensors under loralib 0.1.2's keys, ``<layer>.lora_A`` / ``<layer>.lora_B``, so that the weights file alone also
-loads with ``model.load_state_dict(sd, strict=False)``). Loading checks the config against the model and names the
+version, a fingerprint of the base weights' names and shapes, and the name and SHA-256 of the weights file) and
+``adapter_model.safetensors`` (the adapter's tensors under loralib 0.1.2's keys, ``<layer>.lora_A`` /
+``<layer>.lora_B``, so that the weights file alone also loads with ``model.load_state_dict(sd, strict=False)``), or
+with ``weights_format="bin"`` the same tensors as ``pytorch_model.bin`` (``torch.save``, as Microsoft's loralib
+examples save them). Loading checks the config against the model and names the
 first thing that differs; files are written atomically (temporary file + ``os.replace``), the config last.
 
 ``format="peft"`` writes what ``peft.PeftModel.from_pretrained`` reads instead, and ``load_adapter`` reads such
 directories too.
 """
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-from typing import Dict, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,13 +28,16 @@ from . import __version__
 from .adapters import DEFAULT, LoRAAdapter, delete_adapter, list_adapters, lora_layers
 from .injection import _kind, inject, merge_and_unload
 from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, _AdapterView
-from .safetensors_format import SafetensorsError, load_bytes, save_bytes
+from .safetensors_format import load_bytes, save_bytes
 from .utils import _adapter_entries
 
-__all__ = ["save_adapter", "load_adapter", "AdapterError", "base_fingerprint"]
+__all__ = ["save_adapter", "load_adapter", "AdapterError", "base_fingerprint", "atomic_write", "safe_load",
+           "read_adapter_config"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHTS_FILES = {"safetensors": WEIGHTS_NAME, "bin": BIN_WEIGHTS_NAME}  # save_adapter's weights_format -> file
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
 FORMAT, FORMAT_VERSION = "loralib-adapter", 1
 _PEFT_PREFIX = "base_model.model."
@@ -43,16 +49,35 @@ class AdapterError(ValueError):
 
 # --- files -------------------------------------------------------------------------------------------------------
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, data: Union[bytes, Callable[[BinaryIO], None]]) -> None:
+    """Write a file so that readers see the old file or the new one, never a partial one.
+
+    Args:
+        path: the file to create or replace; its directory is created if needed.
+        data: the bytes to write, or a function that writes them to the binary file object it is given
+            (``lambda f: torch.save(obj, f)``).
+
+    The file gets the permissions a plain ``open(path, "wb")`` would give it (``0o666`` less the umask), not the
+    owner-only ``0o600`` of the temporary file it is written as.
+    """
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -73,22 +98,27 @@ def _file_sha256(path: str) -> Optional[str]:
         return None
 
 
-def _keep_previous(weights: str, config_path: str) -> bool:
+def _keep_previous(directory: str) -> Tuple[Optional[str], bool]:
     """Before a save replaces a weights/config pair, keep the weights the current config describes reachable as
     ``.<weights>.prev`` (a hard link, a copy where links are not supported). A save killed between the two
     renames then leaves the old config, the new weights and the old weights under ``.prev``: loading finds the
-    old pair complete. Returns whether a ``.prev`` now holds the weights the current config describes."""
-    prev = _prev_path(weights)
+    old pair complete. Returns the path of the weights file the current config names (None without a readable
+    config) and whether a ``.prev`` now holds the weights it describes."""
     try:
-        with open(config_path, encoding="utf-8") as f:
-            expected = json.load(f).get("weights_sha256")
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            old = json.load(f)
+        expected, name = old.get("weights_sha256"), old.get("weights_file", WEIGHTS_NAME)
     except (OSError, ValueError, AttributeError, RecursionError):
-        return False
+        return None, False
+    if name not in WEIGHTS_FILES.values():
+        return None, False
+    weights = os.path.join(directory, name)
+    prev = _prev_path(weights)
     if not isinstance(expected, str):
-        return False
+        return weights, False
     if _file_sha256(weights) != expected:
         # A torn earlier save: the weights on disk are not the config's. Its .prev still is; leave it alone.
-        return _file_sha256(prev) == expected
+        return weights, _file_sha256(prev) == expected
     tmp = prev + ".tmp"
     if os.path.lexists(tmp):
         os.unlink(tmp)
@@ -97,7 +127,7 @@ def _keep_previous(weights: str, config_path: str) -> bool:
     except OSError:
         shutil.copyfile(weights, tmp)
     os.replace(tmp, prev)
-    return True
+    return weights, True
 
 
 def _json_bytes(obj) -> bytes:
@@ -106,11 +136,22 @@ def _json_bytes(obj) -> bytes:
 
 # --- what describes an adapter -------------------------------------------------------------------------------------
 
-def base_fingerprint(model: nn.Module) -> Dict[str, object]:
+def base_fingerprint(model: nn.Module, values: bool = False) -> Dict[str, object]:
     """Names and shapes of the base (non-LoRA) state-dict entries, as the un-injected model would name them, and
-    their SHA-256. Values are not hashed: the fingerprint says which base an adapter fits, not which checkpoint."""
+    their SHA-256. By default values are not hashed: the fingerprint says which base an adapter fits, not which
+    checkpoint.
+
+    Args:
+        model: the model, with or without LoRA layers (merged or not: the state dict holds the unmerged weights).
+        values: also hash the weights' values (as float32, in name order) into ``"values_sha256"``, which tells
+            two checkpoints of the same architecture apart. It reads every base weight: compute it before casting
+            the base to a lower precision if it is to match a float32 rebuild.
+
+    Returns:
+        ``{"sha256", "num_tensors", "shapes"}``, and ``"values_sha256"`` (64 hex digits) with ``values=True``.
+    """
     conv_layers = {n for n, m in model.named_modules() if isinstance(m, ConvLoRA)}
-    shapes = {}
+    shapes, tensors = {}, {}
     for key, t in model.state_dict().items():
         if "lora_" in key:
             continue
@@ -118,9 +159,16 @@ def base_fingerprint(model: nn.Module) -> Dict[str, object]:
         head, _, last = owner.rpartition(".")
         if last == "conv" and head in conv_layers:  # ConvLoRA keeps the convolution as its child `conv`
             key = f"{head}.{leaf}" if head else leaf
-        shapes[key] = list(t.shape)
+        shapes[key], tensors[key] = list(t.shape), t
     text = "\n".join(f"{k}:{tuple(v)}" for k, v in sorted(shapes.items()))
-    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "num_tensors": len(shapes), "shapes": shapes}
+    out = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "num_tensors": len(shapes), "shapes": shapes}
+    if values:
+        h = hashlib.sha256()
+        for k in sorted(tensors):
+            h.update(k.encode())
+            h.update(tensors[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        out["values_sha256"] = h.hexdigest()
+    return out
 
 
 def _source(layer: LoRALayer, adapter: str):
@@ -158,7 +206,8 @@ def _model_layers(model: nn.Module, adapter: str) -> Dict[str, LoRALayer]:
 # --- save ----------------------------------------------------------------------------------------------------------
 
 def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, format: str = "loralib",
-                 task_type: Optional[str] = None, extra: Optional[dict] = None) -> dict:
+                 task_type: Optional[str] = None, extra: Optional[dict] = None,
+                 weights_format: str = "safetensors") -> dict:
     """Write adapter ``adapter`` of ``model`` to ``save_directory``.
 
     Args:
@@ -169,18 +218,26 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
         task_type: ``format="peft"`` only: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``); None loads as a PeftModel.
         extra: ``format="loralib"`` only: JSON-serialisable information stored as the config's ``"extra"``
             (how the base model was built, training arguments, ...); ``load_adapter`` returns it untouched.
+        weights_format: ``format="loralib"`` only: ``"safetensors"`` writes ``adapter_model.safetensors``;
+            ``"bin"`` writes the same tensors with ``torch.save`` as ``pytorch_model.bin``, which Microsoft's
+            loralib users load with ``model.load_state_dict(torch.load(path), strict=False)``. The config names the
+            file and its SHA-256 either way; ``load_adapter`` reads both.
 
     Returns:
         The config written to ``adapter_config.json``.
 
     Raises:
         AdapterError: no such adapter, no LoRA layer, or (PEFT) a layer PEFT cannot represent.
-        ValueError: an unknown ``format``.
+        ValueError: an unknown ``format`` or ``weights_format``.
     """
     if format not in ("loralib", "peft"):
         raise ValueError(f"format must be 'loralib' or 'peft', got {format!r}")
+    if weights_format not in WEIGHTS_FILES:
+        raise ValueError(f"weights_format must be one of {sorted(WEIGHTS_FILES)}, got {weights_format!r}")
     if format == "peft" and extra is not None:
         raise ValueError("extra is stored only with format='loralib' (PEFT's config has no place for it)")
+    if format == "peft" and weights_format != "safetensors":
+        raise ValueError(f"weights_format='bin' is only for format='loralib' (PEFT reads {WEIGHTS_NAME})")
     layers = _model_layers(model, adapter)
     if format == "peft":
         config, tensors = _peft_export(layers, adapter, task_type)
@@ -202,16 +259,27 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
             except (TypeError, ValueError) as e:
                 raise ValueError(f"extra must be JSON-serialisable: {e}") from e
             config["extra"] = extra
-    data = save_bytes(tensors, metadata={"format": "pt"})
+    if weights_format == "bin":
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        data = buf.getvalue()
+    else:
+        data = save_bytes(tensors, metadata={"format": "pt"})
+    name = WEIGHTS_FILES[weights_format]
     if format == "loralib":  # PEFT warns about keys it does not know
+        config["weights_file"] = name
         config["weights_sha256"] = hashlib.sha256(data).hexdigest()
-    weights, config_path = os.path.join(save_directory, WEIGHTS_NAME), os.path.join(save_directory, CONFIG_NAME)
     os.makedirs(save_directory, exist_ok=True)
-    kept = _keep_previous(weights, config_path)
+    old_weights, kept = _keep_previous(save_directory)
+    weights = os.path.join(save_directory, name)
     atomic_write(weights, data)
-    atomic_write(config_path, _json_bytes(config))  # last: config => complete
+    atomic_write(os.path.join(save_directory, CONFIG_NAME), _json_bytes(config))  # last: config => complete
+    # The new pair is complete: the weights the old config named (kept aside, or a file of the other format,
+    # which no config names any more) are no longer needed.
     if kept:
-        os.unlink(_prev_path(weights))  # the new pair is complete: the old weights are no longer needed
+        os.unlink(_prev_path(old_weights))
+    if old_weights is not None and old_weights != weights and os.path.isfile(old_weights):
+        os.unlink(old_weights)
     return config
 
 
@@ -341,6 +409,12 @@ def _check_peft_config(config: dict, path: str) -> None:
 
 
 def _read_config(directory: str) -> dict:
+    config, path = _read_json_config(directory)
+    return _check_config(config, path)
+
+
+def _read_json_config(directory: str) -> Tuple[dict, str]:
+    """The directory's config file parsed (a JSON object, read only from inside the directory), and its path."""
     if not os.path.isdir(directory):
         raise AdapterError(f"adapter directory {directory!r} does not exist (write one with lora.save_adapter)")
     path = _inside(directory, CONFIG_NAME)
@@ -356,6 +430,10 @@ def _read_config(directory: str) -> dict:
                            "corrupted") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{path} does not hold a JSON object")
+    return config, path
+
+
+def _check_config(config: dict, path: str) -> dict:
     if config.get("peft_type") is not None:
         if config["peft_type"] != "LORA":
             raise AdapterError(f"{path} is a PEFT {config['peft_type']!r} adapter; only LoRA adapters load here")
@@ -377,47 +455,91 @@ def _read_config(directory: str) -> dict:
         raise AdapterError(f"{path}: base_fingerprint is missing or malformed; the config is corrupted")
     if not isinstance(config.get("weights_sha256"), (str, type(None))):
         raise AdapterError(f"{path}: weights_sha256 is not a string; the config is corrupted")
+    if config.get("weights_file") not in (None, *WEIGHTS_FILES.values()):  # never an absolute or ../ path
+        raise AdapterError(f"{path} names weights_file {config.get('weights_file')!r}; expected one of "
+                           f"{sorted(WEIGHTS_FILES.values())}; the config is corrupted")
     return config
 
 
-def _read_weights(directory: str, expected_sha: Optional[str]) -> Dict[str, torch.Tensor]:
-    path = _inside(directory, WEIGHTS_NAME)
-    if path is not None:
-        with open(path, "rb") as f:
-            data = f.read()
-        if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
-            # A save killed between its two renames: the previous weights, kept aside, match this config.
-            prev = _inside(directory, os.path.basename(_prev_path(path)))
-            if prev is not None:
-                with open(prev, "rb") as f:
-                    prev_data = f.read()
-                if hashlib.sha256(prev_data).hexdigest() == expected_sha:
-                    try:
-                        return load_bytes(prev_data, source=prev)[0]
-                    except SafetensorsError as e:
-                        raise AdapterError(str(e)) from e
-            raise AdapterError(f"{path} is not the file {CONFIG_NAME} was written with (SHA-256 differs): the "
-                               "directory is corrupted or was half-overwritten; save the adapter again")
-        try:
-            return load_bytes(data, source=path)[0]
-        except SafetensorsError as e:
-            raise AdapterError(str(e)) from e
-    for name in PICKLE_NAMES:
-        path = _inside(directory, name)
+def read_adapter_config(directory: str, validate: bool = True) -> dict:
+    """Read and check the ``adapter_config.json`` of an adapter directory (loralib's or PEFT's) without loading any
+    weights or building anything: what a caller needs to construct the base model before :func:`load_adapter`.
+
+    Args:
+        directory: the adapter directory.
+        validate: False: only refuse a missing, linked-out or non-JSON-object file, for a caller that reads
+            configs of its own older format too and checks those itself.
+
+    Returns:
+        The config; a loralib config's ``"extra"`` is what ``save_adapter(..., extra=...)`` stored.
+
+    Raises:
+        AdapterError: a missing directory or config, invalid JSON, or a malformed config (the field named).
+    """
+    config, path = _read_json_config(directory)
+    return _check_config(config, path) if validate else config
+
+
+def safe_load(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Read a file of named tensors without running any code from it.
+
+    ``*.safetensors`` is decoded by loralib's own reader; anything else is a pickle loaded with
+    ``torch.load(weights_only=True)``, which refuses a pickle that would import or call anything. A link leading
+    out of the file's directory is refused before anything is read.
+
+    Args:
+        path: the file.
+        sha256: the SHA-256 the file was written with, if known. Where the file differs and ``.<name>.prev`` beside
+            it matches (a save killed between its weights' and its config's renames), that file is read instead.
+
+    Returns:
+        The tensors by name (on the CPU).
+
+    Raises:
+        AdapterError: a missing, truncated, corrupted or unsafe file, another file than ``sha256`` names, or
+            contents that are not a dict of tensors; one line naming the file.
+    """
+    directory, name = os.path.dirname(path) or ".", os.path.basename(path)
+    if _inside(directory, name) is None:
+        raise AdapterError(f"{path} is missing")
+    with open(path, "rb") as f:
+        data = f.read()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        prev = _inside(directory, os.path.basename(_prev_path(path)))
+        prev_data = b""
+        if prev is not None:
+            with open(prev, "rb") as f:
+                prev_data = f.read()
+        if hashlib.sha256(prev_data).hexdigest() != sha256:
+            raise AdapterError(f"cannot load {path}: it is not the file {CONFIG_NAME} was written with (SHA-256 "
+                               "differs): truncated, corrupted or half-overwritten; save the adapter again")
+        data = prev_data
+    try:
+        if name.endswith(".safetensors"):
+            state = load_bytes(data, source=path)[0]
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a bad pickle, a forbidden global: all mean "do not trust this file"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first[len(path) + 2:] if first.startswith(path + ": ") else first
+        raise AdapterError(f"cannot load {path}: {type(e).__name__}: {first} (truncated, corrupted, or a pickle "
+                           "that is not a plain dict of tensors; nothing in it was run)") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise AdapterError(f"{path} does not hold a dict of tensors")
+    return state
+
+
+def _read_weights(directory: str, config: dict) -> Dict[str, torch.Tensor]:
+    name = config.get("weights_file")
+    for candidate in [name] if name else [WEIGHTS_NAME, *PICKLE_NAMES]:  # no name: written before it was recorded
+        path = _inside(directory, candidate)
         if path is not None:
-            try:
-                # weights_only: plain tensors only; a pickle that would import or call anything is refused.
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise AdapterError(f"refusing to load {path}: {type(e).__name__}: {first} (truncated, "
-                                   "corrupted, or a pickle that is not a plain dict of tensors)") from e
-            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                      for k, v in state.items()):
-                raise AdapterError(f"{path} does not hold a dict of tensors")
-            return state
-    raise AdapterError(f"{directory!r} has {CONFIG_NAME} but no weights ({WEIGHTS_NAME} or "
-                       f"{' / '.join(PICKLE_NAMES)})")
+            return safe_load(path, config.get("weights_sha256"))
+    if name:
+        raise AdapterError(f"{os.path.join(directory, name)} is missing: {directory!r} has {CONFIG_NAME} but no "
+                           "weights under the name it records; save the adapter again")
+    raise AdapterError(f"{directory!r} has {CONFIG_NAME} but no weights ({' / '.join([WEIGHTS_NAME, *PICKLE_NAMES])})")
 
 
 def _check_base(model: nn.Module, config: dict, directory: str) -> None:
@@ -560,8 +682,8 @@ def _check_tensors(specs: Dict[str, dict], tensors: Dict[str, torch.Tensor], dir
                                    "training?); it was not loaded")
         r = spec["r"]
         if A.shape[0] % r:  # A has r (times the groups / kernel rows) rows: r cannot exceed what the file holds
-            raise AdapterError(f"{name!r} in {directory}: lora_A {tuple(A.shape)} does not fit rank r={r} in its "
-                               "config; the directory is corrupted")
+            raise AdapterError(f"{name}.lora_A in {directory} has shape {tuple(A.shape)}, which does not fit rank "
+                               f"r={r} in its config; the directory is corrupted")
 
 
 def load_adapter(model: nn.Module, load_directory: str, adapter: str = DEFAULT) -> dict:
@@ -595,7 +717,7 @@ def load_adapter(model: nn.Module, load_directory: str, adapter: str = DEFAULT) 
 
 def _load_adapter(model: nn.Module, load_directory: str, adapter: str) -> dict:
     config = _read_config(load_directory)
-    tensors = _read_weights(load_directory, config.get("weights_sha256"))
+    tensors = _read_weights(load_directory, config)
     if "peft_type" in config:
         specs, tensors = _peft_specs(config, tensors, model)
     else:

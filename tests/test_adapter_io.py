@@ -206,7 +206,7 @@ def _to_pickle(d, name="adapter_model.bin"):
     """Replace the safetensors file by a torch.save pickle of the same tensors."""
     sd = sf.load_file(os.path.join(d, "adapter_model.safetensors"))
     os.remove(os.path.join(d, "adapter_model.safetensors"))
-    _edit_config(d, weights_sha256=None)
+    _edit_config(d, weights_sha256=None, weights_file=None)  # as configs written before they named the file
     torch.save(sd, os.path.join(d, name))
 
 
@@ -242,7 +242,7 @@ def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
     sd["transformer.wte.lora_A"] = _Evil(marker)
     torch.save(sd, d / "adapter_model.bin")
     target = clone(base)
-    with pytest.raises(lora.AdapterError, match="refusing to load .*adapter_model.bin"):
+    with pytest.raises(lora.AdapterError, match="cannot load .*adapter_model.bin"):
         lora.load_adapter(target, str(d))
     assert not marker.exists()
     assert not any(isinstance(m, lora.LoRALayer) for m in target.modules())
@@ -357,3 +357,171 @@ def test_library_needs_only_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": root}, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# --- weights_format="bin", atomic_write, safe_load, read_adapter_config, base_fingerprint(values=True) -------------
+
+def _same(a, b):
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bin_weights_are_microsofts_layout_and_load_back(tmp_path):
+    """weights_format="bin": pytorch_model.bin holds the same tensors as the safetensors file, loads with
+    torch.load(weights_only=True) + load_state_dict(strict=False) as 0.1.2 users do, and through load_adapter;
+    the config names it and its SHA-256."""
+    import hashlib
+
+    base, model = adapted_gpt2()
+    st, bn = tmp_path / "st", tmp_path / "bin"
+    lora.save_adapter(model, str(st))
+    config = lora.save_adapter(model, str(bn), weights_format="bin")
+    assert sorted(os.listdir(bn)) == ["adapter_config.json", "pytorch_model.bin"]
+    data = (bn / "pytorch_model.bin").read_bytes()
+    assert config["weights_file"] == "pytorch_model.bin"
+    assert config["weights_sha256"] == hashlib.sha256(data).hexdigest()
+    assert json.loads((st / "adapter_config.json").read_text())["weights_file"] == "adapter_model.safetensors"
+    sd = torch.load(bn / "pytorch_model.bin", weights_only=True)
+    assert _same(sd, sf.load_file(str(st / "adapter_model.safetensors")))
+    assert _same(sd, {k: v.detach() for k, v in lora.lora_state_dict(model).items()})
+    plain = clone(model)
+    randomize_lora(plain, seed=99)
+    res = plain.load_state_dict(sd, strict=False)
+    assert not res.unexpected_keys and _same(lora.lora_state_dict(plain), sd)
+    target = clone(base)
+    lora.load_adapter(target, str(bn))
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(x).logits, model(x).logits)
+    (bn / "pytorch_model.bin").write_bytes(data[:-7])  # not the file the config names
+    with pytest.raises(lora.AdapterError, match="pytorch_model.bin.*SHA-256 differs"):
+        lora.load_adapter(clone(base), str(bn))
+    with pytest.raises(ValueError, match="weights_format must be one of"):
+        lora.save_adapter(model, str(tmp_path / "x"), weights_format="pt")
+    with pytest.raises(ValueError, match="only for format='loralib'"):
+        lora.save_adapter(model, str(tmp_path / "x"), format="peft", weights_format="bin")
+
+
+@pytest.mark.parametrize("first, second", [("safetensors", "bin"), ("bin", "safetensors"), ("bin", "bin")])
+def test_switching_weights_format_leaves_one_file(tmp_path, first, second):
+    base, model = adapted_gpt2()
+    _, other = adapted_gpt2(seed=1)
+    lora.save_adapter(model, str(tmp_path), weights_format=first)
+    lora.save_adapter(other, str(tmp_path), weights_format=second)
+    name = lora.serialization.WEIGHTS_FILES[second]
+    assert sorted(os.listdir(tmp_path)) == sorted(["adapter_config.json", name])
+    target = clone(base)
+    lora.load_adapter(target, str(tmp_path))
+    assert _same(lora.lora_state_dict(target), lora.lora_state_dict(other))
+
+
+def test_bin_save_killed_before_its_config_keeps_the_old_pair(tmp_path, monkeypatch):
+    base, model = adapted_gpt2()
+    _, other = adapted_gpt2(seed=1)
+    lora.save_adapter(model, str(tmp_path), weights_format="bin")
+    real_replace = os.replace
+
+    def crash_on_config(src, dst):
+        if str(dst).endswith("adapter_config.json"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_config)
+    with pytest.raises(OSError, match="disk full"):
+        lora.save_adapter(other, str(tmp_path), weights_format="bin")
+    monkeypatch.undo()
+    assert ".pytorch_model.bin.prev" in os.listdir(tmp_path)
+    target = clone(base)
+    lora.load_adapter(target, str(tmp_path))  # the old config, and the old weights kept aside
+    assert _same(lora.lora_state_dict(target), lora.lora_state_dict(model))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_the_permissions_open_would(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        lora.serialization.atomic_write(str(tmp_path / "a.bin"), b"abc")
+        lora.serialization.atomic_write(str(tmp_path / "sub" / "b.pt"), lambda f: torch.save({"x": torch.ones(2)}, f))
+        with open(tmp_path / "c", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    want = os.stat(tmp_path / "c").st_mode & 0o777
+    assert want == 0o666 & ~umask
+    assert os.stat(tmp_path / "a.bin").st_mode & 0o777 == want
+    assert os.stat(tmp_path / "sub" / "b.pt").st_mode & 0o777 == want
+    assert (tmp_path / "a.bin").read_bytes() == b"abc"
+    assert torch.equal(torch.load(tmp_path / "sub" / "b.pt", weights_only=True)["x"], torch.ones(2))
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "c", "sub"]  # no temporary file left
+
+
+def test_atomic_write_failing_writer_leaves_the_old_file(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+
+    def dies(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        lora.serialization.atomic_write(str(path), dies)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_safe_load(tmp_path):
+    import hashlib
+
+    t = {"a": torch.arange(6.0).reshape(2, 3)}
+    torch.save(t, tmp_path / "w.bin")
+    sf.save_file(t, str(tmp_path / "w.safetensors"))
+    assert _same(lora.serialization.safe_load(str(tmp_path / "w.bin")), t)
+    assert _same(lora.serialization.safe_load(str(tmp_path / "w.safetensors")), t)
+    sha = hashlib.sha256((tmp_path / "w.bin").read_bytes()).hexdigest()
+    assert _same(lora.serialization.safe_load(str(tmp_path / "w.bin"), sha), t)
+    # another file under the name: refused, unless the copy kept aside is the one the SHA-256 names
+    os.replace(tmp_path / "w.bin", tmp_path / ".w.bin.prev")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "w.bin")
+    assert _same(lora.serialization.safe_load(str(tmp_path / "w.bin"), sha), t)
+    os.remove(tmp_path / ".w.bin.prev")
+    with pytest.raises(lora.AdapterError, match=r"w\.bin: it is not the file .*SHA-256 differs"):
+        lora.serialization.safe_load(str(tmp_path / "w.bin"), sha)
+    marker = tmp_path / "pwned"
+    torch.save({"a": _Evil(marker)}, tmp_path / "evil.bin")
+    with pytest.raises(lora.AdapterError, match=r"cannot load .*evil\.bin: .*nothing in it was run"):
+        lora.serialization.safe_load(str(tmp_path / "evil.bin"))
+    assert not marker.exists()
+    (tmp_path / "sub").mkdir()
+    os.symlink(tmp_path / "w.safetensors", tmp_path / "sub" / "w.safetensors")
+    with pytest.raises(lora.AdapterError, match="outside the adapter directory"):
+        lora.serialization.safe_load(str(tmp_path / "sub" / "w.safetensors"))
+    with pytest.raises(lora.AdapterError, match="nope.bin is missing"):
+        lora.serialization.safe_load(str(tmp_path / "nope.bin"))
+
+
+def test_read_adapter_config(tmp_path):
+    _, model = adapted_gpt2()
+    saved = lora.save_adapter(model, str(tmp_path / "a"), extra={"run": 1})
+    assert lora.serialization.read_adapter_config(str(tmp_path / "a")) == json.loads(json.dumps(saved))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({"format": "someone-elses", "x": 1}))
+    assert lora.serialization.read_adapter_config(str(tmp_path / "b"), validate=False) == {"format": "someone-elses",
+                                                                                          "x": 1}
+    with pytest.raises(lora.AdapterError, match="neither a loralib adapter config"):
+        lora.serialization.read_adapter_config(str(tmp_path / "b"))
+    _edit_config(str(tmp_path / "a"), weights_file="../b/adapter_config.json")
+    with pytest.raises(lora.AdapterError, match="names weights_file '../b/adapter_config.json'"):
+        lora.serialization.read_adapter_config(str(tmp_path / "a"))
+
+
+def test_base_fingerprint_of_values():
+    """values=True tells two bases of the same shapes apart, and does not see injected LoRA layers or weights."""
+    base0, base1 = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
+    f0, f1 = (lora.serialization.base_fingerprint(b, values=True) for b in (base0, base1))
+    assert f0["sha256"] == f1["sha256"] and f0["values_sha256"] != f1["values_sha256"]
+    assert len(f0["values_sha256"]) == 64 and "values_sha256" not in lora.serialization.base_fingerprint(base0)
+    model = clone(base0).train()
+    lora.inject(model, ["c_attn", "c_fc", "wte"], r=4, lora_alpha=8)
+    randomize_lora(model, seed=5)
+    assert lora.serialization.base_fingerprint(model, values=True) == f0
+    with torch.no_grad():
+        base0.lm_head.weight[0, 0] += 1e-3
+    assert lora.serialization.base_fingerprint(base0, values=True)["values_sha256"] != f0["values_sha256"]

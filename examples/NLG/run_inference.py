@@ -106,7 +106,7 @@ def check_args(args) -> None:
 
 
 def write_lines(path: str, lines) -> None:
-    atomic_write(path, lambda f: f.write("".join(x + "\n" for x in lines)), mode="w")
+    atomic_write(path, "".join(x + "\n" for x in lines).encode("utf-8"))
 
 
 def run(args) -> dict:

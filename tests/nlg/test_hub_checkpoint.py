@@ -124,7 +124,7 @@ def test_train_then_generate_from_a_local_dir(local_dir, tmp_path, capsys):
     out = tmp_path / "adapter"
     argv = tiny_args(data, out, "--init_checkpoint", local_dir, "--max_steps", "5", "--max_train_examples", "24")
     assert run_training.main(argv) == 0
-    cfg = json.load(open(out / "adapter_config.json"))
+    cfg = json.load(open(out / "adapter_config.json"))["extra"]  # the example's fields
     assert cfg["base"]["init_checkpoint"] == os.path.abspath(local_dir) and cfg["base"]["init_revision"] is None
     assert cfg["model_config"]["hidden_dim"] == 32 and cfg["model_config"]["num_heads"] == 2  # from config.json
     assert cfg["step"] == 5
@@ -145,7 +145,7 @@ def test_train_by_hub_name_then_inference_rebuilds_that_commit(offline_cache, lo
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert f"base: {REPO_ID} from the Hugging Face Hub, commit {COMMIT}" in r.stdout + r.stderr
-    base = json.load(open(out / "adapter_config.json"))["base"]
+    base = json.load(open(out / "adapter_config.json"))["extra"]["base"]
     assert (base["init_checkpoint"], base["init_revision"]) == (REPO_ID, COMMIT)
     # refs/main now names a commit the cache lacks: inference still finds the recorded one.
     with open(os.path.join(offline_cache, "hub", "models--tiny-org--tiny-gpt2", "refs", "main"), "w") as f:

@@ -170,22 +170,20 @@ def test_second_adapter_with_other_config_is_named(adapters, tmp_path, capsys):
 
 
 def test_adapter_in_the_previous_release_format_still_loads(adapters, tmp_path):
-    """A config without the keys this release added (precision, placeholders, weights SHA-256, Hub revision,
-    LoRA targets), as the previous release wrote it, loads and generates exactly what the same adapter does with
-    them; for an adapter trained with literal names the old and new prompts are the same."""
+    """The same adapter with its config as the previous release wrote it (format loralib-nlg-adapter), and as the
+    release before it did (without precision, placeholders, weights SHA-256, Hub revision, LoRA targets), loads and
+    generates exactly what the loralib-format directory does; for an adapter trained with literal names the old and
+    new prompts are the same."""
     data, _, _ = adapters
     new = tmp_path / "new"
     assert run_training.main(tiny_args(data, new, "--seed", "3", "--delex", "none")) == 0
-    old = tmp_path / "old"
-    shutil.copytree(new, old)
-    cfg = json.loads((old / "adapter_config.json").read_text())
-    for key in ("precision", "weights_sha256"):
-        del cfg[key]
-    del cfg["data"]["delexicalize"], cfg["base"]["init_revision"], cfg["model_config"]["lora_targets"]
-    (old / "adapter_config.json").write_text(json.dumps(cfg))
+    prev, older = tmp_path / "prev", tmp_path / "older"
+    _as_previous_release(new, prev)
+    _as_previous_release(new, older, drop=("precision", "weights_sha256", "data.delexicalize", "base.init_revision",
+                                           "model_config.lora_targets"))
     texts = {d: _run(["--adapter_dir", str(d), "--input", "name : The Eagle | Type : pub", "--no_unmerged"])[
-        "results"][0]["texts"] for d in (new, old)}
-    assert texts[old] == texts[new] and texts[new][0]
+        "results"][0]["texts"] for d in (new, prev, older)}
+    assert texts[older] == texts[prev] == texts[new] and texts[new][0]
 
 
 def test_precision_flag(adapters, capsys, monkeypatch):
@@ -212,3 +210,46 @@ def test_precision_flag(adapters, capsys, monkeypatch):
     monkeypatch.setattr(U, "cpu_has_bf16", lambda: False)
     _run(["--adapter_dir", a, "--precision", "auto"])
     assert built[-1] == {(True, torch.float32), (False, torch.float32)}
+
+
+def test_adapter_from_run_training_loads_with_lora_load_adapter(adapters, tmp_path):
+    """What run_training.py writes is a loralib adapter directory: lora.load_adapter puts it into a fresh
+    SimpleGPT2WithLoRA built from the config's extra alone, which generates exactly the texts run_inference.py
+    prints; and the PEFT export accepts the loaded model."""
+    import loralib as lora
+    from src.generate import DecodeConfig
+    from src.inference import adapter_delex, describe
+    from src.model import GPTConfig, build_model
+
+    _, a, _ = adapters
+    extra = lora.serialization.read_adapter_config(a)["extra"]
+    model = build_model(GPTConfig.from_dict(extra["model_config"]), base_seed=extra["base"]["base_seed"])
+    config = lora.load_adapter(model, a)
+    assert config["weights_file"] == "pytorch_model.bin" and config["extra"] == extra
+    want = torch.load(os.path.join(a, "pytorch_model.bin"), weights_only=True)
+    got = lora.lora_state_dict(model)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    mrs = run_inference.SAMPLE_MRS[:3]
+    decode = DecodeConfig(max_new_tokens=12, beam_size=5, no_repeat_ngram_size=4)  # run_inference's defaults
+    texts, _ = describe(model.eval(), mrs, decode, delex=adapter_delex(extra))
+    printed = _run(["--adapter_dir", a, "--no_unmerged", *[x for mr in mrs for x in ("--input", mr)]])
+    assert texts == printed["results"][0]["texts"] and all(texts)
+
+    peft_dir = tmp_path / "peft"
+    peft_config = lora.save_adapter(model, str(peft_dir), format="peft")
+    assert peft_config["peft_type"] == "LORA" and sorted(peft_config["target_modules"]) == sorted(config["layers"])
+    assert os.path.isfile(peft_dir / "adapter_model.safetensors")
+
+
+def _as_previous_release(new_dir, old_dir, drop=()):
+    """Rewrite ``new_dir``'s config as the previous release wrote it (the example's fields at the top level, format
+    loralib-nlg-adapter), without the keys in ``drop`` (``"base.init_revision"``: a nested one)."""
+    shutil.copytree(new_dir, old_dir)
+    raw = json.loads((old_dir / "adapter_config.json").read_text())
+    cfg = {"format": "loralib-nlg-adapter", "format_version": 1, "loralib_version": raw["library_version"],
+           **raw["extra"], "weights_file": raw["weights_file"], "weights_sha256": raw["weights_sha256"]}
+    for key in drop:
+        outer, _, inner = key.partition(".")
+        del (cfg[outer] if inner else cfg)[inner or outer]
+    (old_dir / "adapter_config.json").write_text(json.dumps(cfg))

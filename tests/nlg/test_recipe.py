@@ -92,7 +92,7 @@ def test_train_with_recipe_records_it_and_inference_decodes_by_it(e2e_dir, tmp_p
     argv = tiny_args(e2e_dir, out, "--recipe", "paper", "--max_steps", "2", "--warmup_steps", "1")
     assert run_training.main(argv) == 0
     assert clips == []  # max_grad_norm 0: never clipped
-    cfg = json.load(open(out / "adapter_config.json"))
+    cfg = json.load(open(out / "adapter_config.json"))["extra"]  # the example's fields
     r = cfg["recipe"]
     assert r["name"] == "paper" and r["decode"] == MICROSOFT_DECODE
     assert r["overridden"]["batch_size"] == 4 and r["overridden"]["lr"] == 1e-2 and "adam_eps" not in r["overridden"]

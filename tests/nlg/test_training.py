@@ -76,7 +76,7 @@ def test_tiny_training_run(e2e_dir, tmp_path):
     state = read_adapter_weights(str(out))
     assert state and all("lora_" in k for k in state)
     assert sum(v.numel() for v in state.values()) == m["trainable_params"]
-    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg = adapter_io.read_adapter_config(str(out))  # the example's fields: the loralib config's extra
     assert cfg["training_args"]["seed"] == 3 and len(cfg["data"]["train_sha256"]) == 64
     fresh = build_model(GPTConfig.from_dict(cfg["model_config"]), base_seed=3)
     assert base_fingerprint(fresh) == cfg["base"]["fingerprint"]  # the frozen base did not move
@@ -205,7 +205,7 @@ def test_tiny_run_on_real_data(real_e2e_dir, tmp_path):
     assert run_training.main(argv) == 0
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["steps"] == 4 and m["val_loss_final"] < m["val_loss_start"]
-    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    cfg = adapter_io.read_adapter_config(str(tmp_path / "out"))
     assert cfg["data"]["train_sha256"] == "eae319082237310913d9f37f6a891d48fb3f821f29d86870d2cb4f92ddd72c5a"
 
 
@@ -288,8 +288,7 @@ def test_bf16_base_float32_adapter(e2e_dir, tmp_path):
     assert runs["bf16"]["val_loss_final"] == pytest.approx(runs["fp32"]["val_loss_final"], rel=0.05)
     state = read_adapter_weights(str(tmp_path / "bf16"))
     assert {v.dtype for v in state.values()} == {torch.float32}
-    cfg = json.loads((tmp_path / "bf16" / "adapter_config.json").read_text())
+    cfg = adapter_io.read_adapter_config(str(tmp_path / "bf16"))
     assert cfg["precision"] == "bf16"
-    assert cfg["base"]["fingerprint"] == json.loads((tmp_path / "fp32" / "adapter_config.json").read_text())[
-        "base"]["fingerprint"]
+    assert cfg["base"]["fingerprint"] == adapter_io.read_adapter_config(str(tmp_path / "fp32"))["base"]["fingerprint"]
     load_model_from_adapter_dir(str(tmp_path / "bf16"))  # float32 rebuild: the fingerprint check passes

@@ -13,6 +13,8 @@ import signal
 
 import torch
 
+import loralib as lora
+
 from . import test_loader_fuzz  # noqa: F401  (puts the NLG example on sys.path)
 import run_training  # noqa: E402
 from src import adapter_io, data as D, train_utils as U  # noqa: E402
@@ -45,7 +47,7 @@ class Moments:
     def __init__(self, monkeypatch):
         self.target, self.counts, self.fired = None, dict.fromkeys(KINDS, 0), False
         real_batches, real_forward = D.iterate_batches, SimpleGPT2WithLoRA.forward
-        real_step, real_write = torch.optim.AdamW.step, adapter_io.atomic_write
+        real_step, real_write = torch.optim.AdamW.step, lora.serialization.atomic_write
 
         def batches(*a, **k):
             for b in real_batches(*a, **k):
@@ -68,7 +70,7 @@ class Moments:
         monkeypatch.setattr(D, "iterate_batches", batches)
         monkeypatch.setattr(SimpleGPT2WithLoRA, "forward", forward)
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
-        for mod in (adapter_io, U):
+        for mod in (lora.serialization, U):  # the adapter's files (lora.save_adapter), the training state's
             monkeypatch.setattr(mod, "atomic_write", write)
 
     def arm(self, kind, index):

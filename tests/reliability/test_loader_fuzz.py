@@ -355,7 +355,7 @@ def test_load_adapter_fuzz(tmp_path, tally, peak):
         d = _write_dir(good_dir, tmp_path / f"p{len(cases)}")
         os.remove(os.path.join(d, "adapter_model.safetensors"))
         cfg = json.load(open(os.path.join(d, "adapter_config.json")))
-        cfg["weights_sha256"] = None
+        cfg["weights_sha256"] = cfg["weights_file"] = None  # as configs written before they named the file
         json.dump(cfg, open(os.path.join(d, "adapter_config.json"), "w"))
         with open(os.path.join(d, "adapter_model.bin"), "wb") as f:
             f.write(payload)
@@ -436,13 +436,15 @@ def test_example_loader_fuzz(tmp_path, tally, peak):
     cfg = json.load(open(os.path.join(dirs["bin"], adapter_io.CONFIG_NAME)))
 
     def with_(**changes):
+        """The config with ``changes``: loralib's own keys at its top level, the example's in its extra."""
         c = copy.deepcopy(cfg)
         for k, v in changes.items():
+            where = c if k in ("weights_file", "format") else c["extra"]
             if "." in k:
                 a, b = k.split(".")
-                c[a] = {**c[a], b: v}
+                where[a] = {**where[a], b: v}
             else:
-                c[k] = v
+                where[k] = v
         return c
 
     outside = tmp_path / "outside"

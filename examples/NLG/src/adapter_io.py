@@ -1,94 +1,76 @@
-"""The adapter directory that run_training.py writes and run_inference.py reads.
+"""The adapter directory that run_training.py writes and run_inference.py reads: a loralib adapter directory.
 
+It is written by ``lora.save_adapter`` and loads with ``lora.load_adapter`` (or exports to PEFT) like any other.
 Layout of ``--output_dir`` (default ``lora_model``):
     pytorch_model.bin     ``lora.lora_state_dict(model)``: loads with ``load_state_dict(strict=False)``, as with
                           Microsoft's loralib (``--adapter_format bin``, the default)
-    adapter_model.safetensors   the same tensors as a safetensors file, written by loralib itself
-                          (``--adapter_format safetensors``): no pickle at all on the way back in
-    adapter_config.json   everything needed to rebuild the model: ``model_config`` (GPTConfig), ``base``
-                          (``init_checkpoint`` or the random ``base_seed``, and the base weights' fingerprint),
-                          ``tokenizer``, ``lora_bias``, plus whatever the trainer adds (training args, data hashes)
+    adapter_model.safetensors   the same tensors as a safetensors file (``--adapter_format safetensors``): no
+                          pickle at all on the way back in
+    adapter_config.json   loralib's config (layers, ranks, scalings, the base's weight shapes, the weights file
+                          and its SHA-256) and, as its ``extra``, what rebuilds this example's model: ``model_config``
+                          (GPTConfig), ``base`` (``init_checkpoint`` / ``init_revision`` or the random ``base_seed``,
+                          and the base weights' ``fingerprint``), ``tokenizer``, ``lora_bias``, plus what the trainer
+                          adds (training arguments, data hashes and placeholders, precision, step, recipe)
+
+Directories written by the previous release (``"format": "loralib-nlg-adapter"``, the example's fields at the top
+level of the config) still load.
 """
-import hashlib
-import io
 import json
 import math
 import os
-import shutil
-import tempfile
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
 import loralib as lora
-from loralib.safetensors_format import load_bytes, save_bytes
+from loralib.serialization import AdapterError, atomic_write, read_adapter_config as read_loralib_config, safe_load
 
 from .model import GPTConfig, SimpleGPT2WithLoRA, base_fingerprint, build_model
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "pytorch_model.bin"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-WEIGHTS_FILES = {"bin": WEIGHTS_NAME, "safetensors": SAFETENSORS_NAME}
-FORMAT = "loralib-nlg-adapter"
+__all__ = ["AdapterError", "atomic_write", "atomic_json", "save_adapter_dir", "read_adapter_config", "weights_path",
+           "read_adapter_weights", "load_adapter_weights", "load_model_from_adapter_dir"]
 
-
-class AdapterError(ValueError):
-    """An adapter directory that is missing, incomplete, corrupted or does not fit the model."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
-    """Write a file so that readers see the old or the new content, never a partial one.
-
-    ``write_fn(f)`` writes to a temporary file in the same directory, which then replaces ``path``.
-    """
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+CONFIG_NAME = lora.serialization.CONFIG_NAME
+WEIGHTS_FILES = lora.serialization.WEIGHTS_FILES  # --adapter_format -> file name
+WEIGHTS_NAME, SAFETENSORS_NAME = WEIGHTS_FILES["bin"], WEIGHTS_FILES["safetensors"]
+LEGACY_FORMAT = "loralib-nlg-adapter"  # the previous release's own config format
 
 
 def atomic_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True), mode="w")
+    """Write ``obj`` as indented JSON to ``path`` atomically (see ``lora.serialization.atomic_write``)."""
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
                      init_checkpoint: Optional[str] = None, extra: Optional[dict] = None,
                      lora_bias: str = "none", weights_format: str = "bin", init_revision: Optional[str] = None,
                      fingerprint: Optional[str] = None) -> dict:
-    """Write the weights (``pytorch_model.bin``, or ``adapter_model.safetensors`` with ``weights_format=
-    "safetensors"``) and ``adapter_config.json`` atomically; return the config written.
-    ``fingerprint``: the base's, when the model's frozen weights were cast after it was built (half precision);
-    by default it is computed from the model.
+    """Write the adapter with ``lora.save_adapter`` (weights, then config, atomically, the last good pair kept
+    until the new one is complete); the model's description goes into the config's ``extra``.
 
-    ``init_checkpoint`` is recorded as an absolute path when it is a local one, as given otherwise (a Hugging Face
-    Hub name), with ``init_revision`` (the Hub commit sha) beside it.
+    Args:
+        model: the model whose LoRA weights are saved.
+        out_dir: the adapter directory.
+        base_seed: the seed the random base was drawn from (recorded when there is no ``init_checkpoint``).
+        init_checkpoint: the base's checkpoint, recorded as an absolute path when it is a local one, as given
+            otherwise (a Hugging Face Hub name), with ``init_revision`` (the Hub commit sha) beside it.
+        extra: more fields for the config's ``extra`` (training arguments, data, step, precision, ...).
+        lora_bias: ``"none"``: the example trains no bias (other values are refused).
+        weights_format: ``"bin"`` (``pytorch_model.bin``) or ``"safetensors"`` (``adapter_model.safetensors``).
+        fingerprint: the base's, when the model's frozen weights were cast after it was built (half precision);
+            by default it is computed from the model.
+
+    Returns:
+        The config written (loralib's, with the example's fields under ``"extra"``).
 
     Raises:
-        ValueError: an unknown ``weights_format``.
+        ValueError: an unknown ``weights_format`` or a ``lora_bias`` other than ``"none"``.
     """
     if weights_format not in WEIGHTS_FILES:
         raise ValueError(f"unknown adapter format {weights_format!r}; use one of {sorted(WEIGHTS_FILES)}")
-    state = {k: v.detach().cpu() for k, v in lora.lora_state_dict(model, bias=lora_bias).items()}
-    config = {
-        "format": FORMAT,
-        "format_version": 1,
-        "loralib_version": lora.__version__,
+    if lora_bias != "none":
+        raise ValueError(f"lora_bias={lora_bias!r}: this example trains no bias, so it saves none; use 'none'")
+    info = {
         "model_config": model.config.to_dict(),
         "base": {
             "init_checkpoint": (os.path.abspath(init_checkpoint) if os.path.exists(init_checkpoint)
@@ -99,145 +81,68 @@ def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
         },
         "tokenizer": "gpt2",
         "lora_bias": lora_bias,
-        "lora_params": sum(v.numel() for k, v in state.items() if "lora_" in k),
-        "weights_file": WEIGHTS_FILES[weights_format],
+        "lora_params": sum(v.numel() for v in lora.lora_state_dict(model).values()),
+        **(extra or {}),
     }
-    config.update(extra or {})
-    path = os.path.join(out_dir, WEIGHTS_FILES[weights_format])
-    if weights_format == "safetensors":
-        data = save_bytes(state, metadata={"format": FORMAT})
-    else:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        data = buf.getvalue()
-    # The config names its weights by SHA-256: a save killed between the weights' rename and the config's leaves
-    # a pair that does not match, and the loader then takes the previous weights, kept aside (see _keep_previous).
-    config["weights_sha256"] = hashlib.sha256(data).hexdigest()
-    os.makedirs(out_dir, exist_ok=True)
-    kept = _keep_previous(out_dir)
-    atomic_write(path, lambda f: f.write(data))
-    atomic_json(os.path.join(out_dir, CONFIG_NAME), config)  # last: a dir with a config is complete
-    if kept is not None:
-        os.unlink(kept)
-    # A weights file of the other format left by an earlier run no longer matches the config: remove it (only now,
-    # since until the new config was in place the old one may have named it).
-    for name in WEIGHTS_FILES.values():
-        if name != WEIGHTS_FILES[weights_format] and os.path.exists(os.path.join(out_dir, name)):
-            os.unlink(os.path.join(out_dir, name))
-    return config
+    return lora.save_adapter(model, out_dir, extra=info, weights_format=weights_format)
 
 
-def _sha256_of(path: str) -> Optional[str]:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
-
-
-def _prev_path(path: str) -> str:
-    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".prev")
-
-
-def _keep_previous(out_dir: str) -> Optional[str]:
-    """Keep the weights the current config describes reachable as ``.<weights>.prev`` (hard link, else copy)
-    while a save replaces them; return that path, or None when there is nothing consistent to keep."""
-    try:
-        with open(os.path.join(out_dir, CONFIG_NAME), encoding="utf-8") as f:
-            old = json.load(f)
-        expected, name = old.get("weights_sha256"), old.get("weights_file", WEIGHTS_NAME)
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
-    if not isinstance(expected, str) or name not in WEIGHTS_FILES.values():
-        return None
-    current, prev = os.path.join(out_dir, name), _prev_path(os.path.join(out_dir, name))
-    if _sha256_of(current) != expected:
-        # A torn earlier save: the weights on disk are not the config's; its .prev still is: leave it.
-        return prev if _sha256_of(prev) == expected else None
-    tmp = prev + ".tmp"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    try:
-        os.link(current, tmp)
-    except OSError:
-        shutil.copyfile(current, tmp)
-    os.replace(tmp, prev)
-    return prev
-
-
-def _inside(adapter_dir: str, name: str) -> str:
-    """``adapter_dir/name``, refusing a link that leads out of the directory (to /etc/passwd, to another run's
-    files) before anything is read from it."""
-    path = os.path.join(adapter_dir, name)
-    root, real = os.path.realpath(adapter_dir), os.path.realpath(path)
-    if os.path.commonpath([root, real]) != root:
-        raise AdapterError(f"{path} leads to {real}, outside the adapter directory: refusing to read it (copy the "
-                           "file into the directory instead of linking it)")
-    return path
-
-
-def read_adapter_config(adapter_dir: str) -> dict:
-    """Read and check ``adapter_config.json``. Raises AdapterError with the fix when it is missing or malformed."""
+def _read(adapter_dir: str) -> Tuple[dict, bool]:
+    """The directory's config as stored, checked, and whether it is the previous release's format."""
     if not os.path.isdir(adapter_dir):
         raise AdapterError(f"adapter directory {adapter_dir!r} does not exist; train one with "
                            f"`python examples/NLG/run_training.py --output_dir {adapter_dir}`")
-    path = _inside(adapter_dir, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise AdapterError(f"{path} is missing: {adapter_dir!r} is not a complete adapter directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    # ValueError: JSONDecodeError and integers too long to parse; RecursionError: absurdly deep nesting
-    except (ValueError, RecursionError) as e:
-        raise AdapterError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the file is "
-                           "corrupted") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT or "model_config" not in config:
-        raise AdapterError(f"{path} is not a {FORMAT} config (no 'format': '{FORMAT}' / 'model_config')")
-    return config
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    raw = read_loralib_config(adapter_dir, validate=False)
+    if raw.get("format") == LEGACY_FORMAT:
+        name = raw.get("weights_file", WEIGHTS_NAME)
+        if not isinstance(name, str) or name not in WEIGHTS_FILES.values():  # never an absolute or ../ path
+            raise AdapterError(f"{path} names weights_file {name!r}; expected one of "
+                               f"{sorted(WEIGHTS_FILES.values())}; the config is corrupted")
+        if not isinstance(raw.get("weights_sha256"), (str, type(None))):
+            raise AdapterError(f"{path}: weights_sha256 is not a string; the config is corrupted")
+        legacy = True
+    else:
+        raw, legacy = read_loralib_config(adapter_dir), False
+        if "peft_type" in raw or not isinstance(raw.get("extra"), dict):
+            raise AdapterError(f"{path} is an adapter without this example's model description (its 'extra'); "
+                               "load it with lora.load_adapter into the model it was trained on")
+    fields = raw if legacy else raw["extra"]
+    if "model_config" not in fields:
+        raise AdapterError(f"{path} has no model_config; it was not written by run_training.py")
+    return raw, legacy
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """The example's fields of ``adapter_dir``'s config (``model_config``, ``base``, ``data``, ...): the ``extra``
+    of a loralib config, or the whole config of one written by the previous release.
+
+    Raises:
+        AdapterError: with the fix, when the directory or config is missing, malformed or not the example's.
+    """
+    raw, legacy = _read(adapter_dir)
+    return raw if legacy else raw["extra"]
 
 
 def weights_path(adapter_dir: str) -> str:
-    """The weights file of ``adapter_dir``: the one its config names, else ``pytorch_model.bin``."""
-    try:
-        with open(_inside(adapter_dir, CONFIG_NAME), encoding="utf-8") as f:
-            name = json.load(f).get("weights_file", WEIGHTS_NAME)
-    except (OSError, ValueError, AttributeError, RecursionError):
-        name = WEIGHTS_NAME  # read_adapter_config reports a broken config; here only the file name matters
-    if not isinstance(name, str) or name not in WEIGHTS_FILES.values():  # never an absolute or ../ path
-        raise AdapterError(f"{adapter_dir}/{CONFIG_NAME} names weights_file {name!r}; expected one of "
-                           f"{sorted(WEIGHTS_FILES.values())}")
-    return _inside(adapter_dir, name)
+    """The weights file of ``adapter_dir``: the one its config names (``pytorch_model.bin`` in configs of the
+    previous release that name none)."""
+    raw, _ = _read(adapter_dir)
+    return os.path.join(adapter_dir, raw.get("weights_file") or WEIGHTS_NAME)
 
 
 def read_adapter_weights(adapter_dir: str) -> dict:
-    """Load the adapter weights safely: safetensors holds no code, and ``.bin`` loads with ``weights_only=True``
-    (a pickle that would run code is refused)."""
-    path = weights_path(adapter_dir)
-    if not os.path.isfile(path):
+    """The adapter's tensors, read safely (``lora.serialization.safe_load``: no code runs, the SHA-256 the config
+    recorded is checked) and checked to be finite floating-point LoRA weights.
+
+    Raises:
+        AdapterError: a missing, corrupted, unsafe or non-finite file, named.
+    """
+    raw, _ = _read(adapter_dir)
+    path = os.path.join(adapter_dir, raw.get("weights_file") or WEIGHTS_NAME)
+    if not os.path.lexists(path):
         raise AdapterError(f"{path} is missing: {adapter_dir!r} has a config but no adapter weights")
-    try:
-        with open(_inside(adapter_dir, CONFIG_NAME), encoding="utf-8") as f:
-            expected = json.load(f).get("weights_sha256")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        expected = None  # read_adapter_config reports a broken config
-    if isinstance(expected, str) and _sha256_of(path) != expected:
-        prev = _inside(adapter_dir, os.path.basename(_prev_path(path)))
-        if _sha256_of(prev) != expected:
-            raise AdapterError(f"cannot load {path}: it is not the file {CONFIG_NAME} was written with (SHA-256 "
-                               "differs): truncated, corrupted or half-overwritten; save the adapter again")
-        path = prev  # a save killed between its renames: the previous weights, kept aside, match this config
-    try:
-        if path.endswith(".safetensors") or path.endswith(".safetensors.prev"):
-            with open(path, "rb") as f:
-                state = load_bytes(f.read(), source=path)[0]
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, forbidden global: all mean "do not trust this file"
-        raise AdapterError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                           "(truncated, corrupted, or not a plain tensor checkpoint)") from e
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise AdapterError(f"{path} does not hold a dict of tensors")
+    state = safe_load(path, raw.get("weights_sha256"))
     for k, v in state.items():
         if not v.is_floating_point():
             raise AdapterError(f"{path}: {k} is a {v.dtype} tensor; adapter weights are floating point (the file "
@@ -296,13 +201,27 @@ def _model_config(config: dict, path: str) -> GPTConfig:
         raise AdapterError(f"model_config in {path} is invalid: {e}") from e
 
 
-def _check_size(cfg: GPTConfig, state: dict, path: str) -> None:
-    """Refuse a config that disagrees with its weights on the number of layers, or whose model (its frozen
-    weights, counted from the config: 12 d^2 + 13 d per block, embeddings and head) exceeds this machine's memory:
-    checked before even a meta-device model is built, since building a million blocks would itself hang."""
-    layers = {int(k.split(".")[2]) for k in state if k.startswith("transformer.h.") and k.split(".")[2].isdigit()}
+def _base(config: dict, path: str) -> dict:
+    """The config's ``base`` record, its fields type-checked."""
+    base = config.get("base", {})
+    if not isinstance(base, dict):
+        raise AdapterError(f"'base' in {path} is not a JSON object; the config is corrupted")
+    for key, types in (("base_seed", (int, type(None))), ("init_checkpoint", (str, type(None))),
+                       ("fingerprint", (str, type(None))), ("init_revision", (str, type(None)))):
+        if not isinstance(base.get(key), types) or isinstance(base.get(key), bool):
+            raise AdapterError(f"base.{key}={base.get(key)!r} in {path} has the wrong type; the config is corrupted")
+    return base
+
+
+def _check_size(cfg: GPTConfig, names: Iterable[str], path: str) -> None:
+    """Refuse a config that disagrees with its adapter on the number of layers (``names``: the adapted layers or
+    weights), or whose model (its frozen weights, counted from the config: 12 d^2 + 13 d per block, embeddings and
+    head) exceeds this machine's memory: checked before even a meta-device model is built, since building a
+    million blocks would itself hang."""
+    layers = {int(k.split(".")[2]) for k in names
+              if k.startswith("transformer.h.") and len(k.split(".")) > 2 and k.split(".")[2].isdigit()}
     if layers and layers != set(range(cfg.num_layers)):
-        raise AdapterError(f"model_config in {path} has num_layers={cfg.num_layers} but the weights hold blocks "
+        raise AdapterError(f"model_config in {path} has num_layers={cfg.num_layers} but the adapter holds blocks "
                            f"{min(layers)}..{max(layers)} ({len(layers)}); the directory is corrupted")
     d = cfg.hidden_dim
     need = 4 * (cfg.num_layers * (12 * d * d + 13 * d) + 2 * cfg.vocab_size * d + cfg.max_positions * d + 2 * d)
@@ -321,39 +240,38 @@ def _physical_memory() -> Optional[int]:
 
 def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
                                 init_checkpoint: Optional[str] = None) -> Tuple[SimpleGPT2WithLoRA, dict]:
-    """Rebuild ``SimpleGPT2WithLoRA`` from ``adapter_config.json`` alone, load its base and the adapter.
+    """Rebuild ``SimpleGPT2WithLoRA`` from ``adapter_config.json`` alone, load its base and the adapter
+    (``lora.load_adapter``; a directory of the previous release: its state dict, checked key by key).
 
     Args:
-        adapter_dir: a directory written by :func:`save_adapter_dir`.
+        adapter_dir: a directory written by :func:`save_adapter_dir` (this release's or the previous one's).
         device: where to put the model.
         init_checkpoint: overrides the base checkpoint (path or Hub name) recorded in the config.
 
     Returns:
-        (model in train mode, config dict). Call ``model.eval()`` to merge the adapter.
+        (model in train mode, the example's config fields as :func:`read_adapter_config` returns them). Call
+        ``model.eval()`` to merge the adapter.
 
     Raises:
         AdapterError: missing/corrupted files, a config that does not build, or weights that do not fit.
     """
-    config = read_adapter_config(adapter_dir)
+    raw, legacy = _read(adapter_dir)
+    config = raw if legacy else raw["extra"]
     path = os.path.join(adapter_dir, CONFIG_NAME)
-    cfg = _model_config(config, path)
-    base = config.get("base", {})
-    if not isinstance(base, dict):
-        raise AdapterError(f"'base' in {path} is not a JSON object; the config is corrupted")
-    for key, types in (("base_seed", (int, type(None))), ("init_checkpoint", (str, type(None))),
-                       ("fingerprint", (str, type(None))), ("init_revision", (str, type(None)))):
-        if not isinstance(base.get(key), types) or isinstance(base.get(key), bool):
-            raise AdapterError(f"base.{key}={base.get(key)!r} in {path} has the wrong type; the config is corrupted")
+    cfg, base = _model_config(config, path), _base(config, path)
     ckpt = init_checkpoint or base.get("init_checkpoint")
     # The recorded Hub commit pins the very weights trained on; an overriding --init_checkpoint takes its own.
     revision = None if init_checkpoint else base.get("init_revision")
-    # The weights and the config must agree before the model is built for real: built on the meta device first,
-    # a config claiming a huge model (corrupted or hostile) fails here instead of allocating it.
-    state = read_adapter_weights(adapter_dir)
-    _check_size(cfg, state, path)
-    with torch.device("meta"):
-        shell = SimpleGPT2WithLoRA(cfg)
-    check_adapter_fits(shell.state_dict(), state, source=weights_path(adapter_dir))
+    if legacy:
+        # The weights and the config must agree before the model is built for real: built on the meta device
+        # first, a config claiming a huge model (corrupted or hostile) fails here instead of allocating it.
+        state = read_adapter_weights(adapter_dir)
+        _check_size(cfg, state, path)
+        with torch.device("meta"):
+            shell = SimpleGPT2WithLoRA(cfg)
+        check_adapter_fits(shell.state_dict(), state, source=weights_path(adapter_dir))
+    else:
+        _check_size(cfg, raw["layers"], path)
     model = build_model(cfg, base_seed=base.get("base_seed") or 0)
     if ckpt:
         from .hf_checkpoint import load_hf_gpt2_weights, resolve_init_checkpoint  # the trainer's importer
@@ -363,5 +281,8 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
     if expected and base_fingerprint(model) != expected:
         raise AdapterError(f"the base weights rebuilt for {adapter_dir} (fingerprint {base_fingerprint(model)}) "
                            f"are not the ones it was trained on ({expected}); pass the same --init_checkpoint")
-    load_adapter_weights(model, state, source=weights_path(adapter_dir))
+    if legacy:
+        load_adapter_weights(model, state, source=weights_path(adapter_dir))
+    else:
+        lora.load_adapter(model, adapter_dir)
     return model.to(device), config

@@ -266,13 +266,7 @@ def build_model(cfg: GPTConfig, base_seed: int = 0) -> SimpleGPT2WithLoRA:
 
 @torch.no_grad()
 def base_fingerprint(model: nn.Module) -> str:
-    """A short hash of the frozen base weights (every non-LoRA tensor of the unmerged state dict)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if "lora_" in k:
-            continue
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Which frozen base weights ``model`` has: the first 16 hex digits of loralib's hash of the base's names and
+    values (``lora.serialization.base_fingerprint(model, values=True)``), the form adapter configs record (the
+    previous release's configs too: it hashed the same bytes)."""
+    return lora.serialization.base_fingerprint(model, values=True)["values_sha256"][:16]
