@@ -145,10 +145,6 @@ class TrainConfig:
         return cls(**{**{k: v for k, v in vars(ns).items() if k in names}, **overrides})
 
 
-def field_names() -> Set[str]:
-    return {f.name for f in fields(TrainConfig)}
-
-
 def changed_fields(obj, names: Optional[Sequence[str]] = None) -> Set[str]:
     """The fields of ``obj`` (a TrainConfig or a namespace of its flags) whose value differs from the default:
     the ones a recipe must not override when nobody said which flags were typed."""
