@@ -16,13 +16,15 @@ Each mode runs in its own fresh Python process, so its peak memory is its own. E
 in that run: parameter counts, checkpoint files written and their sizes, optimizer-state and gradient bytes,
 bytes autograd saves for one step, bytes DistributedDataParallel all-reduces per step (counted by a
 communication hook on the gradient buckets DDP hands it), peak memory (CUDA: ``torch.cuda.max_memory_allocated``;
-CPU: peak resident memory), median step time after warm-up, validation loss on a fixed subset after the same number of steps, and
-the latency of a generation prefill (a batch of prompts in, next-token logits out) of the merged LoRA model vs
-the plain model. Figures that cannot be measured on the
-device say ``n/a`` and why.
+CPU: peak resident memory), median step time after warm-up, validation loss on a fixed subset after the same
+number of steps, and the latency of a generation prefill (a batch of prompts in, next-token logits out) of the
+merged LoRA model vs the plain model. Figures that cannot be measured on the device say ``n/a`` and why.
+
+``--precision`` (default fp32; ``--help`` says why) is run_training.py's: LoRA keeps its frozen base in that dtype
+and its LoRA weights in float32, full fine-tuning trains float32 weights under autocast.
 """
 import argparse
-import dataclasses
+import contextlib
 import gc
 import json
 import os
@@ -42,11 +44,23 @@ from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
 from src.data import DataError, ensure_data, iterate_batches, load_tokenized, select_indices  # noqa: E402
 from src.model import GPTConfig, base_fingerprint, build_model  # noqa: E402
-from src.train_utils import DeviceError, evaluate, select_device  # noqa: E402
-from src.tokenizer import EOT_ID  # noqa: E402
+from src.train_config import TrainConfig  # noqa: E402
+from src.train_utils import (PRECISIONS, DeviceError, autocast, cast_frozen, evaluate, precision_dtype,  # noqa: E402
+                             resolve_precision, select_device)
 
 MODES = ("lora", "full")
 MiB = float(1 << 20)
+
+
+PRECISION_HELP = (
+    "dtype of LoRA's frozen base and of autocast, as run_training.py's flag: LoRA keeps its frozen base in it and "
+    "its LoRA weights in float32; full fine-tuning trains float32 weights under autocast (a gradient scaler with "
+    "fp16). Default fp32, not run_training's auto: in fp32 both modes hold every weight in the same dtype, so each "
+    "LoRA/full ratio measures what LoRA itself changes, and the figures do not depend on the CPU the run lands on. "
+    "Under bf16 (what auto picks on a CPU with native bfloat16 instructions or a GPU) LoRA's frozen base is stored "
+    "in bfloat16 while full fine-tuning must keep float32 weights to train them, so the memory and time ratios also "
+    "hold that storage difference, which only LoRA can use: the comparison of the two as each runs in mixed "
+    "precision")
 
 
 def parse_args(argv=None):
@@ -74,6 +88,7 @@ def parse_args(argv=None):
     t.add_argument("--infer_reps", type=int, default=6,
                    help="timed prefill passes (prompt in, next-token logits out) per model for the latency")
     t.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    t.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
     t.add_argument("--seed", type=int, default=0, help="base weights, data order and subsets")
     t.add_argument("--data_dir", default=None, help="directory with the E2E train.txt/valid.txt "
                    "(default: $E2E_DATA_DIR, then data/e2e/)")
@@ -85,42 +100,41 @@ def parse_args(argv=None):
     o.add_argument("--plot", default=None, metavar="PATH", help="write a bar chart (PNG) to this file")
     p.add_argument("--_worker", nargs=2, metavar=("MODE", "RESULT_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
-    for name in ("hidden_dim", "num_layers", "num_heads", "steps", "batch_size", "max_len", "val_examples",
-                 "infer_reps"):
+    try:
+        train_config(args)  # the settings run_training.py shares, checked as it checks them
+    except ValueError as e:
+        p.error(str(e))
+    for name in ("steps", "val_examples", "infer_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.hidden_dim % args.num_heads:
-        p.error(f"--hidden_dim ({args.hidden_dim}) must be divisible by --num_heads ({args.num_heads})")
-    if args.vocab_size < EOT_ID + 1:
-        p.error(f"--vocab_size must be at least {EOT_ID + 1} (the GPT-2 tokenizer's ids go up to {EOT_ID}), "
-                f"got {args.vocab_size}")
-    if args.lora_dim < 1:
-        p.error(f"--lora_dim must be >= 1 (the lora mode needs LoRA matrices), got {args.lora_dim}")
-    if args.lora_alpha <= 0:
-        p.error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if not 0 <= args.warmup < args.steps:
         p.error(f"--warmup ({args.warmup}) must be >= 0 and less than --steps ({args.steps}), "
                 "so at least one step is timed")
-    if args.max_len + 1 > GPTConfig.max_positions:
-        p.error(f"--max_len must be below {GPTConfig.max_positions} (the model's positions)")
-    if args.lr <= 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
     return args, p
 
 
+def train_config(args) -> TrainConfig:
+    """The settings both modes share, as run_training.py's :class:`TrainConfig` (which validates them).
+
+    Raises:
+        ValueError: a setting out of range, naming its flag.
+    """
+    return TrainConfig(vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                       num_heads=args.num_heads, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, batch_size=args.batch_size, seq_len=args.max_len, lr=args.lr,
+                       weight_decay=args.weight_decay, val_examples=args.val_examples, seed=args.seed,
+                       device=args.device, precision=args.precision, data_dir=args.data_dir,
+                       no_download=args.no_download)
+
+
 def model_config(args, lora_dim: int) -> GPTConfig:
-    return GPTConfig(vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
-                     num_heads=args.num_heads, lora_dim=lora_dim, lora_alpha=args.lora_alpha,
-                     lora_dropout=args.lora_dropout)
+    return train_config(args).model_config(lora_dim)
 
 
 # --- one mode, in its own process --------------------------------------------------------------------------------
 
 def build_for_mode(args, mode: str, device: torch.device):
-    """The model for ``mode``, on ``device``, with the base weights both modes share."""
+    """The model for ``mode``, on ``device``, in float32, with the base weights both modes share."""
     lora_model = build_model(model_config(args, args.lora_dim), base_seed=args.seed)
     if mode == "lora":
         lora.mark_only_lora_as_trainable(lora_model)
@@ -134,29 +148,29 @@ def build_for_mode(args, mode: str, device: torch.device):
     return plain.to(device)
 
 
+def prepare_model(args, mode: str, device: torch.device, precision: str):
+    """:func:`build_for_mode`, its frozen weights then stored in ``precision`` (LoRA's base; full fine-tuning has
+    none, so its weights stay float32). Returns the model and the fingerprint of its float32 base."""
+    model = build_for_mode(args, mode, device)
+    fingerprint = base_fingerprint(model)  # before the cast, so both modes compare their float32 base
+    cast_frozen(model, precision)
+    return model, fingerprint
+
+
+def param_dtypes(model) -> dict:
+    """The dtypes of the trainable and of the frozen parameters, as measured on the model."""
+    kinds = {"trainable": set(), "frozen": set()}
+    for p in model.parameters():
+        kinds["trainable" if p.requires_grad else "frozen"].add(str(p.dtype).replace("torch.", ""))
+    return {k: sorted(v) for k, v in kinds.items()}
+
+
 def to_device(batches, device):
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def run_mode(args, mode: str) -> dict:
-    """Train ``mode`` for ``args.steps`` steps and measure it. Returns the figures as a dict."""
-    device = select_device(args.device)
-    log = lambda msg: print(f"[{mode}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    phases, t_phase = {}, time.perf_counter()
-
-    def phase(name):  # wall time of each part of this process's work, to show where a run's time goes
-        nonlocal t_phase
-        now = time.perf_counter()
-        phases[name] = now - t_phase
-        t_phase = now
-
-    torch.manual_seed(args.seed)
-    model = build_for_mode(args, mode, device)
-    model.train()
-    counts = measure.param_counts(model)
-    fingerprint = base_fingerprint(model)  # before training: full fine-tuning changes the base
-    log(f"built on {device}: {counts['trainable']:,} of {counts['total']:,} parameters trainable")
-
+def load_batches(args, device) -> tuple:
+    """The training batches (``--steps`` of them) and the validation batches, on ``device``."""
     train = load_tokenized("train", args.data_dir)
     valid = load_tokenized("valid", args.data_dir)
     train_idx = select_indices(len(train), args.steps * args.batch_size, args.seed)
@@ -164,88 +178,112 @@ def run_mode(args, mode: str) -> dict:
                                               seed=args.seed), device)
     val_batches = to_device(iterate_batches(valid, select_indices(len(valid), args.val_examples, args.seed),
                                             args.batch_size, args.max_len, shuffle=False), device)
-    del train, valid
-    phase("build_and_data")
-    val_before = evaluate(model, val_batches, device)
-    phase("val_before")
+    return train_batches, val_batches
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+
+class Phases:
+    """Wall time of each part of a process's work, to show where a run's time goes."""
+
+    def __init__(self):
+        self.seconds, self._t = {}, time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._t
+        self._t = now
+
+
+def run_mode(args, mode: str) -> dict:
+    """Train ``mode`` for ``args.steps`` steps and measure it. Returns the figures as a dict."""
+    device = select_device(args.device)
+    precision, why = resolve_precision(args.precision, device)
+    log = lambda msg: print(f"[{mode}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    phases = Phases()
+    torch.manual_seed(args.seed)
+    model, fingerprint = prepare_model(args, mode, device, precision)
+    model.train()
+    counts, dtypes = measure.param_counts(model), param_dtypes(model)
+    log(f"built on {device}: {counts['trainable']:,} of {counts['total']:,} parameters trainable; precision "
+        f"{precision} ({why}): trainable weights {'/'.join(dtypes['trainable'])}, frozen "
+        f"{'/'.join(dtypes['frozen']) or '-'}")
+    train_batches, val_batches = load_batches(args, device)
+    phases.done("build_and_data")
+    val_before = evaluate(model, val_batches, device, precision)
+    phases.done("val_before")
+    out = {"mode": mode, "device": str(device), "precision": precision, "precision_why": why,
+           "param_dtypes": dtypes, "base_fingerprint": fingerprint, "params": counts,
+           "param_bytes": measure.param_bytes(model)}
+    out.update(train_measured(args, model, train_batches, device, precision))
+    log(f"{len(out['step_times_s'])} steps, median step {out['median_step_s'] * 1e3:.1f} ms, "
+        f"train loss {out['train_losses'][0]:.3f} -> {out['train_losses'][-1]:.3f}")
+    phases.done("train")
+    out["val_loss_after"] = evaluate(model, val_batches, device, precision)
+    phases.done("val_after")
+    out["allreduce"] = allreduce_bytes_per_step(model, train_batches[0], device, precision)
+    log(f"DDP all-reduces {out['allreduce']['bytes']:,} bytes per step in {out['allreduce']['buckets']} bucket(s)")
+    phases.done("allreduce")
+    out["checkpoint"] = checkpoint_written(model, mode)
+    phases.done("checkpoint")
+    out.update(val_loss_before=val_before,
+               val_tokens=sum(int((b["labels"][:, 1:] != -100).sum()) for b in val_batches))
+    if mode == "lora":
+        out["inference"] = inference_latency(args, model, val_batches[0]["input_ids"], device, precision)
+        log(f"prefill latency: merged LoRA {out['inference']['merged_lora_median_s'] * 1e3:.1f} ms, "
+            f"plain {out['inference']['plain_median_s'] * 1e3:.1f} ms")
+        phases.done("inference")
+    out["phase_wall_s"] = phases.seconds
+    return out
+
+
+def train_measured(args, model, batches, device, precision: str) -> dict:
+    """AdamW steps over ``batches`` under ``precision``'s autocast: the time of each step, the losses, and, on the
+    first step, the gradient and optimizer-state bytes and the bytes autograd saves; peak memory over all steps."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    # float16 gradients can underflow; bfloat16 has float32's range and needs no scaler.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     saved = measure.SavedTensorBytes(exclude=model.parameters())
     step_times, losses = [], []
     gc.collect()
     with measure.peak_memory(device) as mem:
-        for i, batch in enumerate(train_batches):
+        for i, batch in enumerate(batches):
             measure.synchronize(device)
             t0 = time.perf_counter()
-            if i == 0:
-                with saved:  # step 0 is a warm-up step, so the hooks' bookkeeping is never timed
-                    loss = model(batch["input_ids"], labels=batch["labels"]).loss
-            else:
+            # step 0 is a warm-up step, so the hooks' bookkeeping is never timed
+            with saved if i == 0 else contextlib.nullcontext(), autocast(device, precision):
                 loss = model(batch["input_ids"], labels=batch["labels"]).loss
-            loss.backward()
+            scaler.scale(loss).backward()
             loss = loss.detach()
             if i == 0:
                 grads = measure.grad_bytes(model)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             if i == 0:
                 opt_state = measure.optimizer_state_bytes(opt)
             opt.zero_grad(set_to_none=True)
             measure.synchronize(device)
             step_times.append(time.perf_counter() - t0)
             losses.append(loss.item())
-    timed = step_times[args.warmup:]
-    log(f"{len(step_times)} steps, median step {measure.median(timed) * 1e3:.1f} ms, "
-        f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    phase("train")
-    val_after = evaluate(model, val_batches, device)
-    phase("val_after")
-    allreduce = allreduce_bytes_per_step(model, train_batches[0], device)
-    log(f"DDP all-reduces {allreduce['bytes']:,} bytes per step in {allreduce['buckets']} bucket(s)")
-    phase("allreduce")
+    return {"grad_bytes": grads, "optimizer_state_bytes": opt_state, "saved_tensor_bytes": saved.bytes,
+            "saved_tensor_count": saved.count,
+            "peak_memory": {"method": mem.method, "baseline_bytes": mem.baseline, "peak_bytes": mem.peak,
+                            "delta_bytes": mem.delta},
+            "step_times_s": step_times, "median_step_s": measure.median(step_times[args.warmup:]),
+            "train_losses": losses}
 
+
+def checkpoint_written(model, mode: str) -> dict:
+    """What each mode has to keep, written and measured: LoRA the adapter (the base is shared and frozen), full
+    the whole model."""
     with tempfile.TemporaryDirectory() as d:
-        # What each mode has to keep: LoRA the adapter (the base is shared and frozen), full the whole model.
         if mode == "lora":
-            ckpt_name, sd = "adapter.pt", lora.lora_state_dict(model)
+            name, sd = "adapter.pt", lora.lora_state_dict(model)
         else:
-            ckpt_name, sd = "model.pt", model.state_dict()
-        ckpt_bytes = measure.saved_file_bytes(sd, d, ckpt_name)
-        sd_keys = list(sd)
-        del sd
-    phase("checkpoint")
-
-    out = {
-        "mode": mode,
-        "device": str(device),
-        "base_fingerprint": fingerprint,
-        "params": counts,
-        "param_bytes": measure.param_bytes(model),
-        "checkpoint": {"file": ckpt_name, "keys": len(sd_keys), "bytes": ckpt_bytes},
-        "grad_bytes": grads,
-        "allreduce": allreduce,
-        "optimizer_state_bytes": opt_state,
-        "saved_tensor_bytes": saved.bytes,
-        "saved_tensor_count": saved.count,
-        "peak_memory": {"method": mem.method, "baseline_bytes": mem.baseline, "peak_bytes": mem.peak,
-                        "delta_bytes": mem.delta},
-        "step_times_s": step_times,
-        "median_step_s": measure.median(timed),
-        "train_losses": losses,
-        "val_loss_before": val_before,
-        "val_loss_after": val_after,
-        "val_tokens": sum(int((b["labels"][:, 1:] != -100).sum()) for b in val_batches),
-    }
-    if mode == "lora":
-        out["inference"] = inference_latency(args, model, val_batches[0]["input_ids"], device)
-        log(f"prefill latency: merged LoRA {out['inference']['merged_lora_median_s'] * 1e3:.1f} ms, "
-            f"plain {out['inference']['plain_median_s'] * 1e3:.1f} ms")
-        phase("inference")
-    out["phase_wall_s"] = phases
-    return out
+            name, sd = "model.pt", model.state_dict()
+        return {"file": name, "keys": len(sd), "bytes": measure.saved_file_bytes(sd, d, name)}
 
 
-def allreduce_bytes_per_step(model, batch, device) -> dict:
+def allreduce_bytes_per_step(model, batch, device, precision: str = "fp32") -> dict:
     """The bytes DDP all-reduces for one training step of ``model``, measured: one more forward and backward
     under ``DistributedDataParallel`` with a hook counting the gradient buckets it syncs. No optimizer step, so the
     model is unchanged. Run in a process group of one (the same buckets as with N processes: DDP syncs every
@@ -260,7 +298,9 @@ def allreduce_bytes_per_step(model, batch, device) -> dict:
         try:
             ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
             counter = Dist.AllReduceCounter().register(ddp)
-            ddp(batch["input_ids"], labels=batch["labels"]).loss.backward()
+            with autocast(device, precision):
+                loss = ddp(batch["input_ids"], labels=batch["labels"]).loss
+            loss.backward()
             measure.synchronize(device)
             out = {"bytes": counter.bytes, "buckets": counter.buckets,
                    "backend": torch.distributed.get_backend(), "world_size": torch.distributed.get_world_size(),
@@ -280,19 +320,20 @@ def next_token_logits(model, input_ids):
 
 
 @torch.inference_mode()
-def inference_latency(args, lora_model, input_ids, device) -> dict:
+def inference_latency(args, lora_model, input_ids, device, precision: str = "fp32") -> dict:
     """Latency of a generation prefill (:func:`next_token_logits`) with the trained LoRA model in eval mode, where
     its update is merged into the weights, against the plain model (``lora_dim=0``) holding the same base
-    weights."""
+    weights in the same dtype, both under ``precision``'s autocast."""
     lora_model.eval()  # merges B A into the weights
     plain = build_model(model_config(args, 0), base_seed=args.seed)
     # The LoRA model's state dict carries its unmerged base weights (loralib's save hook).
     plain.load_state_dict({k: v for k, v in lora_model.state_dict().items() if "lora_" not in k}, strict=True)
-    plain.to(device).eval()
+    plain.to(device, precision_dtype(precision)).eval()
     t_lora, t_plain = [], []
     for r in range(args.infer_reps + 1):  # alternate the two, so a load change on the machine hits both alike
-        _, a = measure.timed(lambda: next_token_logits(plain, input_ids), device)
-        _, b = measure.timed(lambda: next_token_logits(lora_model, input_ids), device)
+        with autocast(device, precision):
+            _, a = measure.timed(lambda: next_token_logits(plain, input_ids), device)
+            _, b = measure.timed(lambda: next_token_logits(lora_model, input_ids), device)
         if r > 0:  # the first pass of each is a warm-up
             t_plain.append(a)
             t_lora.append(b)
@@ -338,10 +379,14 @@ def summarize(args, res: dict, wall_s: float) -> dict:
         "loralib_version": lora.__version__,
         "torch_version": torch.__version__,
         "device": lo["device"],
+        "precision": {"name": lo["precision"], "why": lo["precision_why"],
+                      "autocast_dtype": None if lo["precision"] == "fp32" else
+                      str(precision_dtype(lo["precision"])).replace("torch.", "")},
         "cpu_threads": torch.get_num_threads(),
         "model_config": model_config(args, args.lora_dim).to_dict(),
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "same_base_weights": lo["base_fingerprint"] == fu["base_fingerprint"],
+        "same_precision": lo["precision"] == fu["precision"],
         "lora": lo,
         "full": fu,
         "inference": inf,
@@ -370,6 +415,10 @@ def fmt_mib(x):
     return "n/a" if x is None else f"{x / MiB:,.1f} MiB"
 
 
+def fmt_dtypes(d: dict) -> str:
+    return " / ".join("/".join(d[k]) or "-" for k in ("trainable", "frozen"))
+
+
 def fmt_ratio(x):
     if x is None:
         return "n/a"
@@ -388,6 +437,7 @@ def table(s: dict) -> str:
          fmt_ratio(R["trainable_params"])),
         ("parameters, frozen", fmt_int(lo["params"]["frozen"]), fmt_int(fu["params"]["frozen"]), ""),
         ("trainable share", f"{lo['params']['trainable_share']:.2%}", f"{fu['params']['trainable_share']:.2%}", ""),
+        ("weights, trainable / frozen", fmt_dtypes(lo["param_dtypes"]), fmt_dtypes(fu["param_dtypes"]), ""),
         ("checkpoint file written", fmt_mib(lo["checkpoint"]["bytes"]), fmt_mib(fu["checkpoint"]["bytes"]),
          fmt_ratio(R["checkpoint_bytes"])),
         ("gradients (.grad)", fmt_mib(lo["grad_bytes"]), fmt_mib(fu["grad_bytes"]), fmt_ratio(R["grad_bytes"])),
@@ -418,8 +468,16 @@ def table(s: dict) -> str:
                  f"plain model {inf['plain_median_s'] * 1e3:,.1f} ms "
                  f"(ratio {fmt_ratio(s['inference_ratio_merged_lora_over_plain'])}, "
                  f"median of {len(inf['plain_times_s'])})")
+    lines.append(precision_line(s["precision"]))
     lines.append(f"memory: {lo['peak_memory']['method']}")
     return "\n".join(lines)
+
+
+def precision_line(p: dict) -> str:
+    if p["autocast_dtype"] is None:
+        return f"precision: {p['name']} ({p['why']}): every weight float32, no autocast"
+    return (f"precision: {p['name']} ({p['why']}): LoRA's frozen base in {p['autocast_dtype']}, the weights that "
+            f"train (LoRA's, full fine-tuning's) in float32, under {p['autocast_dtype']} autocast")
 
 
 def plot(s: dict, path: str) -> None:
@@ -463,7 +521,7 @@ def plot(s: dict, path: str) -> None:
     cfg = s["model_config"]
     fig.suptitle(f"LoRA (r={cfg['lora_dim']}) vs full fine-tuning: GPT-2 {cfg['num_layers']} layers, "
                  f"d={cfg['hidden_dim']}, batch {s['args']['batch_size']}, {len(lo['step_times_s'])} steps, "
-                 f"on {s['device']} (all measured)", fontsize=12)
+                 f"{s['precision']['name']}, on {s['device']} (all measured)", fontsize=12)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -487,11 +545,12 @@ def _main(argv) -> int:
     t_start = time.perf_counter()
     try:
         device = select_device(args.device)
+        precision, why = resolve_precision(args.precision, device)
         # Parse and tokenise here, once: bad or missing data stops the run before any training starts.
         ensure_data(args.data_dir, ("train", "valid"), download=not args.no_download)
         n_train = len(load_tokenized("train", args.data_dir))
         load_tokenized("valid", args.data_dir)
-    except (DeviceError, DataError) as e:
+    except (DeviceError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.steps * args.batch_size > n_train:
@@ -501,7 +560,7 @@ def _main(argv) -> int:
         if path and os.path.isdir(path):
             parser.error(f"{flag} {path!r} is a directory; give a file name")
     print(f"LoRA vs full fine-tuning on {device}: {args.steps} steps each, batch {args.batch_size}, "
-          f"each mode in its own process", file=sys.stderr)
+          f"each mode in its own process; precision {precision} ({why})", file=sys.stderr)
 
     results = {}
     with tempfile.TemporaryDirectory() as d:
@@ -512,8 +571,9 @@ def _main(argv) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
     s = summarize(args, results, time.perf_counter() - t_start)
-    if not s["same_base_weights"]:
-        print("error: the two modes did not start from the same base weights (fingerprints differ)", file=sys.stderr)
+    if not s["same_base_weights"] or not s["same_precision"]:
+        print("error: the two modes did not start from the same base weights (fingerprints differ) or did not run "
+              "in the same precision", file=sys.stderr)
         return 1
     print(table(s))
     print(f"total wall time {s['wall_s']:.1f} s")

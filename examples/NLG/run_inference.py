@@ -25,6 +25,7 @@ from src.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
 from src.generate import DecodeConfig  # noqa: E402
 from src.hf_checkpoint import CheckpointError  # noqa: E402
 from src.inference import MRError, adapter_delex, check_mr, describe, load_adapters, read_mr_file  # noqa: E402
+from src.measure import param_counts  # noqa: E402
 from src.adapter_io import read_adapter_config  # noqa: E402
 from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
 
@@ -154,7 +155,7 @@ def run(args) -> dict:
     if name and not args.init_checkpoint and base.get("init_revision"):
         name += f" (commit {base['init_revision']})"
     print(f"base: {name or 'random GPT-2 drawn from seed %s' % base.get('base_seed')} "
-          f"({multi.model.num_params():,} parameters), device {device}; decoding: "
+          f"({param_counts(multi.model)['total']:,} parameters), device {device}; decoding: "
           + ("greedy" if decode.beam_size == 1 else
              f"beam {decode.beam_size}, length penalty {decode.length_penalty}")
           + (f", no-repeat {decode.no_repeat_ngram_size}-grams" if decode.no_repeat_ngram_size else "")

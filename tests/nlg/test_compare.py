@@ -84,6 +84,27 @@ def test_full_mode_is_the_plain_model_on_the_same_base_all_trainable():
     assert base_fingerprint(cmp.build_for_mode(other, "full", torch.device("cpu"))) != base_fingerprint(full_m)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_keeps_its_frozen_base_in_the_precision_and_full_trains_float32(precision):
+    """LoRA: frozen base in the precision's dtype, LoRA weights and their gradients float32; full fine-tuning:
+    every weight float32 and trainable, before and after steps under autocast; both from the same float32 base."""
+    args, _ = cmp.parse_args(TINY + ["--lora_dim", "2", "--steps", "2", "--warmup", "1"])
+    cpu, half = torch.device("cpu"), {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, V, (2, 7)), "labels": torch.randint(0, V, (2, 7))} for _ in range(2)]
+    fingerprints = {}
+    for mode in cmp.MODES:
+        model, fingerprints[mode] = cmp.prepare_model(args, mode, cpu, precision)
+        want = {"trainable": ["float32"], "frozen": [half] if mode == "lora" else []}
+        assert cmp.param_dtypes(model) == want
+        out = cmp.train_measured(args, model, batches, cpu, precision)
+        assert cmp.param_dtypes(model) == want
+        n = measure.param_counts(model)["trainable"]
+        assert out["grad_bytes"] == 4 * n  # float32 gradients
+        assert all(0 < x < 20 for x in out["train_losses"])
+    assert fingerprints["lora"] == fingerprints["full"] == base_fingerprint(cmp.build_for_mode(args, "full", cpu))
+
+
 # --- measure.py -----------------------------------------------------------------------------------------------------
 
 def test_param_counts_count_a_shared_tensor_once():
@@ -179,7 +200,11 @@ def test_cuda_peak_sees_a_transient_allocation():
     (["--lora_dim", "0"], "--lora_dim must be >= 1"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--lora_dropout", "1.0"], r"\[0, 1\)"),
-    (["--max_len", "5000"], "max_len must be below"),
+    (["--max_len", "5000"], r"--seq_len must be <= 1024 \(the model's positions\), got 5000"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--val_examples", "0"], "--val_examples must be >= 1, got 0"),
+    (["--lora_alpha", "0"], "--lora_alpha must be > 0"),
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bad_flags_are_rejected_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -194,6 +219,12 @@ def test_missing_data_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch, ca
     assert cmp.main(["--data_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "has no train.txt" in err and "download_e2e.py" in err
+
+
+def test_fp16_on_a_cpu_is_a_clear_error(capsys):
+    assert cmp.main(["--device", "cpu", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --precision fp16 is for CUDA GPUs") and err.count("\n") == 1
 
 
 def test_bad_device_is_a_clear_error(capsys):
@@ -222,6 +253,12 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
 
     assert s["same_base_weights"] is True and s["device"] == "cpu"
     lo, fu = s["lora"], s["full"]
+    # The default precision reaches both runs: every weight float32, no autocast.
+    assert s["precision"] == {"name": "fp32", "why": "asked for with --precision", "autocast_dtype": None}
+    assert lo["param_dtypes"] == {"trainable": ["float32"], "frozen": ["float32"]}
+    assert fu["param_dtypes"] == {"trainable": ["float32"], "frozen": []}
+    assert "precision: fp32 (asked for with --precision): every weight float32, no autocast" in proc.stdout
+    assert "precision fp32 (asked for with --precision)" in proc.stderr
     assert lo["params"]["trainable"] == lora_params(r, 32, 2, V)
     assert fu["params"]["trainable"] == fu["params"]["total"] == lo["params"]["frozen"] == gpt2_params(32, 2, V)
     for m in (lo, fu):
@@ -249,6 +286,30 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
     assert R["median_step_s"] == lo["median_step_s"] / fu["median_step_s"]
     assert R["allreduce_bytes"] == lo["allreduce"]["bytes"] / fu["allreduce"]["bytes"] < 0.2
     assert "all-reduced per step (DDP)" in proc.stdout
+
+
+def test_tiny_run_in_bf16_records_its_precision(e2e_dir, tmp_path):
+    out_json = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *TINY, "--lora_dim", "4", "--steps", "2", "--warmup", "1", "--batch_size", "2",
+         "--max_len", "48", "--val_examples", "4", "--infer_reps", "1", "--device", "cpu", "--data_dir", e2e_dir,
+         "--precision", "bf16", "--json", str(out_json)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(out_json.read_text())
+    assert s["precision"] == {"name": "bf16", "why": "asked for with --precision", "autocast_dtype": "bfloat16"}
+    lo, fu = s["lora"], s["full"]
+    assert lo["param_dtypes"] == {"trainable": ["float32"], "frozen": ["bfloat16"]}
+    assert fu["param_dtypes"] == {"trainable": ["float32"], "frozen": []}
+    # The frozen base takes 2 bytes a weight, the trainable weights 4, in LoRA mode; full keeps 4 bytes everywhere.
+    assert lo["param_bytes"] == 2 * lo["params"]["frozen"] + 4 * lo["params"]["trainable"]
+    assert fu["param_bytes"] == 4 * fu["params"]["total"]
+    assert s["same_base_weights"] is True and s["inference"]["lora_is_merged"] is True
+    assert all(0 < m["val_loss_after"] < 20 for m in (lo, fu))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("weights, trainable / frozen"))
+    assert row.split()[4:] == ["float32", "/", "bfloat16", "float32", "/", "-"]
+    assert "precision: bf16 (asked for with --precision): LoRA's frozen base in bfloat16" in proc.stdout
 
 
 def test_more_steps_than_data_is_a_clear_error(e2e_dir, capsys):

@@ -1,5 +1,6 @@
 """run_training.py end to end on a tiny model and tiny data: outputs, resume == uninterrupted, Ctrl-C, atomic saves,
 device selection, and the error paths (one line on stderr, exit status 2)."""
+import dataclasses
 import json
 import os
 
@@ -13,26 +14,90 @@ from src import adapter_io
 from src import train_utils as U
 from src.adapter_io import load_model_from_adapter_dir, read_adapter_weights
 from src.model import GPTConfig, base_fingerprint, build_model
+from src.train_config import TrainConfig
 
 
-def test_help_documents_every_flag(capsys):
+def test_flags_are_the_train_config_fields_with_its_defaults(capsys):
+    """Every flag is a TrainConfig field with the field's default, so --help shows what a run uses."""
+    parser = run_training.get_parser()
+    flags = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert set(flags) == set(fields) - {"recipe_info"}
+    assert {k: fields[k] for k in flags} == flags
     with pytest.raises(SystemExit) as e:
         run_training.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ["--num_epochs", "--batch_size", "--lr", "--seq_len", "--log_interval", "--device", "--vocab_size",
-                 "--hidden_dim", "--num_layers", "--lora_dim", "--lora_alpha", "--lora_dropout", "--data_dir",
-                 "--output_dir", "--max_steps", "--max_train_examples", "--seed", "--init_checkpoint",
-                 "--grad_accum", "--warmup_steps", "--weight_decay", "--label_smoothing", "--resume"]:
-        assert flag in out
-    d = run_training.get_parser().parse_args([])
-    assert (d.num_epochs, d.log_interval, d.output_dir, d.device) == (1, 10, "lora_model", "auto")
-    # the default run (README, "Measured default run"): 1,200 steps of 4 examples over the faithful references,
-    # names delexicalised, bf16 where the CPU has it
-    assert (d.max_steps, d.batch_size, d.max_train_examples, d.lr, d.warmup_steps) == (1200, 4, 0, 1e-3, 30)
-    assert (d.train_refs, d.delex, d.precision) == ("faithful", "name,near", "auto")
-    assert (d.vocab_size, d.hidden_dim, d.num_layers, d.lora_dim, d.lora_alpha, d.lora_dropout) == \
-        (50257, 768, 2, 16, 128, 0.0)
+    assert [f for f in flags if f"--{f}" not in out] == []
+
+
+def test_defaults_reach_the_run(monkeypatch):
+    """main() with no flags trains with TrainConfig's defaults: the documented default run (README, "Measured
+    default run"): 1,200 steps of 4 examples over the faithful references, names delexicalised, bf16 where the
+    CPU has it."""
+    seen = []
+
+    def setup_then_stop(cfg, ctx, stop):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_training, "setup", setup_then_stop)
+    assert run_training.main([]) == 130
+    (cfg,) = seen
+    assert cfg == TrainConfig() and cfg.recipe_info == {}
+    assert (cfg.num_epochs, cfg.log_interval, cfg.output_dir, cfg.device) == (1, 10, "lora_model", "auto")
+    assert (cfg.max_steps, cfg.batch_size, cfg.max_train_examples, cfg.lr, cfg.warmup_steps) == (1200, 4, 0, 1e-3, 30)
+    assert (cfg.train_refs, cfg.delex_slots, cfg.precision) == ("faithful", ("name", "near"), "auto")
+    assert cfg.model_config() == GPTConfig(vocab_size=50257, hidden_dim=768, num_layers=2, num_heads=12, lora_dim=16,
+                                           lora_alpha=128, lora_dropout=0.0)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(batch_size=0), "--batch_size must be >= 1, got 0"),
+    (dict(grad_accum=0), "--grad_accum must be >= 1, got 0"),
+    (dict(seq_len=0), "--seq_len must be >= 1, got 0"),
+    (dict(max_steps=-1), r"--max_steps must be >= 0 \(0: no limit\), got -1"),
+    (dict(val_examples=-1), r"--val_examples must be >= 0 \(0: all\)"),
+    (dict(lr=0.0), "--lr must be > 0, got 0.0"),
+    (dict(weight_decay=-0.1), "--weight_decay must be >= 0"),
+    (dict(adam_beta2=1.0), r"--adam_beta2 must be in \[0, 1\), got 1.0"),
+    (dict(adam_eps=0.0), "--adam_eps must be > 0"),
+    (dict(max_grad_norm=-1.0), r"--max_grad_norm must be >= 0 \(0: no clipping\)"),
+    (dict(label_smoothing=1.0), r"--label_smoothing must be in \[0, 1\)"),
+    (dict(lora_dropout=-0.1), r"--lora_dropout must be in \[0, 1\)"),
+    (dict(lora_dim=0), r"--lora_dim must be >= 1 \(the LoRA rank; 0 would leave nothing to train\), got 0"),
+    (dict(lora_alpha=0), "--lora_alpha must be > 0"),
+    (dict(precision="fp8"), "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    (dict(train_refs="some"), "--train_refs must be one of faithful, all"),
+    (dict(adapter_format="npz"), "--adapter_format must be one of bin, safetensors, got 'npz'"),
+    (dict(delex="name,food"), "--delex 'name,food': food cannot be delexicalised"),
+    (dict(lora_targets=[]), "--lora_targets must be one or more of attn"),
+    (dict(lora_targets=["attn", "ffn"]), "--lora_targets must be one or more of"),
+    (dict(hidden_dim=30, num_heads=4), r"--hidden_dim \(30\) must be divisible by --num_heads \(4\)"),
+    (dict(num_layers=0), "--num_layers must be >= 1"),
+    (dict(vocab_size=1000), "--vocab_size must be at least 50257"),
+    (dict(seq_len=1025), r"--seq_len must be <= 1024 \(the model's positions\)"),
+    (dict(recipe="fast"), "unknown --recipe 'fast'"),
+])
+def test_train_config_rejects_each_bad_value_in_one_line(kw, message):
+    with pytest.raises(ValueError, match=message) as e:
+        TrainConfig(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_train_config_model_sizes_come_from_the_checkpoint_when_there_is_one():
+    # With --init_checkpoint the checkpoint's config.json sets the sizes, so the size flags are not checked.
+    assert TrainConfig(init_checkpoint="gpt2", vocab_size=1000, seq_len=2048).vocab_size == 1000
+    cfg = TrainConfig(hidden_dim=32, num_heads=2, lora_targets=["attn"])
+    assert cfg.model_config(lora_dim=0).lora_dim == 0 and cfg.model_config().lora_targets == ("attn",)
+    assert cfg.model_config(vocab_size=67, max_positions=64).max_positions == 64
+
+
+def test_train_config_applies_its_recipe_keeping_the_values_set():
+    cfg = TrainConfig(recipe="paper", lr=0.5)
+    assert (cfg.lr, cfg.lora_dim, cfg.batch_size, cfg.adam_eps, cfg.lora_targets) == (0.5, 4, 8, 1e-6, ["attn"])
+    assert cfg.recipe_info["overridden"] == {"lr": 0.5}
+    assert TrainConfig(recipe="paper", recipe_info={}).lr == TrainConfig().lr  # already applied: left alone
 
 
 def test_lr_schedule():
@@ -78,6 +143,14 @@ def test_tiny_training_run(e2e_dir, tmp_path):
     assert sum(v.numel() for v in state.values()) == m["trainable_params"]
     cfg = adapter_io.read_adapter_config(str(out))  # the example's fields: the loralib config's extra
     assert cfg["training_args"]["seed"] == 3 and len(cfg["data"]["train_sha256"]) == 64
+    # Every setting is recorded, and the flags not given ran with TrainConfig's defaults.
+    argv = tiny_args(e2e_dir, out, "--num_epochs", "2", "--seed", "3")
+    assert cfg["training_args"] == json.loads(json.dumps(TrainConfig.from_namespace(
+        run_training.parse_args(argv)).to_dict()))
+    group = U.load_training_state(str(out))["optimizer"]["param_groups"][0]
+    d = TrainConfig()
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.9, d.adam_beta2), d.adam_eps,
+                                                                            d.weight_decay)
     fresh = build_model(GPTConfig.from_dict(cfg["model_config"]), base_seed=3)
     assert base_fingerprint(fresh) == cfg["base"]["fingerprint"]  # the frozen base did not move
     res = fresh.load_state_dict(state, strict=False)
@@ -159,15 +232,17 @@ def test_resume_without_state_starts_fresh(e2e_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, expect", [
-    (["--batch_size", "0"], "--batch_size must be positive"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--lora_dim", "0"], "--lora_dim 0 leaves nothing to train"),
-    (["--max_train_examples", "2"], "make no full step"),
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--lora_dim", "0"], "--lora_dim must be >= 1 (the LoRA rank; 0 would leave nothing to train), got 0"),
+    (["--max_train_examples", "2"], "2 training examples make no full step of batch_size 4 x 1 processes x "
+                                    "grad_accum 1; lower them or raise --max_train_examples"),
 ])
 def test_bad_arguments(e2e_dir, tmp_path, capsys, bad, expect):
     assert run_training.main(tiny_args(e2e_dir, tmp_path / "out", *bad)) == 2
     err = capsys.readouterr().err
-    assert expect in err and "Traceback" not in err
+    assert err == f"error: {expect}\n"
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_data_errors_are_one_line(e2e_dir, tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """Measuring what a training run really costs: parameters, tensor bytes, checkpoint bytes, peak memory, time.
 
-Used by ``compare_lora_vs_full.py``. Every function here measures; none estimates.
+Used by ``compare_lora_vs_full.py`` and the benchmarks; :func:`param_counts` is the one parameter counter of the
+example (run_training.py and run_inference.py print it too). Every function here measures; none estimates.
 """
 import gc
 import os
@@ -23,7 +24,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def param_counts(model: nn.Module) -> Dict[str, float]:
-    """``{"total", "trainable", "frozen", "trainable_share"}`` from ``requires_grad`` (shared tensors once)."""
+    """The model's parameters, counted by ``requires_grad``, a tensor shared by two modules once.
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``{"total", "trainable", "frozen": element counts, "trainable_share": trainable / total (0.0 when empty)}``.
+    """
     seen, total, trainable = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:

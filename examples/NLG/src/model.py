@@ -180,9 +180,6 @@ class SimpleGPT2WithLoRA(nn.Module):
                     nn.init.zeros_(m.bias)
         self.lm_head.weight.copy_(self.transformer.wte.weight)  # as GPT-2, whose head is the embedding
 
-    def num_params(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, q_index=None):
         """Final hidden states (B, T, C) and the per-layer key/value cache.
 

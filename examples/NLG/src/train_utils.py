@@ -233,15 +233,6 @@ def save_metrics(out_dir: str, metrics: dict) -> None:
     atomic_json(os.path.join(out_dir, METRICS_NAME), metrics)
 
 
-def dump_args(args) -> dict:
-    return {k: v for k, v in sorted(vars(args).items())}
-
-
-def param_counts(model: torch.nn.Module) -> Dict[str, int]:
-    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_params": sum(p.numel() for p in model.parameters())}
-
-
 def is_finite(x: float) -> bool:
     return math.isfinite(x)
 
