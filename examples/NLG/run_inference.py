@@ -110,13 +110,8 @@ def write_lines(path: str, lines) -> None:
     atomic_write(path, "".join(x + "\n" for x in lines).encode("utf-8"))
 
 
-def run(args) -> dict:
-    """Everything run_inference.py does; returns what it printed, as numbers and texts (tests read it)."""
-    check_args(args)
-    dirs = args.adapter_dir or ["lora_model"]
-    device = U.select_device(args.device)
-
-    # --- inputs ---
+def read_inputs(args):
+    """The MRs to describe and, with ``--eval``, their references (else None)."""
     if args.eval:
         D.ensure_data(args.data_dir, (args.split,), download=not args.no_download)
         groups = D.load_references(args.split, args.data_dir)
@@ -125,31 +120,32 @@ def run(args) -> dict:
             groups = groups[:args.max_examples]
         mrs, refs = [mr for mr, _ in groups], [r for _, r in groups]
         print(f"{args.split}: {len(mrs)} unique MRs ({n_lines} lines in the file), {sum(map(len, refs))} references")
-    else:
-        mrs = [check_mr(x) for x in args.input or []]
-        if args.input_file:
-            mrs += read_mr_file(args.input_file)
-        mrs = mrs or SAMPLE_MRS
+        return mrs, refs
+    mrs = [check_mr(x) for x in args.input or []]
+    if args.input_file:
+        mrs += read_mr_file(args.input_file)
+    return mrs or SAMPLE_MRS, None
 
-    # --- decoding: the flags, over the recipe's values ---
+
+def decoding(args, first_dir: str):
+    """The decoding settings: the flags, over the recipe's values (``--recipe auto``: the adapter's). Returns
+    ``(DecodeConfig, recipe name)``."""
     recipe = args.recipe
     if recipe == "auto":
-        recipe = (read_adapter_config(dirs[0]).get("recipe") or {}).get("name")
+        recipe = (read_adapter_config(first_dir).get("recipe") or {}).get("name")
     explicit = getattr(args, "explicit", None)
     if explicit is None:  # args not from parse_args: values that differ from the defaults count as given
         defaults = vars(get_parser().parse_args([]))
         explicit = {k for k, v in vars(args).items() if defaults.get(k, v) != v}
     apply_recipe(args, recipe, "decode", explicit)
     check_args(args)
-    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, beam_size=args.beam_size,
-                          length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                          stop_ids=tuple(args.stop_token_ids))
+    return DecodeConfig(max_new_tokens=args.max_new_tokens, beam_size=args.beam_size,
+                        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                        stop_ids=tuple(args.stop_token_ids)), recipe
 
-    # --- model: the base once, then each adapter ---
-    precision, why = U.resolve_precision(args.precision, device)
-    multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint, precision=precision)
-    if precision != "fp32":
-        print(f"precision: {precision} ({why}); LoRA weights in float32")
+
+def print_header(args, multi, device, decode: DecodeConfig, recipe) -> None:
+    """One line: the base model, the device and the decoding."""
     base = multi.adapters[0].config.get("base", {})
     name = args.init_checkpoint or base.get("init_checkpoint")
     if name and not args.init_checkpoint and base.get("init_revision"):
@@ -163,50 +159,80 @@ def run(args) -> dict:
           + (f", stop also at {list(decode.stop_ids)}" if decode.stop_ids else "")
           + (f" (recipe {recipe})" if recipe and recipe != "none" else ""))
 
+
+def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precision: str) -> dict:
+    """Adapter ``i``'s texts, merged and (unless ``--no_unmerged``) unmerged; prints them with their slot checks
+    (without ``--eval``) and the speed line. Returns the result without scores."""
+    adapter = multi.adapters[i]
+    n_lora = adapter.config.get("lora_params")
+    print(f"\n== adapter {adapter.path}" + (f" ({n_lora:,} LoRA parameters)" if isinstance(n_lora, int) else ""))
+    runs = {}
+    for merged in ([True] if args.no_unmerged else [False, True]):
+        model = multi.use(i, merged=merged)
+        with U.autocast(device, precision):
+            texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
+                                    delex=adapter_delex(adapter.config))
+        runs["merged" if merged else "unmerged"] = (texts, stats)
+    texts, stats = runs["merged"]
+    speed = {k: round(s["tokens_per_second"], 1) for k, (_, s) in runs.items()}
+    same = None if args.no_unmerged else runs["unmerged"][0] == texts
+    line = f"generated {stats['tokens']} tokens for {len(mrs)} MRs: merged {speed['merged']} tokens/s"
+    if not args.no_unmerged:
+        line += (f", unmerged {speed['unmerged']} tokens/s; merged and unmerged texts "
+                 + ("identical" if same else "DIFFER"))
+    if not args.eval:
+        for mr, text in zip(mrs, texts):
+            problems = S.check(mr, text).problems()
+            print(f"\nMR:   {mr}\ntext: {text}\nslots: " + (", ".join(problems) if problems else "all realised"))
+        print()
+    print(line)
+    return {"adapter_dir": adapter.path, "texts": texts, "tokens_per_second": speed,
+            "merged_equals_unmerged": same, "generated_tokens": stats["tokens"]}
+
+
+def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, recipe, precision: str) -> dict:
+    """``--eval``: writes predictions.txt, references.txt and scores.json to ``out_dir`` and prints the table.
+    Returns the scores."""
+    texts = result["texts"]
+    os.makedirs(out_dir, exist_ok=True)
+    write_lines(os.path.join(out_dir, "predictions.txt"), texts)
+    # The official script's multi-reference format: each MR's references, then a blank line.
+    write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
+    scores = M.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist)
+    scores["slots"] = S.slot_scores(mrs, texts)
+    scores.update({"split": args.split, "decoding": vars(decode), "recipe": recipe, "precision": precision,
+                   "adapter_dir": result["adapter_dir"], "tokens_per_second": result["tokens_per_second"]})
+    atomic_json(os.path.join(out_dir, "scores.json"), scores)
+    print(M.format_report(scores))
+    print(S.format_slot_line(scores["slots"]))
+    print(f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/")
+    return scores
+
+
+def run(args) -> dict:
+    """Everything run_inference.py does; returns what it printed, as numbers and texts (tests read it)."""
+    check_args(args)
+    dirs = args.adapter_dir or ["lora_model"]
+    device = U.select_device(args.device)
+    mrs, refs = read_inputs(args)
+    decode, recipe = decoding(args, dirs[0])
+
+    # The base once, then each adapter on it
+    precision, why = U.resolve_precision(args.precision, device)
+    multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint, precision=precision)
+    if precision != "fp32":
+        print(f"precision: {precision} ({why}); LoRA weights in float32")
+    print_header(args, multi, device, decode, recipe)
+
     results = []
     for i, adapter in enumerate(multi.adapters):
-        n_lora = adapter.config.get("lora_params")
-        print(f"\n== adapter {adapter.path}" + (f" ({n_lora:,} LoRA parameters)" if isinstance(n_lora, int) else ""))
-        runs = {}
-        for merged in ([True] if args.no_unmerged else [False, True]):
-            model = multi.use(i, merged=merged)
-            with U.autocast(device, precision):
-                texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
-                                        delex=adapter_delex(adapter.config))
-            runs["merged" if merged else "unmerged"] = (texts, stats)
-        texts, stats = runs["merged"]
-        speed = {k: round(s["tokens_per_second"], 1) for k, (_, s) in runs.items()}
-        same = None if args.no_unmerged else runs["unmerged"][0] == texts
-        line = f"generated {stats['tokens']} tokens for {len(mrs)} MRs: merged {speed['merged']} tokens/s"
-        if not args.no_unmerged:
-            line += (f", unmerged {speed['unmerged']} tokens/s; merged and unmerged texts "
-                     + ("identical" if same else "DIFFER"))
-        if not args.eval:
-            for mr, text in zip(mrs, texts):
-                problems = S.check(mr, text).problems()
-                print(f"\nMR:   {mr}\ntext: {text}\nslots: " + (", ".join(problems) if problems else "all realised"))
-            print()
-        print(line)
-        result = {"adapter_dir": adapter.path, "texts": texts, "tokens_per_second": speed,
-                  "merged_equals_unmerged": same, "generated_tokens": stats["tokens"]}
+        result = generate_with(args, multi, i, mrs, decode, device, precision)
         if args.eval:
             out_dir = args.output_dir or dirs[0]
             if len(dirs) > 1:
                 out_dir = os.path.join(out_dir, f"adapter{i}_{os.path.basename(os.path.normpath(adapter.path))}")
-            os.makedirs(out_dir, exist_ok=True)
-            write_lines(os.path.join(out_dir, "predictions.txt"), texts)
-            # The official script's multi-reference format: each MR's references, then a blank line.
-            write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
-            scores = M.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist)
-            scores["slots"] = S.slot_scores(mrs, texts)
-            scores.update({"split": args.split, "decoding": vars(decode), "recipe": recipe, "precision": precision,
-                           "adapter_dir": adapter.path,
-                           "tokens_per_second": speed})
-            atomic_json(os.path.join(out_dir, "scores.json"), scores)
-            print(M.format_report(scores))
-            print(S.format_slot_line(scores["slots"]))
-            print(f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/")
-            result.update(scores=scores, output_dir=out_dir)
+            result.update(scores=score(args, result, out_dir, mrs, refs, decode, recipe, precision),
+                          output_dir=out_dir)
         results.append(result)
     return {"mrs": mrs, "results": results}
 
