@@ -1,7 +1,7 @@
 """loralib: LoRA layers for PyTorch, a drop-in for Microsoft's ``loralib==0.1.2`` with its known bugs fixed."""
 name = "lora"
-__version__ = "0.2.0"
 
+from .version import __version__  # noqa: F401
 from .layers import *  # noqa: F401,F403
 from .utils import *  # noqa: F401,F403
 from .adapters import add_adapter, delete_adapter, disable_adapters, list_adapters, set_adapter  # noqa: F401

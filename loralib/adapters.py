@@ -9,24 +9,18 @@ switch and merged again after it, so the frozen weight never holds two updates.
 import contextlib
 import math
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear
+from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, adapter_factors, lora_layers
+from .patterns import pattern_value
 
 __all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "list_adapters"]
 
 DEFAULT = "default"
 INIT_MODES = ("kaiming", "gaussian", "zeros")
-
-
-def lora_layers(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
-    """(qualified name, layer) for every loralib layer in ``model`` that carries a LoRA update (r > 0)."""
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALayer) and m.r > 0 and m._has_lora():
-            yield name, m
 
 
 def lora_shapes(layer: LoRALayer, r: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -143,7 +137,8 @@ def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float = 8, 
         name: the adapter's name, identifier-like, not ``"default"`` (the layers' own ``lora_A`` / ``lora_B``).
         r, lora_alpha, lora_dropout: the new update's rank, scale (``lora_alpha / r``) and dropout.
         rank_pattern: per-layer ranks, ``{pattern: r}``; a pattern matches a layer name exactly, as a dotted
-            suffix, or as a regular expression (full match). The first matching pattern wins.
+            suffix, or as a regular expression over the whole name or a dotted suffix of it (PEFT's rule). The
+            first matching pattern wins.
         use_rslora: scale by ``lora_alpha / sqrt(r)``.
         init_lora_weights: ``"kaiming"`` (loralib), ``"gaussian"`` or ``"zeros"``; see :func:`init_lora`.
 
@@ -172,27 +167,6 @@ def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float = 8, 
         adapter.train(layer.training)
         layer.lora_adapters[name] = adapter
     return [lname for lname, _, _ in built]
-
-
-def pattern_value(patterns: Optional[Dict[str, object]], name: str, default):
-    """The value of the first pattern in ``patterns`` that matches ``name`` (see :func:`matches`), else ``default``."""
-    for pat, value in (patterns or {}).items():
-        if matches(name, pat):
-            return value
-    return default
-
-
-def matches(name: str, pattern) -> bool:
-    """A module name matches a list of names (exact or dotted-suffix) or one string (exact, suffix, or a regex
-    that must match the whole name)."""
-    if isinstance(pattern, str):
-        if name == pattern or name.endswith("." + pattern):
-            return True
-        try:
-            return re.fullmatch(pattern, name) is not None
-        except re.error:
-            return False
-    return any(name == t or name.endswith("." + t) for t in pattern)
 
 
 @torch.no_grad()
@@ -265,3 +239,26 @@ def disable_adapters(model: nn.Module):
             layer.adapters_disabled = was_disabled
             if not was_disabled and (was_merged or (layer.merge_weights and not layer.training)):
                 layer.merge()
+
+
+def adapter_state_dict(model: nn.Module, adapter: str) -> Dict[str, torch.Tensor]:
+    """The factors of adapter ``adapter`` (``"default"``: the layers' own) under loralib 0.1.2's keys.
+
+    Returns:
+        ``{<layer>.lora_A: A, <layer>.lora_B: B}`` for every LoRA layer, the tensors detached (not copied).
+
+    Raises:
+        ValueError: a LoRA layer without that adapter, or a model without LoRA layers.
+    """
+    out = {}
+    for name, m in lora_layers(model):
+        src = adapter_factors(m, adapter)
+        if src is None:
+            raise ValueError(f"layer {name!r} has no adapter {adapter!r} (it has 'default'"
+                             f"{''.join(', ' + repr(a) for a in getattr(m, 'lora_adapters', {}))})")
+        prefix = f"{name}." if name else ""
+        out[prefix + "lora_A"] = src.lora_A.detach()
+        out[prefix + "lora_B"] = src.lora_B.detach()
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no LoRA layer, so no adapter {adapter!r}")
+    return out

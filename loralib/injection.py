@@ -11,8 +11,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .adapters import INIT_MODES, default_adapter_dtype, init_lora, matches, pattern_value, rslora_scaling
+from .adapters import INIT_MODES, default_adapter_dtype, init_lora, rslora_scaling
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer
+from .patterns import matches, pattern_value
 
 __all__ = ["inject", "merge_and_unload"]
 
@@ -20,8 +21,9 @@ _CONVS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
 _SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d and GPT-2's Conv1D"
 
 
-def _kind(m: nn.Module) -> Optional[str]:
-    """What inject can turn ``m`` into, or None. Exact classes only: a subclass may compute something else
+def layer_kind(m: nn.Module) -> Optional[str]:
+    """What inject can turn ``m`` into: ``"linear"``, ``"conv1d_t"`` (GPT-2's ``Conv1D``, weight (in, out)),
+    ``"embedding"``, ``"conv"``, or None. Exact classes only: a subclass may compute something else
     (nn.MultiheadAttention's out_proj, an nn.Linear subclass, never runs its own forward)."""
     if type(m) is nn.Linear:
         return "linear"
@@ -73,13 +75,13 @@ def _select(model: nn.Module, target_modules, exclude_modules) -> List[str]:
     if exclude_modules is not None and not isinstance(exclude_modules, (str, list, tuple, set)):
         raise ValueError(f"exclude_modules must be a list of names or a regex string, got {exclude_modules!r}")
     modules = dict(_walk(model))
-    candidates = [n for n, m in modules.items() if _kind(m) is not None]
+    candidates = [n for n, m in modules.items() if layer_kind(m) is not None]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no layer inject can adapt ({_SUPPORTED})")
 
     if target_modules == "all-linear":
         heads = _output_head_names(model, modules)
-        chosen = [n for n in candidates if _kind(modules[n]) in ("linear", "conv1d_t") and n not in heads]
+        chosen = [n for n in candidates if layer_kind(modules[n]) in ("linear", "conv1d_t") and n not in heads]
         if not chosen:
             raise ValueError(f"'all-linear': {type(model).__name__} has no linear layer besides its output head. "
                              f"Candidates: {_describe(candidates)}")
@@ -94,10 +96,10 @@ def _select(model: nn.Module, target_modules, exclude_modules) -> List[str]:
             # and parameter-free leaves are not layers anyone means to adapt: they only count as unmatched.)
             for n in matched:
                 m = modules[n]
-                if _kind(m) is None and not list(m.children()) and list(m.parameters(recurse=False)):
+                if layer_kind(m) is None and not list(m.children()) and list(m.parameters(recurse=False)):
                     raise ValueError(f"target {n!r} is a {type(m).__name__}, which inject cannot adapt "
                                      f"(supported: {_SUPPORTED}); remove it from target_modules")
-        chosen = [n for n in matched if _kind(modules[n]) is not None]
+        chosen = [n for n in matched if layer_kind(modules[n]) is not None]
         if isinstance(target_modules, list):
             unmatched = [t for t in target_modules if not any(matches(n, [t]) for n in chosen)]
         else:
@@ -127,7 +129,7 @@ def _shared_weights(model: nn.Module) -> set:
 
 def _make_layer(m: nn.Module, r: int, lora_alpha, lora_dropout: float, merge_weights: bool) -> LoRALayer:
     """A loralib layer built on the meta device (no memory), then given ``m``'s own Parameters."""
-    kind, w = _kind(m), m.weight
+    kind, w = layer_kind(m), m.weight
     meta = dict(device="meta", dtype=w.dtype)
     lk = dict(r=r, lora_alpha=lora_alpha, merge_weights=merge_weights)
     if kind == "linear":

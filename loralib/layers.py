@@ -11,11 +11,12 @@ and taken back out when it returns to train mode, so merged inference costs exac
 Every class keeps 0.1.2's constructor signature, defaults, attribute names and state-dict keys, so code and
 checkpoints move across unchanged. What differs (all of it fixes) is listed in the README.
 """
+import itertools
 import math
 import numbers
 import types
 import warnings
-from typing import List, Optional
+from typing import Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -115,9 +116,7 @@ class LoRALayer():
 
     def _lora_view(self):
         """The active adapter as an object this layer's own methods run on: ``self`` for the default adapter."""
-        if self.active_adapter == "default":
-            return self
-        return _AdapterView(self, self.lora_adapters[self.active_adapter])
+        return adapter_view(self, self.active_adapter)
 
     def _forward_other(self, x):
         # A named adapter is active, or adapters are disabled: run this class's forward on a view of the layer.
@@ -163,7 +162,7 @@ class LoRALayer():
                 w = self._frozen_weight()
                 snapshot = self._lora_merged_update
                 if snapshot is not None and not getattr(self, "_lora_warned_stale", False) \
-                        and snapshot.changed(self._source_of(snapshot.adapter)):
+                        and snapshot.changed(adapter_factors(self, snapshot.adapter)):
                     self._lora_warned_stale = True
                     warnings.warn(
                         "a LoRA adapter changed while merged into its layer's weight (an optimizer step or an edit "
@@ -173,13 +172,6 @@ class LoRALayer():
                 w.sub_(delta.to(w.dtype))
             self._lora_merged_update = None
             self.merged = False
-
-    def _source_of(self, adapter: str):
-        """The object holding adapter ``adapter``'s current factors: the layer, or its named adapter module."""
-        if adapter == "default":
-            return self
-        adapters = getattr(self, "lora_adapters", None)
-        return adapters[adapter] if adapters is not None and adapter in adapters else None
 
     def _merged_delta(self) -> Optional[torch.Tensor]:
         """The dense update merged into the weight now (in the adapter's dtype), or None when nothing is merged."""
@@ -197,7 +189,7 @@ class LoRALayer():
     def _merged_is_stale(self) -> bool:
         """True when the layer is merged and its active adapter changed since the merge."""
         snapshot = self._lora_merged_update if self.merged else None
-        return snapshot is not None and snapshot.changed(self._source_of(snapshot.adapter))
+        return snapshot is not None and snapshot.changed(adapter_factors(self, snapshot.adapter))
 
     def _train_merge(self, mode: bool) -> None:
         if self.merge_weights:
@@ -265,6 +257,58 @@ class _AdapterView:
         if isinstance(attr, types.FunctionType):
             return attr.__get__(self)  # a method: bind it to the view
         return getattr(layer, name)
+
+
+# --- finding LoRA layers, adapters and tensors by type ------------------------------------------------------------
+
+def lora_layers(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
+    """(qualified name, layer) for every loralib layer in ``model`` that carries a LoRA update (r > 0)."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALayer) and m.r > 0 and m._has_lora():
+            yield name, m
+
+
+def lora_names(model: nn.Module) -> Set[str]:
+    """Qualified names (as ``named_parameters()`` and ``state_dict()`` give them) of ``model``'s LoRA tensors.
+
+    A tensor is LoRA when a :class:`LoRALayer` registers it under an attribute whose name starts with ``lora_``
+    (``lora_A``, ``lora_B``, ``lora_adapters.<name>.*``), under every path the layer is reachable by. Layers are
+    found by type, so a user module whose name merely contains ``lora_`` (``explora_head``) is not LoRA.
+    """
+    names = set()
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, LoRALayer):
+            for local, _ in itertools.chain(m.named_parameters(remove_duplicate=False),
+                                            m.named_buffers(remove_duplicate=False)):
+                if local.startswith("lora_"):
+                    names.add(f"{prefix}.{local}" if prefix else local)
+    return names
+
+
+def adapter_factors(layer: LoRALayer, adapter: str):
+    """The object holding adapter ``adapter`` of ``layer`` (its ``r``, ``lora_alpha``, ``scaling``,
+    ``lora_dropout``, ``lora_A``, ``lora_B``): the layer itself for ``"default"``, else
+    ``layer.lora_adapters[adapter]`` (see ``loralib/adapters.py``).
+
+    Returns:
+        That object, or None when the layer has no such adapter.
+    """
+    if adapter == "default":
+        return layer
+    adapters = getattr(layer, "lora_adapters", None)
+    return adapters[adapter] if adapters is not None and adapter in adapters else None
+
+
+def adapter_view(layer: LoRALayer, adapter: str):
+    """``layer`` computing with adapter ``adapter``: the layer itself for ``"default"``, else a view on which the
+    layer's own methods (``_delta_weight``, ``forward``, ...) use that adapter's factors.
+
+    Raises:
+        KeyError: the layer has no adapter ``adapter``.
+    """
+    if adapter == "default":
+        return layer
+    return _AdapterView(layer, layer.lora_adapters[adapter])
 
 
 # --- the fused LoRA linear path ---------------------------------------------------------------------------------
@@ -521,10 +565,28 @@ class MergedLinear(nn.Linear, LoRALayer):
         return w.t() if self.fan_in_fan_out else w
 
     def _expanded_B(self) -> torch.Tensor:
-        """(out_features, r * n_enabled): B's groups on the diagonal, zero rows for the disabled groups."""
+        """(out_features, r * n_enabled): B's groups on the diagonal, zero rows for the disabled groups.
+
+        Without autograd recording (inference, evaluation) it is built once per value of B: the cache keeps a copy
+        of B and serves only while B equals it, whatever changed B (an optimizer step, ``load_state_dict``, an edit
+        through ``.data``, which no version counter sees). While autograd records it is built anew: a tensor built
+        in one step's graph cannot carry a later step's gradient to B.
+        """
+        B = self.lora_B
+        if torch.is_grad_enabled():
+            return self._build_expanded_B(B)
+        cached = self.__dict__.get("_lora_expanded_B_cache")
+        if cached is not None and cached[0].shape == B.shape and cached[0].dtype == B.dtype \
+                and cached[0].device == B.device and torch.equal(cached[0], B):
+            return cached[1]
+        expanded = self._build_expanded_B(B)
+        self.__dict__["_lora_expanded_B_cache"] = (B.detach().clone(), expanded)
+        return expanded
+
+    def _build_expanded_B(self, B: torch.Tensor) -> torch.Tensor:
         n_on, n_all = len(self._lora_groups), len(self.enable_lora)
         per_group = self.out_features // n_all
-        blocks = torch.block_diag(*self.lora_B.split(per_group))  # (per_group * n_on, r * n_on)
+        blocks = torch.block_diag(*B.split(per_group))  # (per_group * n_on, r * n_on)
         full = blocks.new_zeros((n_all, per_group, self.r * n_on))
         return full.index_copy(0, self._lora_groups, blocks.view(n_on, per_group, -1)).view(self.out_features, -1)
 

@@ -9,14 +9,13 @@ examples save them). Loading checks the config against the model and names the
 first thing that differs; files are written atomically (temporary file + ``os.replace``), the config last.
 
 ``format="peft"`` writes what ``peft.PeftModel.from_pretrained`` reads instead, and ``load_adapter`` reads such
-directories too.
+directories too (the PEFT side is ``peft_format.py``).
 """
 import hashlib
 import io
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from typing import BinaryIO, Callable, Dict, Optional, Tuple, Union
@@ -24,12 +23,13 @@ from typing import BinaryIO, Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .adapters import DEFAULT, LoRAAdapter, delete_adapter, list_adapters, lora_layers
-from .injection import _kind, inject, merge_and_unload
-from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, _AdapterView
+from .adapters import DEFAULT, LoRAAdapter, adapter_state_dict, delete_adapter, list_adapters
+from .errors import AdapterError, is_number
+from .injection import inject, layer_kind, merge_and_unload
+from .layers import ConvLoRA, LoRALayer, MergedLinear, adapter_factors, lora_layers, lora_names
+from .peft_format import check_peft_config, peft_export, peft_specs
 from .safetensors_format import load_bytes, save_bytes
-from .utils import _adapter_entries
+from .version import __version__
 
 __all__ = ["save_adapter", "load_adapter", "AdapterError", "base_fingerprint", "atomic_write", "safe_load",
            "read_adapter_config"]
@@ -40,11 +40,6 @@ BIN_WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_FILES = {"safetensors": WEIGHTS_NAME, "bin": BIN_WEIGHTS_NAME}  # save_adapter's weights_format -> file
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
 FORMAT, FORMAT_VERSION = "loralib-adapter", 1
-_PEFT_PREFIX = "base_model.model."
-
-
-class AdapterError(ValueError):
-    """An adapter directory that is missing, incomplete, corrupted, unsafe, or does not fit the model."""
 
 
 # --- files -------------------------------------------------------------------------------------------------------
@@ -151,9 +146,10 @@ def base_fingerprint(model: nn.Module, values: bool = False) -> Dict[str, object
         ``{"sha256", "num_tensors", "shapes"}``, and ``"values_sha256"`` (64 hex digits) with ``values=True``.
     """
     conv_layers = {n for n, m in model.named_modules() if isinstance(m, ConvLoRA)}
+    lora = lora_names(model)
     shapes, tensors = {}, {}
     for key, t in model.state_dict().items():
-        if "lora_" in key:
+        if key in lora:
             continue
         owner, _, leaf = key.rpartition(".")
         head, _, last = owner.rpartition(".")
@@ -171,12 +167,8 @@ def base_fingerprint(model: nn.Module, values: bool = False) -> Dict[str, object
     return out
 
 
-def _source(layer: LoRALayer, adapter: str):
-    return layer if adapter == DEFAULT else layer.lora_adapters[adapter]
-
-
 def _layer_spec(layer: LoRALayer, adapter: str) -> dict:
-    src = _source(layer, adapter)
+    src = adapter_factors(layer, adapter)
     base = getattr(layer, "_lora_base_module", None)
     rslora = getattr(src, "use_rslora", False)
     spec = {
@@ -240,9 +232,9 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
         raise ValueError(f"weights_format='bin' is only for format='loralib' (PEFT reads {WEIGHTS_NAME})")
     layers = _model_layers(model, adapter)
     if format == "peft":
-        config, tensors = _peft_export(layers, adapter, task_type)
+        config, tensors = peft_export(layers, adapter, task_type)
     else:
-        tensors = {k: v.detach().cpu() for k, v in _adapter_entries(model, adapter).items()}
+        tensors = {k: v.detach().cpu() for k, v in adapter_state_dict(model, adapter).items()}
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -283,55 +275,6 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
     return config
 
 
-def _number(x: float):
-    return int(round(x)) if abs(x - round(x)) < 1e-9 else x
-
-
-def _peft_export(layers: Dict[str, LoRALayer], adapter: str, task_type) -> Tuple[dict, dict]:
-    # PEFT scales by lora_alpha / r (no rsLoRA here): each layer's alpha is chosen so that this equals the
-    # layer's own scaling, which also covers rsLoRA and MergedLinear's wider rank.
-    tensors, ranks, alphas, dropouts = {}, {}, {}, []
-    for name, layer in layers.items():
-        src = _source(layer, adapter)
-        view = layer if adapter == DEFAULT else _AdapterView(layer, src)
-        A, B = src.lora_A.detach().cpu(), src.lora_B.detach().cpu()
-        if isinstance(layer, ConvLoRA):
-            raise AdapterError(f"{name!r} is a {type(layer).__name__}: PEFT factorises a convolution's update as "
-                               "a convolution followed by a 1x1 convolution, which cannot hold loralib's update; "
-                               "save it with format='loralib'")
-        if isinstance(layer, MergedLinear):
-            B = view._expanded_B().detach().cpu()  # (out, r * n_enabled), zero rows for the disabled groups
-        key = _PEFT_PREFIX + name
-        if isinstance(layer, Embedding):
-            tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = A, B
-        else:
-            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = A, B
-        ranks[name] = A.shape[0]
-        alphas[name] = _number(src.scaling * A.shape[0])
-        if isinstance(src.lora_dropout, nn.Dropout):
-            dropouts.append(src.lora_dropout.p)
-    names = list(layers)
-    r0, a0 = ranks[names[0]], alphas[names[0]]
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": None,
-        "r": r0,
-        "lora_alpha": a0,
-        "target_modules": names,
-        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != r0},
-        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != a0},
-        "lora_dropout": max(dropouts, default=0.0),
-        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
-        "bias": "none",
-        "use_rslora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-    return config, tensors
-
-
 # --- load ----------------------------------------------------------------------------------------------------------
 
 def _inside(directory: str, name: str) -> Optional[str]:
@@ -356,10 +299,6 @@ def _inside(directory: str, name: str) -> Optional[str]:
     return path
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _check_specs(specs: dict, path: str) -> None:
     """Every per-layer spec of a loralib config is well formed; a hostile or corrupted config fails here, with the
     field it got wrong, before any layer is built from it."""
@@ -375,9 +314,9 @@ def _check_specs(specs: dict, path: str) -> None:
         if not (isinstance(spec.get("r"), int) and not isinstance(spec.get("r"), bool) and spec["r"] > 0):
             bad("r", "a positive integer")
         for field in ("lora_alpha", "scaling"):
-            if not (_is_number(spec.get(field)) and spec[field] > 0):
+            if not (is_number(spec.get(field)) and spec[field] > 0):
                 bad(field, "a positive finite number")
-        if not (_is_number(spec.get("lora_dropout", 0.0)) and 0 <= spec.get("lora_dropout", 0.0) < 1):
+        if not (is_number(spec.get("lora_dropout", 0.0)) and 0 <= spec.get("lora_dropout", 0.0) < 1):
             bad("lora_dropout", "a number in [0, 1)")
         for field in ("use_rslora", "fan_in_fan_out"):
             if not isinstance(spec.get(field, False), bool):
@@ -387,25 +326,6 @@ def _check_specs(specs: dict, path: str) -> None:
             bad("enable_lora", "a non-empty list of booleans")
         if not isinstance(spec.get("base_type"), (str, type(None))):
             bad("base_type", "a class name or null")
-
-
-def _check_peft_config(config: dict, path: str) -> None:
-    if not (_is_number(config.get("lora_alpha", 8)) and config.get("lora_alpha", 8) > 0):
-        raise AdapterError(f"{path}: lora_alpha={config.get('lora_alpha')!r} is not a positive number")
-    patterns = config.get("alpha_pattern") or {}
-    if not isinstance(patterns, dict) or not all(isinstance(k, str) and _is_number(v) and v > 0
-                                                 for k, v in patterns.items()):
-        raise AdapterError(f"{path}: alpha_pattern must map layer patterns to positive numbers")
-    for k in patterns:
-        try:
-            re.compile(k)
-        except re.error as e:
-            raise AdapterError(f"{path}: alpha_pattern key {k!r} is not a regular expression ({e})") from None
-    dropout = config.get("lora_dropout", 0.0) or 0.0
-    if not (_is_number(dropout) and 0 <= dropout < 1):
-        raise AdapterError(f"{path}: lora_dropout={dropout!r} is not a number in [0, 1)")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise AdapterError(f"{path}: use_rslora={config.get('use_rslora')!r} is not true or false")
 
 
 def _read_config(directory: str) -> dict:
@@ -437,7 +357,7 @@ def _check_config(config: dict, path: str) -> dict:
     if config.get("peft_type") is not None:
         if config["peft_type"] != "LORA":
             raise AdapterError(f"{path} is a PEFT {config['peft_type']!r} adapter; only LoRA adapters load here")
-        _check_peft_config(config, path)
+        check_peft_config(config, path)
         return config
     if config.get("format") != FORMAT or not isinstance(config.get("layers"), dict) or not config["layers"]:
         raise AdapterError(f"{path} is neither a loralib adapter config ('format': '{FORMAT}' with 'layers') "
@@ -564,54 +484,6 @@ def _check_base(model: nn.Module, config: dict, directory: str) -> None:
                        "own shapes; the config is corrupted")
 
 
-def _peft_specs(config: dict, tensors: Dict[str, torch.Tensor], model: nn.Module):
-    """Turn a PEFT LoRA directory into loralib layer specs and tensors under loralib's keys."""
-    if config.get("use_dora") or config.get("lora_bias") or (config.get("bias") not in (None, "none")):
-        raise AdapterError("this PEFT adapter uses DoRA or trained biases, which loralib does not represent")
-    modules = dict(model.named_modules())
-    specs, out = {}, {}
-    pat = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                     r"lora_embedding_B)")
-    for key, t in tensors.items():
-        m = pat.fullmatch(key)
-        if not m:
-            raise AdapterError(f"PEFT adapter entry {key!r} is not a LoRA A/B weight loralib can load")
-        if t.dim() != 2 or 0 in t.shape:
-            raise AdapterError(f"PEFT adapter entry {key!r} has shape {tuple(t.shape)}, not a non-empty matrix")
-        name, part = m.groups()
-        out[f"{name}.lora_{part.split('.')[0][-1]}"] = t  # lora_A.weight / lora_embedding_A -> A
-    for key in [k for k in out if k.endswith(".lora_A")]:
-        name = key[: -len(".lora_A")]
-        module = modules.get(name)
-        r = out[key].shape[0]
-        alpha = _pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
-        rslora = bool(config.get("use_rslora", False))
-        if isinstance(module, LoRALayer):  # already adapted: its own class and layout
-            kind = "conv" if isinstance(module, ConvLoRA) else None
-            ltype, fan_in_fan_out = type(module).__name__, bool(getattr(module, "fan_in_fan_out", False))
-        else:
-            kind = _kind(module) if module is not None else None
-            ltype, fan_in_fan_out = ("Embedding" if kind == "embedding" else "Linear"), kind == "conv1d_t"
-        specs[name] = {
-            "type": ltype,
-            "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-            "scaling": alpha / math.sqrt(r) if rslora else alpha / r,
-            "lora_dropout": float(config.get("lora_dropout", 0.0) or 0.0),
-            "fan_in_fan_out": fan_in_fan_out,
-            "from_peft": True,  # alpha and rsLoRA are PEFT's spelling of the scaling: compare the scaling only
-        }
-        if kind == "conv":
-            raise AdapterError(f"{name!r}: PEFT convolution adapters cannot be represented by loralib's ConvLoRA")
-    return specs, out
-
-
-def _pattern(patterns, name, default):
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):  # PEFT's own matching rule
-            return value
-    return default
-
-
 def _check_layers(model: nn.Module, specs: Dict[str, dict], adapter: str, directory: str) -> None:
     have = dict(lora_layers(model))
     for name in sorted(set(specs) | set(have)):
@@ -642,7 +514,7 @@ def _inject_from_specs(model: nn.Module, specs: Dict[str, dict], directory: str)
         if module is None:
             raise AdapterError(f"the adapter in {directory} adapts {name!r}, which this {type(model).__name__} "
                                "does not have")
-        kind = _kind(module)
+        kind = layer_kind(module)
         want = {"Linear": ("conv1d_t",) if spec.get("fan_in_fan_out") else ("linear",),
                 "Embedding": ("embedding",), "Conv1d": ("conv",), "Conv2d": ("conv",),
                 "Conv3d": ("conv",)}.get(spec.get("type"), ())
@@ -719,7 +591,7 @@ def _load_adapter(model: nn.Module, load_directory: str, adapter: str) -> dict:
     config = _read_config(load_directory)
     tensors = _read_weights(load_directory, config)
     if "peft_type" in config:
-        specs, tensors = _peft_specs(config, tensors, model)
+        specs, tensors = peft_specs(config, tensors, model)
     else:
         specs = config["layers"]
         _check_base(model, config, load_directory)
@@ -745,7 +617,7 @@ def _load_adapter(model: nn.Module, load_directory: str, adapter: str) -> dict:
         created = "adapter"
     layers = dict(lora_layers(model))
     for name in specs:
-        src = _source(layers[name], adapter)
+        src = adapter_factors(layers[name], adapter)
         for ab in "AB":
             want, got = getattr(src, f"lora_{ab}").shape, tensors[f"{name}.lora_{ab}"].shape
             if want != got:
@@ -761,7 +633,7 @@ def _load_adapter(model: nn.Module, load_directory: str, adapter: str) -> dict:
             remerge = layer.merged and layer.active_adapter == adapter
             if remerge:
                 layer.unmerge()
-            src = _source(layer, adapter)
+            src = adapter_factors(layer, adapter)
             src.lora_A.copy_(tensors[f"{name}.lora_A"])
             src.lora_B.copy_(tensors[f"{name}.lora_B"])
             if remerge:

@@ -4,7 +4,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from .layers import ConvLoRA, LoRALayer
+from .adapters import adapter_state_dict
+from .layers import ConvLoRA, lora_layers, lora_names
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict"]
 
@@ -23,16 +24,18 @@ def _check_bias(bias) -> None:
 def _lora_bias_names(model: nn.Module):
     """Qualified names of the biases that belong to LoRA layers (r > 0), as parameter names."""
     names = set()
-    for mname, m in model.named_modules():
-        if isinstance(m, LoRALayer) and m.r > 0 and m._has_lora():
-            owner, local = (m.conv, "conv.bias") if isinstance(m, ConvLoRA) else (m, "bias")
-            if getattr(owner, "bias", None) is not None:
-                names.add(f"{mname}.{local}" if mname else local)
+    for mname, m in lora_layers(model):
+        owner, local = (m.conv, "conv.bias") if isinstance(m, ConvLoRA) else (m, "bias")
+        if getattr(owner, "bias", None) is not None:
+            names.add(f"{mname}.{local}" if mname else local)
     return names
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Freeze every parameter except the LoRA ones (names containing ``lora_``), which are made trainable.
+    """Freeze every parameter except the LoRA ones, which are made trainable.
+
+    LoRA parameters are those of loralib layers (``lora_A``, ``lora_B``, added adapters: see
+    :func:`loralib.layers.lora_names`), found by type: a module of yours whose name contains ``lora_`` is frozen.
 
     Args:
         model: any module containing loralib layers.
@@ -44,8 +47,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """
     _check_bias(bias)
     lora_biases = _lora_bias_names(model) if bias == "lora_only" else set()
+    lora = lora_names(model)
     for n, p in model.named_parameters():
-        if "lora_" in n:
+        if n in lora:
             p.requires_grad = True
         elif bias == "all" and "bias" in n:
             p.requires_grad = True
@@ -76,10 +80,10 @@ def lora_state_dict(model: nn.Module, bias: str = "none", adapter: Optional[str]
     """
     _check_bias(bias)
     sd = model.state_dict()
+    lora = lora_names(model)
     if adapter is not None:
-        lora = _adapter_entries(model, adapter)
-        sd = {k: v for k, v in sd.items() if "lora_" not in k}
-        sd.update(lora)
+        sd = {k: v for k, v in sd.items() if k not in lora}
+        sd.update(adapter_state_dict(model, adapter))
     if bias == "none":
         keep = lambda k: False  # noqa: E731
     elif bias == "all":
@@ -88,26 +92,5 @@ def lora_state_dict(model: nn.Module, bias: str = "none", adapter: Optional[str]
         keep = bias_params.__contains__
     else:
         keep = _lora_bias_names(model).__contains__
-    return {k: v for k, v in sd.items() if "lora_" in k or keep(k)}
+    return {k: v for k, v in sd.items() if k in lora or keep(k)}
 
-
-def _adapter_entries(model: nn.Module, adapter: str) -> Dict[str, torch.Tensor]:
-    """``{<layer>.lora_A: A, <layer>.lora_B: B}`` of adapter ``adapter`` (``"default"``: the layers' own)."""
-    out = {}
-    for name, m in model.named_modules():
-        if not (isinstance(m, LoRALayer) and m.r > 0 and m._has_lora()):
-            continue
-        if adapter == "default":
-            src = m
-        else:
-            adapters = getattr(m, "lora_adapters", {})
-            if adapter not in adapters:
-                raise ValueError(f"layer {name!r} has no adapter {adapter!r} (it has 'default'"
-                                 f"{''.join(', ' + repr(a) for a in adapters)})")
-            src = adapters[adapter]
-        prefix = f"{name}." if name else ""
-        out[prefix + "lora_A"] = src.lora_A.detach()
-        out[prefix + "lora_B"] = src.lora_B.detach()
-    if not out:
-        raise ValueError(f"{type(model).__name__} has no LoRA layer, so no adapter {adapter!r}")
-    return out
