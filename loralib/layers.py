@@ -565,28 +565,10 @@ class MergedLinear(nn.Linear, LoRALayer):
         return w.t() if self.fan_in_fan_out else w
 
     def _expanded_B(self) -> torch.Tensor:
-        """(out_features, r * n_enabled): B's groups on the diagonal, zero rows for the disabled groups.
-
-        Without autograd recording (inference, evaluation) it is built once per value of B: the cache keeps a copy
-        of B and serves only while B equals it, whatever changed B (an optimizer step, ``load_state_dict``, an edit
-        through ``.data``, which no version counter sees). While autograd records it is built anew: a tensor built
-        in one step's graph cannot carry a later step's gradient to B.
-        """
-        B = self.lora_B
-        if torch.is_grad_enabled():
-            return self._build_expanded_B(B)
-        cached = self.__dict__.get("_lora_expanded_B_cache")
-        if cached is not None and cached[0].shape == B.shape and cached[0].dtype == B.dtype \
-                and cached[0].device == B.device and torch.equal(cached[0], B):
-            return cached[1]
-        expanded = self._build_expanded_B(B)
-        self.__dict__["_lora_expanded_B_cache"] = (B.detach().clone(), expanded)
-        return expanded
-
-    def _build_expanded_B(self, B: torch.Tensor) -> torch.Tensor:
+        """(out_features, r * n_enabled): B's groups on the diagonal, zero rows for the disabled groups."""
         n_on, n_all = len(self._lora_groups), len(self.enable_lora)
         per_group = self.out_features // n_all
-        blocks = torch.block_diag(*B.split(per_group))  # (per_group * n_on, r * n_on)
+        blocks = torch.block_diag(*self.lora_B.split(per_group))  # (per_group * n_on, r * n_on)
         full = blocks.new_zeros((n_all, per_group, self.r * n_on))
         return full.index_copy(0, self._lora_groups, blocks.view(n_on, per_group, -1)).view(self.out_features, -1)
 
