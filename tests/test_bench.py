@@ -1,5 +1,8 @@
 """benchmarks/bench_peers.py's workers on a tiny GPT-2: every figure is there and sane. No timing assertions (the
 speed targets are benchmark figures, see benchmarks/RESULTS.md)."""
+import contextlib
+import importlib.util
+import io
 import json
 import math
 import sys
@@ -15,19 +18,30 @@ TINY = ["--layers", "1", "--width", "64", "--heads", "4", "--vocab", "300", "--r
 D, R = 64, 4
 
 
-def _worker(capsys, kind, method, *extra):
-    assert bench.main(["--worker", kind, "--method", method] + TINY + list(extra)) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+_RUNS = {}  # each tiny worker runs once per session: the render test reuses the records the other tests made
+
+
+def _worker(kind, method, *extra):
+    key = (kind, method) + extra
+    if key not in _RUNS:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert bench.main(["--worker", kind, "--method", method] + TINY + list(extra)) == 0
+        _RUNS[key] = json.loads(out.getvalue().strip().splitlines()[-1])
+    return _RUNS[key]
+
+
+TRAIN = ("--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--eval_reps", "1", "--dropout", "0.1")
+NLG = ("--tiny_nlg", "1", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", "--data_dir", "/nonexistent")
 
 
 @pytest.mark.parametrize("method", ["full", "floor", "ours", "ms", "peft"])
-def test_train_worker_figures(capsys, method):
+def test_train_worker_figures(method):
     if method == "ms" and not (bench.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl").exists():
-        pytest.skip("loralib 0.1.2 wheel not in .cache/ (see tests/reference_wheel.py)")
+        pytest.skip("loralib 0.1.2 wheel not in .cache/ (see benchmarks/reference_wheel.py)")
     if method == "peft":
         pytest.importorskip("peft")
-    r = _worker(capsys, "train", method, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
-                "--eval_reps", "1", "--dropout", "0.1")
+    r = _worker("train", method, *TRAIN)
     model = bench.build_base(bench.argparse.Namespace(layers=1, width=D, heads=4, vocab=300, seq=16))
     base_total = sum(p.numel() for p in model.parameters())
     biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
@@ -53,43 +67,62 @@ def test_worker_runs_under_the_chosen_allocator(allocator, monkeypatch):
         bench.worker_env("jemalloc")
 
 
-def test_ours_dropout_saves_nothing_more(capsys):
-    saved = [_worker(capsys, "train", "ours", "--batch", "2", "--seq", "16", "--steps", "0", "--warmup", "0",
+def test_ours_dropout_saves_nothing_more():
+    saved = [_worker("train", "ours", "--batch", "2", "--seq", "16", "--steps", "0", "--warmup", "0",
                      "--eval_reps", "0", "--dropout", str(p))["saved_bytes"] for p in (0.0, 0.1)]
     assert saved[1] == saved[0]
 
 
-def test_nlg_worker_fast_equals_every_position_loss(capsys):
-    extra = ["--tiny_nlg", "1", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
-             "--data_dir", "/nonexistent"]
-    fast, full = (_worker(capsys, "nlg", m, *extra) for m in ("fast", "all"))
+def test_nlg_worker_fast_equals_every_position_loss():
+    fast, full = (_worker("nlg", m, *NLG) for m in ("fast", "all"))
     assert fast["tokens_per_s"] > 0 and full["tokens_per_s"] > 0 and fast["tokens"] == full["tokens"]
     assert math.isclose(fast["losses"][0], full["losses"][0], rel_tol=1e-4)  # same model, same batch, same loss
     # synthetic batches: 50 tokens, the last 20 labelled; the fast head runs on those rows only
     assert full["head_rows"] == full["tokens"] and fast["head_rows"] == fast["tokens"] * 20 // 50
 
 
-def test_render_reports_every_target():
-    fake = lambda m, d, rnd: dict(  # noqa: E731
-        method=m, dropout=d, batch=8, seq=64, round=rnd, params={"trainable": 1}, adapter_bytes=1, step_s=[1.0],
-        step_median_s=1.0, saved_bytes=1e6, rss_delta=1e6,
-        eval_median_s={"base": 1.0, "unmerged": 1.0, "merged": 1.0}, merged_vs_unmerged_maxdiff=0.0)
-    train = [fake(m, d if m in bench.LORA_METHODS else 0.0, rnd) for rnd in range(2) for m in bench.METHODS
-             for d in (0.1, 0.0)]
+def test_render_reports_the_figures_of_a_real_run():
+    """The report rendered from real tiny worker records shows each record's figures and each target's ratio."""
+    have = {"ms": (bench.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl").exists(),
+            "peft": importlib.util.find_spec("peft") is not None}
+    methods = [m for m in bench.METHODS if have.get(m, True)]
+    train = [_worker("train", m, *TRAIN) for m in methods]
+    ours_p0 = _worker("train", "ours", *TRAIN[:-1], "0.0")
+    nlg = [_worker("nlg", m, *NLG) for m in ("fast", "all")]
+    for r in train + [ours_p0] + nlg:
+        r.setdefault("round", 0)
     meta = dict(date_utc="now", command="x", wall_s=1, machine="m", loadavg_before=["0"], loadavg_after=["0"],
-                versions={"torch": "t"}, model=dict(layers=1, width=1, heads=1, vocab=1, r=1, alpha=1, lr=1, threads=1),
-                rounds=2, warmup=1, steps=1, eval_reps=1)
-    nlg = [dict(method=m, round=0, tokens_per_s=v, source="s", config=dict(num_layers=2, hidden_dim=8, lora_dim=2))
-           for m, v in (("fast", 2.0), ("all", 1.0))]
-    md = bench.render(dict(meta=meta, train=train, nlg=nlg))
-    for needle in ("this / peft ≤ 1.03", "loralib 0.1.2 ≤ 0.88", "dropout 0.0 ≤ 2 MB", "peft − this ≥ 10 MB",
-                   "peak RSS", "unmerged / base ≤ 1.05", "merged / base", "merged − unmerged", "≥ 1.8"):
-        assert needle in md, needle
+                versions={"torch": "t"}, model=dict(layers=1, width=D, heads=4, vocab=300, r=R, alpha=32, lr=1,
+                                                    threads=1), rounds=1, warmup=1, steps=2, eval_reps=1)
+    md = bench.render(dict(meta=meta, train=train + [ours_p0], nlg=nlg))
+    rows = {line.split(" | ")[0][2:] + "@" + line.split(" | ")[1]: line for line in md.splitlines()
+            if line.startswith("| ") and line.count(" | ") == 12}
+    for r in train + [ours_p0]:
+        lora = r["method"] in bench.LORA_METHODS
+        row = rows[bench.LABELS[r["method"]] + "@" + (f"{r['dropout']:g}" if lora else "–")]
+        assert f" | {r['params']['trainable']:,} | {r['adapter_bytes']:,} | " in row
+        assert f" | {r['saved_bytes'] / 1e6:,.1f} | " in row
+    by = {r["method"]: r for r in train}
+    ours = by["ours"]
+    diff = (ours["saved_bytes"] - ours_p0["saved_bytes"]) / 1e6
+    assert f"| saved bytes, this: dropout 0.1 − dropout 0.0 ≤ 2 MB | {diff:+.2f} MB | " in md
+    eval_ratio = ours["eval_median_s"]["unmerged"] / ours["eval_median_s"]["base"]
+    met = "yes" if eval_ratio <= 1.05 else "**no**"
+    assert f"| eval, this unmerged / base ≤ 1.05 | {eval_ratio:.3f} | {met} |" in md
+    assert f"| {ours['merged_vs_unmerged_maxdiff']:.1e} |" in md
+    if "peft" in by:
+        step_ratio = ours["step_median_s"] / by["peft"]["step_median_s"]
+        assert f"| step, this / peft ≤ 1.03 (dropout 0.1) | {step_ratio:.3f} | " \
+               f"{'yes' if step_ratio <= 1.03 else '**no**'} |" in md
+        gap = (by["peft"]["saved_bytes"] - ours["saved_bytes"]) / 1e6
+        assert f"| saved bytes (dropout 0.1), peft − this ≥ 10 MB | {gap:.2f} MB | " in md
+    fast, every = nlg
+    assert f"Ratio fast / every position per round: {fast['tokens_per_s'] / every['tokens_per_s']:.2f} " in md
+    assert f"{every['head_rows'] / fast['head_rows']:.2f}× fewer" in md
 
 
 def test_bench_layer_table(capsys):
-    sys.path.insert(0, str(bench.REPO / "benchmarks"))
-    import bench_layer
+    import bench_layer  # on sys.path since bench_peers' import
 
     methods = "ours,peft" + (",ms" if (bench.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl").exists() else "")
     assert bench_layer.main(["--methods", methods, "--d_in", "16", "--d_out", "48", "--tokens", "2x4", "--warmup", "1",
