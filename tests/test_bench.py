@@ -1,5 +1,6 @@
 """benchmarks/bench_peers.py's workers on a tiny GPT-2: every figure is there and sane. No timing assertions (the
 speed targets are benchmark figures, see benchmarks/RESULTS.md)."""
+import ast
 import contextlib
 import importlib.util
 import io
@@ -151,3 +152,15 @@ def test_bench_layer_builds_the_adapters_it_names():
     assert ours[:, 16:32].abs().max() == 0 and ours.abs().max() > 1e-4
     assert torch.linalg.matrix_rank(ours[:, :16]) == r and torch.linalg.matrix_rank(ours[:, 32:]) == r
     assert peft_diff.abs().max() > 1e-4 and torch.linalg.matrix_rank(peft_diff) == r
+
+
+def test_benchmarks_never_import_from_tests():
+    """Imports run one way: tests import benchmarks (the reference wheel's loader lives there), never the reverse."""
+    test_modules = {f.stem for f in (bench.REPO / "tests").rglob("*.py")} - {"__init__"}
+    for f in sorted((bench.REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not imported & test_modules, f"{f.name} imports {sorted(imported & test_modules)} from tests/"
+        assert "tests" not in strings, f"{f.name} names the tests folder (a sys.path entry?)"
