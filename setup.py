@@ -14,6 +14,11 @@ setup(
     packages=find_packages(include=["loralib", "loralib.*"]),
     python_requires=">=3.9",
     # torch is the only runtime dependency; a range so an installed CPU build is kept, never replaced.
-    install_requires=["torch>=2.0"],
+    # 2.5 is the oldest on which the library's tests pass (tests/test_*.py and tests/reliability, run on torch 2.5.0
+    # and 2.5.1 with transformers 4.57.6 / peft 0.21.2: transformers 5 needs torch 2.6). The layers use
+    # nn.Module.register_state_dict_post_hook and register_load_state_dict_pre_hook, public from 2.5: on 2.4.1 building
+    # any LoRA layer raises AttributeError. (The examples' multi-process path passes DDP's forward_sync_buffers, new
+    # in torch 2.13, the version requirements-dev.txt pins.)
+    install_requires=["torch>=2.5"],
     license="MIT",
 )

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_peers as BP  # noqa: E402  (also puts the repo and tests on sys.path)
+import bench_peers as BP  # noqa: E402  (also puts the repo on sys.path)
 
 
 def build_layers(args):

@@ -21,7 +21,7 @@ glibc's defaults (those variables removed), which is what a user gets unless the
 gets the same setting; the report says which.
 
 Microsoft's loralib is PyPI ``loralib==0.1.2`` imported as ``loralib_ms`` from ``.cache/`` (never committed; see
-``tests/reference_wheel.py``).
+``benchmarks/reference_wheel.py``).
 """
 import argparse
 import contextlib
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO, REPO / "examples" / "NLG", REPO / "tests"):
+for _p in (REPO, REPO / "examples" / "NLG", REPO / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 

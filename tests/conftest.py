@@ -1,14 +1,19 @@
 """Shared fixtures. ``loralib_ms`` is PyPI ``loralib==0.1.2`` (Microsoft's), importable beside ours.
 
-The wheel is never committed: ``reference_wheel.py`` (shared with the benchmarks) takes it from ``.cache/``
-(``.ci/run`` puts it there) or downloads it with pip, then unpacks it with the package renamed to ``loralib_ms``.
-Locally a missing wheel skips the tests that need it; under CI (the ``CI`` environment variable set) it fails them, so CI never skips silently.
+The wheel is never committed: ``benchmarks/reference_wheel.py`` takes it from ``.cache/`` (``.ci/run`` puts it
+there) or downloads it with pip, then unpacks it with the package renamed to ``loralib_ms``. Locally a missing wheel
+skips the tests that need it; under CI (the ``CI`` environment variable set) it fails them, so CI never skips
+silently.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
-from reference_wheel import fetch_wheel, import_renamed
+# The reference loader lives with the benchmarks (tests import benchmarks, never the reverse).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_wheel import fetch_wheel, import_renamed  # noqa: E402
 
 
 @pytest.fixture(scope="session")

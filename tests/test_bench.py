@@ -1,5 +1,9 @@
 """benchmarks/bench_peers.py's workers on a tiny GPT-2: every figure is there and sane. No timing assertions (the
 speed targets are benchmark figures, see benchmarks/RESULTS.md)."""
+import ast
+import contextlib
+import importlib.util
+import io
 import json
 import math
 import sys
@@ -15,19 +19,30 @@ TINY = ["--layers", "1", "--width", "64", "--heads", "4", "--vocab", "300", "--r
 D, R = 64, 4
 
 
-def _worker(capsys, kind, method, *extra):
-    assert bench.main(["--worker", kind, "--method", method] + TINY + list(extra)) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+_RUNS = {}  # each tiny worker runs once per session: the render test reuses the records the other tests made
+
+
+def _worker(kind, method, *extra):
+    key = (kind, method) + extra
+    if key not in _RUNS:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert bench.main(["--worker", kind, "--method", method] + TINY + list(extra)) == 0
+        _RUNS[key] = json.loads(out.getvalue().strip().splitlines()[-1])
+    return _RUNS[key]
+
+
+TRAIN = ("--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--eval_reps", "1", "--dropout", "0.1")
+NLG = ("--tiny_nlg", "1", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", "--data_dir", "/nonexistent")
 
 
 @pytest.mark.parametrize("method", ["full", "floor", "ours", "ms", "peft"])
-def test_train_worker_figures(capsys, method):
+def test_train_worker_figures(method):
     if method == "ms" and not (bench.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl").exists():
-        pytest.skip("loralib 0.1.2 wheel not in .cache/ (see tests/reference_wheel.py)")
+        pytest.skip("loralib 0.1.2 wheel not in .cache/ (see benchmarks/reference_wheel.py)")
     if method == "peft":
         pytest.importorskip("peft")
-    r = _worker(capsys, "train", method, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
-                "--eval_reps", "1", "--dropout", "0.1")
+    r = _worker("train", method, *TRAIN)
     model = bench.build_base(bench.argparse.Namespace(layers=1, width=D, heads=4, vocab=300, seq=16))
     base_total = sum(p.numel() for p in model.parameters())
     biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
@@ -53,28 +68,67 @@ def test_worker_runs_under_the_chosen_allocator(allocator, monkeypatch):
         bench.worker_env("jemalloc")
 
 
-def test_dropout_saves_one_byte_per_input_element(capsys):
+def test_dropout_saves_one_byte_per_input_element():
     """With dropout this loralib keeps one mask of bools for backward (one byte per c_attn input element), nothing
     else: not the dropped float copy of the input that a plain autograd graph keeps."""
     args = ("--batch", "2", "--seq", "16", "--steps", "0", "--warmup", "0", "--eval_reps", "0")
-    saved = {p: _worker(capsys, "train", "ours", *args, "--dropout", str(p)) for p in (0.0, 0.1)}
+    saved = {p: _worker("train", "ours", *args, "--dropout", str(p)) for p in (0.0, 0.1)}
     assert saved[0.1]["saved_bytes"] - saved[0.0]["saved_bytes"] == 1 * 2 * 16 * 64  # layers x batch x seq x width
     assert saved[0.1]["saved_count"] == saved[0.0]["saved_count"] + 1
 
 
-def test_nlg_worker_fast_equals_every_position_loss(capsys):
-    extra = ["--tiny_nlg", "1", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
-             "--data_dir", "/nonexistent"]
-    fast, full = (_worker(capsys, "nlg", m, *extra) for m in ("fast", "all"))
+def test_nlg_worker_fast_equals_every_position_loss():
+    fast, full = (_worker("nlg", m, *NLG) for m in ("fast", "all"))
     assert fast["tokens_per_s"] > 0 and full["tokens_per_s"] > 0 and fast["tokens"] == full["tokens"]
     assert math.isclose(fast["losses"][0], full["losses"][0], rel_tol=1e-4)  # same model, same batch, same loss
     # synthetic batches: 50 tokens, the last 20 labelled; the fast head runs on those rows only
     assert full["head_rows"] == full["tokens"] and fast["head_rows"] == fast["tokens"] * 20 // 50
 
 
+def test_render_reports_the_figures_of_a_real_run():
+    """The report rendered from real tiny worker records shows each record's figures and each target's ratio."""
+    have = {"ms": (bench.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl").exists(),
+            "peft": importlib.util.find_spec("peft") is not None}
+    methods = [m for m in bench.METHODS if have.get(m, True)]
+    train = [_worker("train", m, *TRAIN) for m in methods]
+    ours_p0 = _worker("train", "ours", *TRAIN[:-1], "0.0")
+    nlg = [_worker("nlg", m, *NLG) for m in ("fast", "all")]
+    for r in train + [ours_p0] + nlg:
+        r.setdefault("round", 0)
+    meta = dict(date_utc="now", command="x", wall_s=1, machine="m", loadavg_before=["0"], loadavg_after=["0"],
+                versions={"torch": "t"}, model=dict(layers=1, width=D, heads=4, vocab=300, r=R, alpha=32, lr=1,
+                                                    threads=1), rounds=1, warmup=1, steps=2, eval_reps=1)
+    md = bench.render(dict(meta=meta, train=train + [ours_p0], nlg=nlg))
+    rows = {line.split(" | ")[0][2:] + "@" + line.split(" | ")[1]: line for line in md.splitlines()
+            if line.startswith("| ") and line.count(" | ") == 12}
+    for r in train + [ours_p0]:
+        lora = r["method"] in bench.LORA_METHODS
+        row = rows[bench.LABELS[r["method"]] + "@" + (f"{r['dropout']:g}" if lora else "–")]
+        assert f" | {r['params']['trainable']:,} | {r['adapter_bytes']:,} | " in row
+        assert f" | {r['saved_bytes'] / 1e6:,.1f} | " in row
+    by = {r["method"]: r for r in train}
+    ours = by["ours"]
+    diff = (ours["saved_bytes"] - ours_p0["saved_bytes"]) / 1e6
+    mask = 1 * 2 * 16 * D  # layers x batch x seq x width: one bool per adapted input element
+    row = f"| saved bytes, this: dropout 0.1 − dropout 0.0 = its bool mask ({mask / 1e6:.2f} MB) | {diff:+.2f} MB | "
+    assert row + f"{'yes' if round(diff * 1e6) == mask else '**no**'} |" in md
+    eval_ratio = ours["eval_median_s"]["unmerged"] / ours["eval_median_s"]["base"]
+    met = "yes" if eval_ratio <= 1.05 else "**no**"
+    assert f"| eval, this unmerged / base ≤ 1.05 | {eval_ratio:.3f} | {met} |" in md
+    assert f"| {ours['merged_vs_unmerged_maxdiff']:.1e} |" in md
+    if "peft" in by:
+        step_ratio = ours["step_median_s"] / by["peft"]["step_median_s"]
+        assert f"| step, this / peft ≤ 1.03 (dropout 0.1) | {step_ratio:.3f} | " \
+               f"{'yes' if step_ratio <= 1.03 else '**no**'} |" in md
+        gap = (by["peft"]["saved_bytes"] - ours["saved_bytes"]) / 1e6
+        assert f"| saved bytes (dropout 0.1), peft − this ≥ 10 MB | {gap:.2f} MB | " in md
+    fast, every = nlg
+    assert f"Ratio fast / every position per round: {fast['tokens_per_s'] / every['tokens_per_s']:.2f} " in md
+    assert f"{every['head_rows'] / fast['head_rows']:.2f}× fewer" in md
+
+
 def test_bench_layer_table(capsys):
-    sys.path.insert(0, str(bench.REPO / "benchmarks"))
-    import bench_layer
+    import bench_layer  # on sys.path since bench_peers' import
 
     methods = "ours,peft" + (",ms" if (bench.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl").exists() else "")
     assert bench_layer.main(["--methods", methods, "--d_in", "16", "--d_out", "48", "--tokens", "2x4", "--warmup", "1",
@@ -105,34 +159,43 @@ def test_bench_layer_builds_the_adapters_it_names():
     assert peft_diff.abs().max() > 1e-4 and torch.linalg.matrix_rank(peft_diff) == r
 
 
-def test_bf16_workers_and_their_targets(capsys):
+def test_benchmarks_never_import_from_tests():
+    """Imports run one way: tests import benchmarks (the reference wheel's loader lives there), never the reverse."""
+    test_modules = {f.stem for f in (bench.REPO / "tests").rglob("*.py")} - {"__init__"}
+    for f in sorted((bench.REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not imported & test_modules, f"{f.name} imports {sorted(imported & test_modules)} from tests/"
+        assert "tests" not in strings, f"{f.name} names the tests folder (a sys.path entry?)"
+
+
+def test_bf16_workers_and_their_targets():
     """--precision bf16: frozen weights in bfloat16, trainable ones float32, and the bf16 targets of the report
     computed from these real (tiny) runs, paired by round."""
     pytest.importorskip("peft")
     import torch
 
     args = ("--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "0", "--eval_reps", "0", "--dropout", "0.1")
-    runs = {(m, prec): _worker(capsys, "train", m, *args, "--precision", prec)
+    runs = {(m, prec): dict(_worker("train", m, *args, "--precision", prec), round=0)
             for m, prec in (("ours", "fp32"), ("ours", "bf16"), ("peft", "bf16"), ("floor", "bf16"))}
     for (m, prec), r in runs.items():
         frozen = torch.bfloat16 if prec == "bf16" else torch.float32
         assert r["precision"] == prec and r["frozen_dtypes"] == [str(frozen)]
         assert all(math.isfinite(t) and t > 0 for t in r["step_s"])
-        r["round"] = 0
     assert runs["ours", "bf16"]["params"] == runs["ours", "fp32"]["params"]  # the adapter itself is unchanged
-    no_dropout = dict(_worker(capsys, "train", "ours", *args[:-1], "0.0"), round=0)
     jobs = bench.plan_jobs(["floor", "ours", "peft"], [0.1, 0.0], False, "bf16")
-    assert ("ours", 0.1, "fp32", True) in jobs and all(j[2] == "bf16" for j in jobs if j != ("ours", 0.1, "fp32", True))
+    reference = ("ours", 0.1, "fp32", True)
+    assert reference in jobs and all(j[2] == "bf16" for j in jobs if j != reference)
 
     meta = dict(date_utc="now", command="x", wall_s=1, machine="m", loadavg_before=["0"], loadavg_after=["0"],
                 versions={"torch": "t"}, precision="bf16", rounds=1, warmup=0, steps=2, eval_reps=0,
                 model=dict(layers=1, width=D, heads=4, vocab=300, r=R, alpha=32, lr=1e-3, threads=2))
-    md = bench.render(dict(meta=meta, train=list(runs.values()) + [no_dropout], nlg=[]))
+    md = bench.render(dict(meta=meta, train=list(runs.values()), nlg=[]))
     step = {k: r["step_median_s"] for k, r in runs.items()}
     rows = dict(line.split(" | ")[:2] for line in md.splitlines() if line.startswith("| step"))
     ours_peft = step["ours", "bf16"] / step["peft", "bf16"]
     assert rows["| step bf16, this / peft ≤ 1.03 (dropout 0.1)"] == f"{ours_peft:.3f}"
     assert rows["| step, this bf16 / this fp32 ≤ 0.6"] == f"{step['ours', 'bf16'] / step['ours', 'fp32']:.3f}"
     assert "| this loralib (bf16) | 0.1 |" in md and "| peft (bf16) | 0.1 |" in md
-    mask_row = next(line for line in md.splitlines() if line.startswith("| saved bytes, this: dropout 0.1"))
-    assert mask_row.endswith("| yes |"), mask_row  # fp32: the bool mask is all dropout adds

@@ -1,4 +1,5 @@
-"""One test per known defect of Microsoft's ``loralib==0.1.2`` (issue 2, defects 1-7, plus two more we fixed).
+"""One test per known defect of Microsoft's ``loralib==0.1.2`` (issue 2, defects 1-7, plus the others README's
+"Differences from Microsoft's loralib 0.1.2" lists; the merged-then-changed one is in tests/reliability).
 
 Each body runs unchanged against both libraries (the ``lib`` fixture): it must pass on ours and is marked
 ``xfail(strict=True)`` on 0.1.2, so if 0.1.2 ever passed one of these the suite would fail and tell us the test
@@ -319,3 +320,54 @@ def test_lora_only_bias_trained_equals_saved(lib):
     trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     saved = {k for k in lib.lora_state_dict(model, bias="lora_only") if "lora_" not in k}
     assert trained == saved == {"0.bias", "2.conv.bias"}
+
+
+# --- more: a bad argument is a ValueError that names it ---------------------------------------------------------
+
+BAD_ARGUMENTS = [  # (case, call, what the message names). 0.1.2 accepted the first two silently.
+    ("negative r", lambda lib: lib.Linear(4, 4, r=-1), "r=-1"),
+    ("lora_alpha 0", lambda lib: lib.Linear(4, 4, r=2, lora_alpha=0), "lora_alpha=0"),
+    ("lora_dropout 1.5", lambda lib: lib.Linear(4, 4, r=2, lora_dropout=1.5), "lora_dropout=1.5"),
+    ("enable_lora not dividing", lambda lib: lib.MergedLinear(4, 6, r=2, enable_lora=[True] * 4), "out_features=6"),
+    ("unknown bias mode", lambda lib: lib.mark_only_lora_as_trainable(nn.Linear(2, 2), bias="All"), "bias='All'"),
+]
+
+
+@ms_fails("bad arguments pass silently, or raise AssertionError / NotImplementedError / torch's own ValueError, "
+          "none naming the argument")
+@pytest.mark.parametrize("case,call,text", BAD_ARGUMENTS, ids=[c[0] for c in BAD_ARGUMENTS])
+def test_bad_argument_is_a_value_error_naming_it(lib, case, call, text):
+    try:
+        call(lib)
+        err = None
+    except Exception as exc:  # noqa: BLE001 - which exception 0.1.2 raises is what this test looks at
+        err = exc
+    assert isinstance(err, ValueError) and text in str(err), f"{case}: {err!r}"
+    if case == "unknown bias mode":
+        assert isinstance(err, NotImplementedError)  # what 0.1.2 raised: old handlers still catch it
+
+
+# --- more: the training path keeps a bool dropout mask, not the dropped input -------------------------------------
+
+@ms_fails("lora_dropout > 0 keeps the dropped float input for backward")
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
+def test_dropout_keeps_only_a_bool_mask_for_backward(lib, kind):
+    def saved_bytes(p):
+        torch.manual_seed(0)
+        layer = lib.Linear(64, 96, r=2, lora_dropout=p) if kind == "Linear" else \
+            lib.MergedLinear(64, 96, r=2, enable_lora=[True, False, True], lora_dropout=p)
+        _randomize_lora(layer)
+        x = torch.randn(4, 64, requires_grad=True)
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.square().sum().backward()
+        assert layer.lora_A.grad.abs().sum() > 0  # the LoRA branch really trained
+        return sum(sizes)
+
+    assert saved_bytes(0.1) - saved_bytes(0.0) == 4 * 64  # one byte per input element: x is (4, 64)

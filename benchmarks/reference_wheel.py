@@ -1,8 +1,10 @@
 """Microsoft's ``loralib==0.1.2`` (PyPI), importable beside ours as ``loralib_ms``.
 
-Shared by ``tests/conftest.py`` (the differential and defect tests) and ``benchmarks/bench_peers.py``. The wheel is
-never committed: it is taken from ``.cache/`` (``.ci/run`` puts it there) or downloaded with pip, its sha256 is
-checked, and its package is unpacked into a directory of the caller's with the package renamed to ``loralib_ms``.
+Used by ``benchmarks/bench_peers.py`` / ``bench_layer.py`` and by ``tests/conftest.py`` (the differential and defect
+tests). It lives here, not in ``tests/``, so that imports run one way: tests import benchmarks, never the reverse.
+The wheel is never committed: it is taken from ``.cache/`` (``.ci/run`` puts it there) or downloaded with pip, its
+sha256 is checked, and its package is unpacked into a directory of the caller's with the package renamed to
+``loralib_ms``.
 """
 import hashlib
 import importlib
