@@ -288,15 +288,13 @@ def allreduce_bytes_per_step(model, batch, device, precision: str = "fp32") -> d
     under ``DistributedDataParallel`` with a hook counting the gradient buckets it syncs. No optimizer step, so the
     model is unchanged. Run in a process group of one (the same buckets as with N processes: DDP syncs every
     trainable gradient once per step whatever N) unless the script already runs in one."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     own_group = not torch.distributed.is_initialized()
     with tempfile.TemporaryDirectory() as d:
         if own_group:
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
                                                  init_method="file://" + os.path.join(d, "store"))
         try:
-            ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+            ddp = Dist.wrap_ddp(model, device)
             counter = Dist.AllReduceCounter().register(ddp)
             with autocast(device, precision):
                 loss = ddp(batch["input_ids"], labels=batch["labels"]).loss

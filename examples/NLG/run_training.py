@@ -385,10 +385,7 @@ def distribute(run: Run) -> None:
         raise Dist.DistributedError(
             f"--resume: the processes found different checkpoints in {cfg.output_dir} (steps {int(-neg_lo)} "
             f"to {int(hi)}); put --output_dir on a filesystem every node sees")
-    # Parameters only: the LoRA gradients are what crosses processes. DDP broadcasts rank 0's weights once
-    # here; buffers (the causal mask) never change, so they are not re-sent on every forward.
-    run.train_model = torch.nn.parallel.DistributedDataParallel(
-        run.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, forward_sync_buffers=False)
+    run.train_model = Dist.wrap_ddp(run.model, ctx.device)  # the LoRA gradients are what crosses processes
     run.log(f"distributed: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} (batch_size) x "
             f"{ctx.world_size} (processes) x {cfg.grad_accum} (grad_accum) = {run.global_batch} examples per step; "
             f"DDP all-reduces the {run.counts['trainable']:,} LoRA gradients only")

@@ -4,6 +4,7 @@ of each process, cooperative stop on Ctrl-C / SIGTERM, and a DDP communication h
 A plain ``python script.py`` (no ``WORLD_SIZE`` in the environment) gets a :class:`Context` of one process with no
 process group, so single-process code paths stay exactly as they were.
 """
+import inspect
 import os
 import signal
 from dataclasses import dataclass
@@ -113,6 +114,18 @@ def init(device_name: str = "auto", backend: str = "auto") -> Context:
 def cleanup(ctx: Context) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """``model`` in DistributedDataParallel, syncing parameters only: rank 0's weights once at wrap time, then the
+    LoRA gradients. Buffers (the causal mask) never change, so they are not re-sent on every forward. torch 2.13
+    names that ``forward_sync_buffers=False`` (deprecating ``broadcast_buffers``); earlier releases only know
+    ``broadcast_buffers=False``, which there means the same."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    ids = [device] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(model, device_ids=ids, forward_sync_buffers=False)
+    return ddp(model, device_ids=ids, broadcast_buffers=False)
 
 
 def all_reduce_sum(ctx: Context, values) -> list:
