@@ -10,7 +10,6 @@ from the recorded seed). An adapter trained with --recipe paper is decoded with 
 flags given here say otherwise. See README.md, "Inference and scores".
 """
 import argparse
-import json
 import os
 import sys
 

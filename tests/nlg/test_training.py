@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import loralib as lora
 import run_training
 from conftest import tiny_args
 from src import adapter_io

@@ -1,7 +1,6 @@
 """Inference pieces run_inference.py is made of: checking meaning representations, loading one base with several
 adapters, swapping adapters bit-exactly, and timing generation.
 """
-import os
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
