@@ -328,11 +328,6 @@ def _check_specs(specs: dict, path: str) -> None:
             bad("base_type", "a class name or null")
 
 
-def _read_config(directory: str) -> dict:
-    config, path = _read_json_config(directory)
-    return _check_config(config, path)
-
-
 def _read_json_config(directory: str) -> Tuple[dict, str]:
     """The directory's config file parsed (a JSON object, read only from inside the directory), and its path."""
     if not os.path.isdir(directory):
@@ -588,7 +583,7 @@ def load_adapter(model: nn.Module, load_directory: str, adapter: str = DEFAULT) 
 
 
 def _load_adapter(model: nn.Module, load_directory: str, adapter: str) -> dict:
-    config = _read_config(load_directory)
+    config = read_adapter_config(load_directory)
     tensors = _read_weights(load_directory, config)
     if "peft_type" in config:
         specs, tensors = peft_specs(config, tensors, model)

@@ -43,7 +43,7 @@ from src import distributed as Dist  # noqa: E402
 from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
 from src.data import DataError, ensure_data, iterate_batches, load_tokenized, select_indices  # noqa: E402
-from src.model import GPTConfig, base_fingerprint, build_model  # noqa: E402
+from src.model import GPTConfig, base_fingerprint, base_state_dict, build_model  # noqa: E402
 from src.train_config import TrainConfig  # noqa: E402
 from src.train_utils import (PRECISIONS, DeviceError, autocast, cast_frozen, evaluate, precision_dtype,  # noqa: E402
                              resolve_precision, select_device)
@@ -141,7 +141,7 @@ def build_for_mode(args, mode: str, device: torch.device):
         return lora_model.to(device)
     plain = build_model(model_config(args, 0), base_seed=args.seed)
     # A plain model's random draw differs (LoRA's A matrices take numbers from the RNG first): copy the base.
-    plain.load_state_dict({k: v for k, v in lora_model.state_dict().items() if "lora_" not in k}, strict=True)
+    plain.load_state_dict(base_state_dict(lora_model), strict=True)
     del lora_model
     for p in plain.parameters():
         p.requires_grad_(True)
@@ -325,7 +325,7 @@ def inference_latency(args, lora_model, input_ids, device, precision: str = "fp3
     lora_model.eval()  # merges B A into the weights
     plain = build_model(model_config(args, 0), base_seed=args.seed)
     # The LoRA model's state dict carries its unmerged base weights (loralib's save hook).
-    plain.load_state_dict({k: v for k, v in lora_model.state_dict().items() if "lora_" not in k}, strict=True)
+    plain.load_state_dict(base_state_dict(lora_model), strict=True)
     plain.to(device, precision_dtype(precision)).eval()
     t_lora, t_plain = [], []
     for r in range(args.infer_reps + 1):  # alternate the two, so a load change on the machine hits both alike

@@ -89,3 +89,21 @@ def test_other_loralib_adapters_are_named(tmp_path):
         adapter_io.load_model_from_adapter_dir(str(tmp_path / "plain"))
     with pytest.raises(ValueError, match="lora_bias='all'.*use 'none'"):
         adapter_io.save_adapter_dir(previous_release_model(), str(tmp_path / "b"), base_seed=3, lora_bias="all")
+
+
+def test_adapter_weights_that_do_not_fit_are_refused_by_name(tmp_path):
+    """The previous-release loading path checks a state dict against the model: missing LoRA weights, unknown keys
+    and wrong shapes each raise one AdapterError naming the key; a fitting state loads exactly."""
+    model = previous_release_model()
+    state = _lora(model)
+    key = sorted(state)[0]
+    missing = {k: v for k, v in state.items() if k != key}
+    with pytest.raises(lora.AdapterError, match=f"lacks LoRA weights the model has, e.g. \\['{key}'\\]"):
+        adapter_io.load_adapter_weights(model, missing)
+    with pytest.raises(lora.AdapterError, match="keys the model lacks, e.g. \\['transformer.h.99.lora_A'\\]"):
+        adapter_io.load_adapter_weights(model, {**state, "transformer.h.99.lora_A": state[key]})
+    with pytest.raises(lora.AdapterError, match=f"{key} has shape \\(1, 1\\)"):
+        adapter_io.load_adapter_weights(model, {**state, key: torch.zeros(1, 1)})
+    other = {k: torch.full_like(v, 0.5) for k, v in state.items()}
+    adapter_io.load_adapter_weights(model, other)
+    assert all(torch.equal(v, other[k]) for k, v in _lora(model).items())

@@ -124,11 +124,14 @@ def read_adapter_config(adapter_dir: str) -> dict:
     return raw if legacy else raw["extra"]
 
 
+def _weights_file(adapter_dir: str, raw: dict) -> str:
+    return os.path.join(adapter_dir, raw.get("weights_file") or WEIGHTS_NAME)
+
+
 def weights_path(adapter_dir: str) -> str:
     """The weights file of ``adapter_dir``: the one its config names (``pytorch_model.bin`` in configs of the
     previous release that name none)."""
-    raw, _ = _read(adapter_dir)
-    return os.path.join(adapter_dir, raw.get("weights_file") or WEIGHTS_NAME)
+    return _weights_file(adapter_dir, _read(adapter_dir)[0])
 
 
 def read_adapter_weights(adapter_dir: str) -> dict:
@@ -138,8 +141,11 @@ def read_adapter_weights(adapter_dir: str) -> dict:
     Raises:
         AdapterError: a missing, corrupted, unsafe or non-finite file, named.
     """
-    raw, _ = _read(adapter_dir)
-    path = os.path.join(adapter_dir, raw.get("weights_file") or WEIGHTS_NAME)
+    return _read_weights(adapter_dir, _read(adapter_dir)[0])
+
+
+def _read_weights(adapter_dir: str, raw: dict) -> dict:
+    path = _weights_file(adapter_dir, raw)
     if not os.path.lexists(path):
         raise AdapterError(f"{path} is missing: {adapter_dir!r} has a config but no adapter weights")
     state = safe_load(path, raw.get("weights_sha256"))
@@ -153,9 +159,10 @@ def read_adapter_weights(adapter_dir: str) -> dict:
     return state
 
 
-def check_adapter_fits(own: dict, state: dict, source: str = "adapter") -> None:
-    """Every key of ``state`` exists in ``own`` (a state dict) with the same shape, and ``state`` has every LoRA
-    weight ``own`` has. Raises AdapterError naming the first difference."""
+def check_adapter_fits(model: torch.nn.Module, state: dict, source: str = "adapter") -> None:
+    """Every key of ``state`` exists in ``model``'s state dict with the same shape, and ``state`` has every LoRA
+    weight the model has. Raises AdapterError naming the first difference."""
+    own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     if unexpected:
         raise AdapterError(f"{source} has keys the model lacks, e.g. {unexpected[:3]} (was it trained with "
@@ -164,14 +171,14 @@ def check_adapter_fits(own: dict, state: dict, source: str = "adapter") -> None:
         if own[k].shape != v.shape:
             raise AdapterError(f"{source}: {k} has shape {tuple(v.shape)} but the model expects "
                                f"{tuple(own[k].shape)} (lora_dim / hidden_dim / vocab_size differ)")
-    missing = [k for k in own if "lora_" in k and k not in state]
+    missing = sorted((lora.layers.lora_names(model) & own.keys()) - state.keys())  # names saved by state_dict()
     if missing:
         raise AdapterError(f"{source} lacks LoRA weights the model has, e.g. {missing[:3]}")
 
 
 def load_adapter_weights(model: SimpleGPT2WithLoRA, state: dict, source: str = "adapter") -> None:
     """Load LoRA weights into ``model``; every key must exist in the model with the same shape."""
-    check_adapter_fits(model.state_dict(), state, source)
+    check_adapter_fits(model, state, source)
     model.load_state_dict(state, strict=False)
 
 
@@ -265,11 +272,11 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
     if legacy:
         # The weights and the config must agree before the model is built for real: built on the meta device
         # first, a config claiming a huge model (corrupted or hostile) fails here instead of allocating it.
-        state = read_adapter_weights(adapter_dir)
+        state, source = _read_weights(adapter_dir, raw), _weights_file(adapter_dir, raw)
         _check_size(cfg, state, path)
         with torch.device("meta"):
             shell = SimpleGPT2WithLoRA(cfg)
-        check_adapter_fits(shell.state_dict(), state, source=weights_path(adapter_dir))
+        check_adapter_fits(shell, state, source=source)
     else:
         _check_size(cfg, raw["layers"], path)
     model = build_model(cfg, base_seed=base.get("base_seed") or 0)
@@ -282,7 +289,7 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
         raise AdapterError(f"the base weights rebuilt for {adapter_dir} (fingerprint {base_fingerprint(model)}) "
                            f"are not the ones it was trained on ({expected}); pass the same --init_checkpoint")
     if legacy:
-        load_adapter_weights(model, state, source=weights_path(adapter_dir))
+        load_adapter_weights(model, state, source=source)
     else:
         lora.load_adapter(model, adapter_dir)
     return model.to(device), config

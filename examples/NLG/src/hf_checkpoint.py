@@ -16,6 +16,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .model import base_state_dict
+
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
 _CONV1D = re.compile(r"^transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
@@ -239,7 +241,7 @@ def load_hf_gpt2_weights(model, path: str) -> None:
         CheckpointError: missing or extra keys, or a shape mismatch (each named with both shapes).
     """
     src = read_hf_state_dict(path)
-    own = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    own = base_state_dict(model)
     if "lm_head.weight" not in src and "transformer.wte.weight" in src:
         src["lm_head.weight"] = src["transformer.wte.weight"]
     missing = sorted(set(own) - set(src))

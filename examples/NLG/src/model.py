@@ -262,6 +262,13 @@ def build_model(cfg: GPTConfig, base_seed: int = 0) -> SimpleGPT2WithLoRA:
 
 
 @torch.no_grad()
+def base_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` without its LoRA tensors: the frozen base's weights (LoRA tensors found by type,
+    ``lora.layers.lora_names``, not by a ``lora_`` in their name)."""
+    lora_keys = lora.layers.lora_names(model)
+    return {k: v for k, v in model.state_dict().items() if k not in lora_keys}
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """Which frozen base weights ``model`` has: the first 16 hex digits of loralib's hash of the base's names and
     values (``lora.serialization.base_fingerprint(model, values=True)``), the form adapter configs record (the
