@@ -397,8 +397,8 @@ def main(argv=None):
     p.add_argument("--nlg_rounds", type=int, default=None, help="rounds of the NLG tokens/s comparison (0: skip)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: every method with its frozen weights in bfloat16 and float32 trainable weights, under "
-                        "torch.autocast (as the NLG example's --precision bf16), plus this loralib in float32 as the "
-                        "reference of the bf16 ratios; the NLG part compares the example's tokens/s in fp32 and "
+                        "torch.autocast (as the NLG example's --precision bf16), plus this loralib and the no-adapter "
+                        "floor in float32 as the references of the bf16 ratios; the NLG part compares the example's tokens/s in fp32 and "
                         "bf16. Meant for a CPU with native bf16 instructions (avx512_bf16 / amx_bf16)")
     p.add_argument("--allocator", choices=["reuse", "system"], default="reuse",
                    help="reuse: workers keep freed memory (glibc MALLOC_* tunables, less page-fault noise); "
@@ -491,14 +491,15 @@ def plan_jobs(methods, dropouts, quick: bool, precision: str):
 
     Every method is timed at the first dropout (full / floor have none); the LoRA methods at the other dropouts too
     in the full run (in quick those get only the cheap saved-bytes measurement). With ``precision="bf16"`` every
-    job runs in bf16 and this loralib also runs in fp32 at the first dropout: the reference of the bf16 ratios."""
+    job runs in bf16 and this loralib also runs in fp32 at the first dropout: the reference of the bf16 ratios; so
+    does the no-adapter floor when it runs (its own bf16 / fp32 ratios bound what any adapter can reach)."""
     jobs = []
     for d_i, d in enumerate(dropouts):
         for m in methods:
             if m in LORA_METHODS or d_i == 0:
                 jobs.append((m, d if m in LORA_METHODS else 0.0, precision, d_i == 0 or not quick))
-    if precision != "fp32" and "ours" in methods:
-        jobs.append(("ours", dropouts[0], "fp32", True))
+    if precision != "fp32":
+        jobs += [(m, dropouts[0] if m in LORA_METHODS else 0.0, "fp32", True) for m in ("ours", "floor") if m in methods]
     return jobs
 
 
@@ -638,7 +639,8 @@ def _targets(groups, B, T, meta):
         _ratio_per_round(groups, k("ours", p), k("ms", p), "", step), lambda v: v <= 0.88)
     row("step, floor / peft (context: ≈ 1.0)", _ratio_per_round(groups, k("floor", p), k("peft", p), "", step),
         lambda v: True)
-    s = lambda m, d: med([r["saved_bytes"] for r in groups.get(k(m, d), [])])  # noqa: E731
+    s_prec = lambda m, d, prec: med([r["saved_bytes"] for r in groups.get(k(m, d, prec), [])])  # noqa: E731
+    s = lambda m, d: s_prec(m, d, "fp32")  # noqa: E731
     if s("ours", 0.1) is not None and s("ours", 0.0) is not None:
         diff = s("ours", 0.1) - s("ours", 0.0)
         mask = meta["model"]["layers"] * B * T * meta["model"]["width"]  # one bool per adapted input element
@@ -665,6 +667,17 @@ def _targets(groups, B, T, meta):
             lambda v: v <= 0.6)
         row(f"peak RSS over base, this {h} / this fp32 ≤ 0.6",
             _ratio_per_round(groups, k("ours", p, h), k("ours", p), "", rss), lambda v: v <= 0.6)
+        # The same ratios for the no-adapter floor: the frozen network and its loss alone, which no adapter can
+        # make smaller than they are.
+        row(f"peak RSS over base, floor {h} / floor fp32 (context: the bound for any adapter)",
+            _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", rss), lambda v: True)
+        row(f"saved activations, floor {h} / floor fp32 (context)",
+            _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", lambda r, f: r["saved_bytes"]),
+            lambda v: True)
+        added = lambda prec: s_prec("ours", p, prec) - s_prec("floor", p, prec)  # noqa: E731
+        if all(s_prec(m, p, q) is not None for m in ("ours", "floor") for q in (h, "fp32")):
+            L.append(f"| saved activations the adapter adds over the floor, {h} / fp32 (context) | "
+                     f"{added(h) / 1e6:.1f} / {added('fp32') / 1e6:.1f} MB = {added(h) / added('fp32'):.3f} | yes |")
         row(f"step {h}, floor / peft (context)", _ratio_per_round(groups, k("floor", p, h), k("peft", p, h), "", step),
             lambda v: True)
     return L

@@ -177,17 +177,21 @@ def test_bf16_workers_and_their_targets():
     pytest.importorskip("peft")
     import torch
 
-    args = ("--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "0", "--eval_reps", "0", "--dropout", "0.1")
-    runs = {(m, prec): dict(_worker("train", m, *args, "--precision", prec), round=0)
-            for m, prec in (("ours", "fp32"), ("ours", "bf16"), ("peft", "bf16"), ("floor", "bf16"))}
+    args = ("--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "0", "--eval_reps", "0")
+    runs = {(m, prec): dict(_worker("train", m, *args, "--dropout", "0.0" if m == "floor" else "0.1",  # as planned
+                                    "--precision", prec), round=0)
+            for m, prec in (("ours", "fp32"), ("ours", "bf16"), ("peft", "bf16"), ("floor", "bf16"),
+                            ("floor", "fp32"))}
     for (m, prec), r in runs.items():
         frozen = torch.bfloat16 if prec == "bf16" else torch.float32
         assert r["precision"] == prec and r["frozen_dtypes"] == [str(frozen)]
         assert all(math.isfinite(t) and t > 0 for t in r["step_s"])
     assert runs["ours", "bf16"]["params"] == runs["ours", "fp32"]["params"]  # the adapter itself is unchanged
     jobs = bench.plan_jobs(["floor", "ours", "peft"], [0.1, 0.0], False, "bf16")
-    reference = ("ours", 0.1, "fp32", True)
-    assert reference in jobs and all(j[2] == "bf16" for j in jobs if j != reference)
+    references = {("ours", 0.1, "fp32", True), ("floor", 0.0, "fp32", True)}
+    assert references <= set(jobs) and all(j[2] == "bf16" for j in jobs if j not in references)
+    assert [j for j in bench.plan_jobs(["ours", "peft"], [0.1], False, "bf16") if j[2] == "fp32"] == [
+        ("ours", 0.1, "fp32", True)]  # no floor asked for, no floor reference
 
     meta = dict(date_utc="now", command="x", wall_s=1, machine="m", loadavg_before=["0"], loadavg_after=["0"],
                 versions={"torch": "t"}, precision="bf16", rounds=1, warmup=0, steps=2, eval_reps=0,
@@ -198,4 +202,15 @@ def test_bf16_workers_and_their_targets():
     ours_peft = step["ours", "bf16"] / step["peft", "bf16"]
     assert rows["| step bf16, this / peft ≤ 1.03 (dropout 0.1)"] == f"{ours_peft:.3f}"
     assert rows["| step, this bf16 / this fp32 ≤ 0.6"] == f"{step['ours', 'bf16'] / step['ours', 'fp32']:.3f}"
+    assert rows["| step bf16, floor / peft (context)"] == f"{step['floor', 'bf16'] / step['peft', 'bf16']:.3f}"
+    rss = {k: r["rss_delta"] for k, r in runs.items()}
+    saved = {k: r["saved_bytes"] for k, r in runs.items()}
+    rows = dict(line.split(" | ")[:2] for line in md.splitlines() if line.startswith(("| peak", "| saved")))
+    assert (rows["| peak RSS over base, floor bf16 / floor fp32 (context: the bound for any adapter)"]
+            == f"{rss['floor', 'bf16'] / rss['floor', 'fp32']:.3f}")
+    assert rows["| saved activations, floor bf16 / floor fp32 (context)"] == (
+        f"{saved['floor', 'bf16'] / saved['floor', 'fp32']:.3f}")
+    added = {prec: saved["ours", prec] - saved["floor", prec] for prec in ("bf16", "fp32")}
+    assert rows["| saved activations the adapter adds over the floor, bf16 / fp32 (context)"] == (
+        f"{added['bf16'] / 1e6:.1f} / {added['fp32'] / 1e6:.1f} MB = {added['bf16'] / added['fp32']:.3f}")
     assert "| this loralib (bf16) | 0.1 |" in md and "| peft (bf16) | 0.1 |" in md

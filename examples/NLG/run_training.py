@@ -332,6 +332,9 @@ def setup(cfg: TrainConfig, ctx, stop) -> Run:
     counts = param_counts(model)
     _log(ctx, f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable (LoRA), device {ctx.device}")
     _log(ctx, f"precision: {precision} ({why}); LoRA weights, optimizer state and losses in float32")
+    if precision != "fp32" and ctx.device.type == "cpu":
+        _log(ctx, "oneDNN kernel caches: " + ", ".join(f"{k}={v}" for k, v in U.cap_onednn_caches().items())
+             + " (memory stays flat over E2E's many batch shapes; set these variables to change it)")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     steps_per_epoch, total_steps = plan_steps(cfg, len(data.train_idx), ctx.world_size)

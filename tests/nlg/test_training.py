@@ -345,6 +345,25 @@ def test_auto_on_a_cpu_without_bf16_trains_in_fp32(e2e_dir, tmp_path, monkeypatc
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["precision"] == "fp32"
 
 
+def test_half_precision_caps_onednn_kernel_caches(e2e_dir, tmp_path, monkeypatch, capsys):
+    """A bf16 run caps oneDNN's per-shape kernel caches before its first matmul and says so (a user's own value
+    wins); an fp32 run leaves the environment alone."""
+    for k in U.ONEDNN_CACHE_ENV:
+        monkeypatch.setenv(k, "unset")  # so that the test's end restores the variable's absence
+        monkeypatch.delenv(k)
+    for p in ("fp32", "bf16"):
+        argv = tiny_args(e2e_dir, tmp_path / p, "--max_steps", "1")
+        argv[argv.index("--precision") + 1] = p
+        if p == "bf16":
+            monkeypatch.setenv("LRU_CACHE_CAPACITY", "8")
+        assert run_training.main(argv) == 0
+        out = capsys.readouterr().out
+        if p == "fp32":
+            assert not any(k in os.environ for k in U.ONEDNN_CACHE_ENV) and "oneDNN" not in out
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256" and os.environ["LRU_CACHE_CAPACITY"] == "8"
+    assert "oneDNN kernel caches: ONEDNN_PRIMITIVE_CACHE_CAPACITY=256, LRU_CACHE_CAPACITY=8" in out
+
+
 def test_bf16_base_float32_adapter(e2e_dir, tmp_path):
     """--precision bf16: the frozen base is stored in bfloat16, the adapter trains and is saved in float32, its
     recorded fingerprint is the float32 base's (so inference rebuilds and accepts it), and the loss is close to the

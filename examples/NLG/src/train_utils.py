@@ -89,8 +89,30 @@ def precision_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
+# oneDNN, which runs torch's bfloat16 matmuls on CPU, compiles a kernel for every matrix shape it meets and keeps
+# it in two caches of 1,024 entries each (oneDNN's own and ideep's). E2E batches come in hundreds of shapes (the
+# padded length and the count of label positions vary), so a default bf16 run grew to 3.8 GB of RSS before the
+# caches filled. 64 entries each keep memory flat at the same speed (benchmarks/RESULTS.md, 2026-12-03 second
+# round). oneDNN reads these variables when it builds its first kernel: set before any half-precision matmul.
+ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "256"}
+
+
+def cap_onednn_caches() -> Dict[str, str]:
+    """Set the variables of :data:`ONEDNN_CACHE_ENV` that the environment does not set already (a user's own
+    values win). Returns the values now in effect."""
+    for k, v in ONEDNN_CACHE_ENV.items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in ONEDNN_CACHE_ENV}
+
+
 def cast_frozen(model: torch.nn.Module, precision: str) -> None:
-    """Store the frozen (non-trainable) weights in ``precision``'s dtype; trainable ones (LoRA) stay float32."""
+    """Store the frozen (non-trainable) weights in ``precision``'s dtype; trainable ones (LoRA) stay float32.
+
+    In a half precision this also caps oneDNN's per-shape kernel caches (:func:`cap_onednn_caches`) before the
+    model's first half-precision matmul, so a CPU run's memory stays flat however many batch shapes it meets.
+    """
+    if precision != "fp32":
+        cap_onednn_caches()
     dtype = precision_dtype(precision)
     for p in model.parameters():
         if not p.requires_grad:
