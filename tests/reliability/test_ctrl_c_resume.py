@@ -11,6 +11,7 @@ import os
 import random
 import signal
 
+import pytest
 import torch
 
 import loralib as lora
@@ -83,7 +84,16 @@ class Moments:
             os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode, wherever that is
 
 
-def test_ctrl_c_at_random_moments_then_resume_gives_the_same_adapter(tmp_path, monkeypatch, tally):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever the process started with: a shell
+    without job control starts its background jobs with SIGINT ignored, and the SIGINTs below would be lost."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_at_random_moments_then_resume_gives_the_same_adapter(tmp_path, monkeypatch, tally, python_sigint):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.setenv("LORALIB_NLG_CACHE", str(tmp_path / "cache"))
     e2e = NLG_CONF.write_e2e(tmp_path / "e2e")
