@@ -397,9 +397,10 @@ def main(argv=None):
     p.add_argument("--nlg_rounds", type=int, default=None, help="rounds of the NLG tokens/s comparison (0: skip)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: every method with its frozen weights in bfloat16 and float32 trainable weights, under "
-                        "torch.autocast (as the NLG example's --precision bf16), plus this loralib and the no-adapter "
-                        "floor in float32 as the references of the bf16 ratios; the NLG part compares the example's tokens/s in fp32 and "
-                        "bf16. Meant for a CPU with native bf16 instructions (avx512_bf16 / amx_bf16)")
+                        "torch.autocast (as the NLG example's --precision bf16), plus this loralib and the "
+                        "no-adapter floor in float32 as the references of the bf16 ratios; the NLG part compares the "
+                        "example's tokens/s in fp32 and bf16. Meant for a CPU with native bf16 instructions "
+                        "(avx512_bf16 / amx_bf16)")
     p.add_argument("--allocator", choices=["reuse", "system"], default="reuse",
                    help="reuse: workers keep freed memory (glibc MALLOC_* tunables, less page-fault noise); "
                         "system: glibc's defaults (see the module docstring)")
@@ -499,7 +500,8 @@ def plan_jobs(methods, dropouts, quick: bool, precision: str):
             if m in LORA_METHODS or d_i == 0:
                 jobs.append((m, d if m in LORA_METHODS else 0.0, precision, d_i == 0 or not quick))
     if precision != "fp32":
-        jobs += [(m, dropouts[0] if m in LORA_METHODS else 0.0, "fp32", True) for m in ("ours", "floor") if m in methods]
+        jobs += [(m, dropouts[0] if m in LORA_METHODS else 0.0, "fp32", True)
+                 for m in ("ours", "floor") if m in methods]
     return jobs
 
 

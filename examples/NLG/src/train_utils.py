@@ -92,8 +92,9 @@ def precision_dtype(precision: str) -> torch.dtype:
 # oneDNN, which runs torch's bfloat16 matmuls on CPU, compiles a kernel for every matrix shape it meets and keeps
 # it in two caches of 1,024 entries each (oneDNN's own and ideep's). E2E batches come in hundreds of shapes (the
 # padded length and the count of label positions vary), so a default bf16 run grew to 3.8 GB of RSS before the
-# caches filled. 64 entries each keep memory flat at the same speed (benchmarks/RESULTS.md, 2026-12-03 second
-# round). oneDNN reads these variables when it builds its first kernel: set before any half-precision matmul.
+# caches filled (3.77 GB). 256 entries each bound it (2.05 GB) for a few percent of the speed; 64 bound it lower
+# (about 1.4 GB) for about 9% (benchmarks/RESULTS.md, 2026-12-03 second round). oneDNN reads these variables when
+# it builds its first kernel: set before any half-precision matmul.
 ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "256"}
 
 
