@@ -17,8 +17,7 @@ setup(
     # 2.5 is the oldest on which the library's tests pass (tests/test_*.py and tests/reliability, run on torch 2.5.0
     # and 2.5.1 with transformers 4.57.6 / peft 0.21.2: transformers 5 needs torch 2.6). The layers use
     # nn.Module.register_state_dict_post_hook and register_load_state_dict_pre_hook, public from 2.5: on 2.4.1 building
-    # any LoRA layer raises AttributeError. (The examples' DDP wrapper, src/distributed.wrap_ddp, passes
-    # forward_sync_buffers on torch 2.13 and broadcast_buffers before it.)
+    # any LoRA layer raises AttributeError.
     install_requires=["torch>=2.5"],
     license="MIT",
 )

@@ -632,7 +632,8 @@ def _targets(groups, B, T, meta):
         xs = [x for x in xs if x is not None]
         if not xs:
             return
-        L.append(f"| {name} | {_spread(xs, 1, fmt)} | {'yes' if ok(statistics.median(xs)) else '**no**'} |")
+        verdict = "(context, no target)" if ok is None else ("yes" if ok(statistics.median(xs)) else "**no**")
+        L.append(f"| {name} | {_spread(xs, 1, fmt)} | {verdict} |")
 
     p = 0.1
     row("step, this / peft ≤ 1.03 (dropout 0.1)", _ratio_per_round(groups, k("ours", p), k("peft", p), "", step),
@@ -640,7 +641,7 @@ def _targets(groups, B, T, meta):
     row("step, this / loralib 0.1.2 ≤ 0.88 (dropout 0.1)",
         _ratio_per_round(groups, k("ours", p), k("ms", p), "", step), lambda v: v <= 0.88)
     row("step, floor / peft (context: ≈ 1.0)", _ratio_per_round(groups, k("floor", p), k("peft", p), "", step),
-        lambda v: True)
+        None)
     s_prec = lambda m, d, prec: med([r["saved_bytes"] for r in groups.get(k(m, d, prec), [])])  # noqa: E731
     s = lambda m, d: s_prec(m, d, "fp32")  # noqa: E731
     if s("ours", 0.1) is not None and s("ours", 0.0) is not None:
@@ -672,16 +673,17 @@ def _targets(groups, B, T, meta):
         # The same ratios for the no-adapter floor: the frozen network and its loss alone, which no adapter can
         # make smaller than they are.
         row(f"peak RSS over base, floor {h} / floor fp32 (context: the bound for any adapter)",
-            _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", rss), lambda v: True)
+            _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", rss), None)
         row(f"saved activations, floor {h} / floor fp32 (context)",
             _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", lambda r, f: r["saved_bytes"]),
-            lambda v: True)
+            None)
         added = lambda prec: s_prec("ours", p, prec) - s_prec("floor", p, prec)  # noqa: E731
         if all(s_prec(m, p, q) is not None for m in ("ours", "floor") for q in (h, "fp32")):
             L.append(f"| saved activations the adapter adds over the floor, {h} / fp32 (context) | "
-                     f"{added(h) / 1e6:.1f} / {added('fp32') / 1e6:.1f} MB = {added(h) / added('fp32'):.3f} | yes |")
+                     f"{added(h) / 1e6:.1f} / {added('fp32') / 1e6:.1f} MB = {added(h) / added('fp32'):.3f} | "
+                     "(context, no target) |")
         row(f"step {h}, floor / peft (context)", _ratio_per_round(groups, k("floor", p, h), k("peft", p, h), "", step),
-            lambda v: True)
+            None)
     return L
 
 

@@ -17,7 +17,7 @@ import tempfile
 import urllib.request
 
 BASE_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/e2e/"
-# sha256 and size of each file, as listed in shared/data/e2e/SOURCE.md (microsoft/LoRA, unchanged since 2021-10-15).
+# sha256 and size of each file as published in microsoft/LoRA (examples/NLG/data/e2e, unchanged since 2021-10-15).
 FILES = {
     "train.txt": ("eae319082237310913d9f37f6a891d48fb3f821f29d86870d2cb4f92ddd72c5a", 9_624_463),
     "valid.txt": ("ba963113c8401d3d26216c0dc0a6dae1ea6ea927de3bf830e32c41f65401c80d", 1_198_093),

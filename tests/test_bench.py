@@ -213,4 +213,6 @@ def test_bf16_workers_and_their_targets():
     added = {prec: saved["ours", prec] - saved["floor", prec] for prec in ("bf16", "fp32")}
     assert rows["| saved activations the adapter adds over the floor, bf16 / fp32 (context)"] == (
         f"{added['bf16'] / 1e6:.1f} / {added['fp32'] / 1e6:.1f} MB = {added['bf16'] / added['fp32']:.3f}")
+    context = [line for line in md.splitlines() if line.startswith("| ") and "(context" in line.split(" | ")[0]]
+    assert len(context) == 4 and all(line.endswith("| (context, no target) |") for line in context), context
     assert "| this loralib (bf16) | 0.1 |" in md and "| peft (bf16) | 0.1 |" in md

@@ -277,7 +277,8 @@ def test_half_precision_restores_within_one_ulp_of_its_dtype(dtype):
     err = (frozen(layer).detach().float() - w0.float()).abs()
     bound = eps * (w0.float().abs() + (merged.float() - w0.float()).abs())
     assert (err <= bound).all(), f"{dtype}: max |W - W0| = {err.max():.3g}"
-    assert err.max() > 0 or torch.equal(frozen(layer).detach(), w0)  # the figure the README quotes is this one
+    # The limit is real, not a loose bound: some element did lose bits (an exact restore would need a dense copy).
+    assert err.max() > 0, f"{dtype}: restored exactly; README's one-ulp limit would be wrong"
 
 
 TOGGLES = 10_000
