@@ -362,7 +362,8 @@ def llama_config(h: GGUFHeader) -> Dict[str, Any]:
     """
     arch = h.metadata.get("general.architecture")
     if not _equals(arch, "llama"):
-        raise _fail(h.path, f"is a {arch!r} model, not 'llama'", _LLAMA_ONLY)
+        what = f"is a {arch!r} model" if isinstance(arch, str) else "names no architecture"
+        raise _fail(h.path, f"{what}, not 'llama'", _LLAMA_ONLY)
     scaling = h.metadata.get("llama.rope.scaling.type", "none")
     if not _equals(scaling, "none"):
         raise _fail(h.path, f"uses RoPE scaling {scaling!r}, which this model does not implement", _LLAMA_ONLY)
@@ -382,7 +383,9 @@ def llama_config(h: GGUFHeader) -> Dict[str, Any]:
             raise _fail(h.path, f"metadata {key!r} is {h.metadata[key]!r}, not the head size {head_dim}",
                         _LLAMA_ONLY)
     emb = h.tensors.get("token_embd.weight")
-    vocab = emb.shape[0] if emb is not None and len(emb.shape) == 2 else 0
+    if emb is None or len(emb.shape) != 2:
+        raise _fail(h.path, "tensor 'token_embd.weight' is missing or not 2-D", _LLAMA_ONLY)
+    vocab = emb.shape[0]
     cfg = {"vocab_size": vocab, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_kv_head,
            "head_dim": head_dim, "intermediate_size": _meta_int(h, "llama.feed_forward_length"),
            "rope_theta": _meta_float(h, "llama.rope.freq_base", 10000.0),

@@ -1,0 +1,386 @@
+"""Hostile and corrupted GGUF files: each is refused with a one-line ``GGUFError`` naming the file, or read correctly.
+
+The good file is the tiny random Llama of ``tests/nlg/gguf_fixtures.py`` (F32, Q8_0 and Q4_1 tensors, a byte-level
+BPE). Mutations (a seeded RNG, so every run fuzzes the same files): truncation at every byte of the first 256 and
+at hundreds of points after, flipped header and data bytes, and hand-made headers: wrong magic and versions,
+counts of 2^63 entries, strings and arrays longer than the file, unknown value types, another architecture,
+block counts of 10^9, heads that do not divide the width, tensors of 2^80 elements, unknown and unreadable ggml
+types, offsets past the end, misaligned or overlapping, missing, extra and misshapen tensors, bad alignment,
+tokenizers that cannot be built, NaN / Inf weights. Each is loaded by ``read_llama_gguf`` and by
+``tokenizer_from_gguf``.
+
+For each load: only ``GGUFError`` (any other exception fails), its message one line starting with the file's path;
+or a load whose tensors equal a reference decoding by llama.cpp's ``gguf.GGUFReader``. The traced Python/numpy
+allocation of every load is measured (``tracemalloc``) and bounded, so no load allocates from a size the file only
+claims, and so is the process's peak resident memory over the whole fuzz (torch's allocations included); a
+watchdog fails a load that hangs (``guarded_load`` of ``test_loader_fuzz.py``).
+"""
+import os
+import random
+import struct
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from .test_loader_fuzz import guarded_load
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "nlg")))
+import gguf_fixtures as F  # noqa: E402
+from src import gguf_checkpoint as G  # noqa: E402
+from src.measure import PeakRSS  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+
+SEED = 20261206
+ALLOC_LIMIT = 8 << 20  # traced peak per load; the file is ~60 KiB, its model ~0.4 MiB, its claims up to 2^128 bytes
+RSS_LIMIT = 256 << 20  # the process's peak resident memory over the whole fuzz, above its start (torch included)
+T = gguf.GGUFValueType
+_FMT = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
+        T.FLOAT32: "<f", T.BOOL: "<B", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}
+
+
+ANY = "any outcome"  # a case that may load or be refused (with any wording)
+
+
+class Raw(bytes):
+    """Bytes written verbatim where a key, a value or a tensor entry would be packed."""
+
+
+# --- a GGUF writer that writes anything ---------------------------------------------------------------------------
+
+def _str(s) -> bytes:
+    b = s.encode("utf-8") if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def _value(vtype, value, sub=None) -> bytes:
+    if isinstance(value, Raw):
+        return value
+    if vtype == T.STRING:
+        return _str(value)
+    if vtype == T.ARRAY:
+        return struct.pack("<IQ", sub, len(value)) + b"".join(_value(sub, v) for v in value)
+    return struct.pack(_FMT[vtype], value)
+
+
+def pack(kvs, tensors, data, version=3, n_kv=None, n_tensors=None, alignment=32, magic=b"GGUF") -> bytes:
+    """A GGUF file: ``kvs`` [(key, type, value, array item type)], ``tensors`` [(name, ggml dims, type, offset)]
+    (either may be a ``Raw``), ``data`` after the table padded to ``alignment``."""
+    out = [magic, struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                              len(kvs) if n_kv is None else n_kv)]
+    for kv in kvs:
+        out.append(kv if isinstance(kv, Raw) else _str(kv[0]) + struct.pack("<I", kv[1]) + _value(*kv[1:]))
+    for t in tensors:
+        if isinstance(t, Raw):
+            out.append(t)
+            continue
+        name, dims, ggml_type, offset = t
+        out.append(_str(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset))
+    head = b"".join(out)
+    return head + b"\0" * (-len(head) % alignment) + data
+
+
+def decompose(path):
+    """(kvs, tensors) of a GGUF file, as llama.cpp's ``GGUFReader`` reads it."""
+    r = gguf.GGUFReader(path)
+    kvs = []
+    for key, f in r.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        kvs.append((key, f.types[0], f.contents(), f.types[1] if len(f.types) > 1 else None))
+    tensors = [(t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset) - r.data_offset)
+               for t in r.tensors]
+    return kvs, tensors
+
+
+def reference_state_dict(path):
+    """The file's tensors decoded by ``GGUFReader`` + ``gguf.quants`` and un-permuted here (numpy): what a correct
+    reader returns, or None where GGUFReader refuses the file."""
+    try:
+        r = gguf.GGUFReader(path)
+        heads = {"attn_q": int(r.fields["llama.attention.head_count"].contents()),
+                 "attn_k": int(r.fields["llama.attention.head_count_kv"].contents())}
+        out = {}
+        for t in r.tensors:
+            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+            w = w.reshape([int(d) for d in reversed(t.shape)])
+            kind = t.name.split(".")[-2]
+            if kind in heads:  # llama.cpp interleaves the rotary halves of each head's rows
+                n, o = heads[kind], w.shape[0]
+                w = w.reshape(n, o // n // 2, 2, -1).swapaxes(1, 2).reshape(o, -1)
+            out[G.hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+        return out
+    except Exception:  # noqa: BLE001 - any refusal by the reference counts as a refusal
+        return None
+
+
+# --- the mutations ------------------------------------------------------------------------------------------------
+
+def _edit_kv(kvs, key, value=None, vtype=None, sub=None, drop=False):
+    out = []
+    for k in kvs:
+        if k[0] == key:
+            if drop:
+                continue
+            k = (k[0], k[1] if vtype is None else vtype, k[2] if value is None else value,
+                 k[3] if sub is None else sub)
+        out.append(k)
+    return out
+
+
+def _edit_tensor(tensors, name, dims=None, ggml_type=None, offset=None, drop=False):
+    out = []
+    for t in tensors:
+        if t[0] == name:
+            if drop:
+                continue
+            t = (t[0], t[1] if dims is None else dims, t[2] if ggml_type is None else ggml_type,
+                 t[3] if offset is None else offset)
+        out.append(t)
+    return out
+
+
+def hostile_files(kvs, tensors, data):
+    """{label: (bytes, words the error must contain, or None where the file must load)}."""
+    k, t = kvs, tensors
+    first = t[0][0]  # token_embd.weight, Q8_0
+    norm = next(x for x in t if x[2] == 0)  # an F32 norm
+    q41 = next(x for x in t if x[2] == 3)
+    good = pack(k, t, data)
+    cases = {
+        "empty file": (b"", "truncated"),
+        "10 bytes": (good[:10], "truncated"),
+        "magic GGUG": (pack(k, t, data, magic=b"GGUG"), "magic"),
+        "version 1": (pack(k, t, data, version=1), "version 1"),
+        "version 4": (pack(k, t, data, version=4), "version 4"),
+        "2^63 tensors": (pack(k, t, data, n_tensors=2**63), "claims"),
+        "2^64-1 metadata entries": (pack(k, t, data, n_kv=2**64 - 1), "claims"),
+        "10^9 metadata entries": (pack(k, t, data, n_kv=10**9), "claims"),
+        "one metadata entry more than written": (pack(k, t, data, n_kv=len(k) + 1), ANY),
+        "key of 2^62 bytes": (pack([Raw(struct.pack("<Q", 2**62) + b"general")] + k, t, data), "allowed"),
+        "key of 60000 bytes past the end": (pack([Raw(struct.pack("<Q", 60000) + b"general")], [], b""),
+                                            "truncated"),
+        "key not UTF-8": (pack([(b"gen\xffral.x", T.UINT32, 1, None)] + k, t, data), "UTF-8"),
+        "key twice": (pack(k + [k[0]], t, data), "twice"),
+        "value type 13": (pack([("x", 13, Raw(b"\0" * 8), None)] + k, t, data), "value type 13"),
+        "value type 2^31": (pack([("x", 2**31, Raw(b""), None)] + k, t, data), "value type"),
+        "string of 2^62 bytes": (pack([("x", T.STRING, Raw(struct.pack("<Q", 2**62)), None)] + k, t, data),
+                                 "truncated"),
+        "2^60 uint32 values": (pack([("x", T.ARRAY, Raw(struct.pack("<IQ", T.UINT32, 2**60)), None)] + k, t, data),
+                               "truncated"),
+        "2^61 strings": (pack([("x", T.ARRAY, Raw(struct.pack("<IQ", T.STRING, 2**61)), None)] + k, t, data),
+                         "truncated"),
+        "array of arrays": (pack([("x", T.ARRAY, Raw(struct.pack("<IQ", T.ARRAY, 1)), None)] + k, t, data),
+                            "array of value type 9"),
+        "boolean 7": (pack([("x", T.BOOL, 7, None)] + k, t, data), "boolean"),
+        "boolean array holding 2": (pack([("x", T.ARRAY, [0, 2], T.BOOL)] + k, t, data), "boolean"),
+        "architecture gpt2": (pack(_edit_kv(k, "general.architecture", "gpt2"), t, data), "'gpt2' model"),
+        "architecture missing": (pack(_edit_kv(k, "general.architecture", drop=True), t, data), "'llama'"),
+        "architecture a number": (pack(_edit_kv(k, "general.architecture", 7, T.UINT32), t, data), "'llama'"),
+        "architecture an array": (pack(_edit_kv(k, "general.architecture", ["llama"], T.ARRAY, T.STRING), t, data),
+                                  "'llama'"),
+        "block_count 10^9": (pack(_edit_kv(k, "llama.block_count", 10**9), t, data), "block_count"),
+        "block_count 0": (pack(_edit_kv(k, "llama.block_count", 0), t, data), "block_count"),
+        "block_count 1": (pack(_edit_kv(k, "llama.block_count", 1), t, data), "holds tensor"),
+        "block_count a string": (pack(_edit_kv(k, "llama.block_count", "2", T.STRING), t, data), "block_count"),
+        "block_count a float": (pack(_edit_kv(k, "llama.block_count", 2.0, T.FLOAT32), t, data), "block_count"),
+        "block_count missing": (pack(_edit_kv(k, "llama.block_count", drop=True), t, data), "missing"),
+        "head_count 0": (pack(_edit_kv(k, "llama.attention.head_count", 0), t, data), "head_count"),
+        "head_count 7": (pack(_edit_kv(k, "llama.attention.head_count", 7), t, data), "do not split"),
+        "head_count_kv 3": (pack(_edit_kv(k, "llama.attention.head_count_kv", 3), t, data), "do not split"),
+        "head_count 2^32-1": (pack(_edit_kv(k, "llama.attention.head_count", 2**32 - 1), t, data), "do not split"),
+        "embedding_length 128": (pack(_edit_kv(k, "llama.embedding_length", 128), t, data), "rope.dimension_count"),
+        "feed_forward_length 2^31": (pack(_edit_kv(k, "llama.feed_forward_length", 2**31), t, data), "shape"),
+        "rope scaling linear": (pack(k + [("llama.rope.scaling.type", T.STRING, "linear", None)], t, data),
+                                "RoPE scaling"),
+        "vocab_size 10^9": (pack(_edit_kv(k, "llama.vocab_size", 10**9), t, data), "vocab_size"),
+        "rms eps negative": (pack(_edit_kv(k, "llama.attention.layer_norm_rms_epsilon", -1e-5), t, data),
+                             "positive finite"),
+        "rms eps NaN": (pack(_edit_kv(k, "llama.attention.layer_norm_rms_epsilon", float("nan")), t, data),
+                        "positive finite"),
+        "rope base inf": (pack(_edit_kv(k, "llama.rope.freq_base", float("inf")), t, data), "positive finite"),
+        "context_length missing": (pack(_edit_kv(k, "llama.context_length", drop=True), t, data), "missing"),
+        "a token missing": (pack(_edit_kv(k, "tokenizer.ggml.tokens", next(x[2] for x in k if x[0] ==
+                                                                             "tokenizer.ggml.tokens")[:-1]), t, data),
+                            "tokens"),
+        "tokens missing": (pack(_edit_kv(k, "tokenizer.ggml.tokens", drop=True), t, data), "tokens"),
+        "token types empty": (pack(_edit_kv(k, "tokenizer.ggml.token_type", []), t, data), "token_type"),
+        "eos 10^6": (pack(_edit_kv(k, "tokenizer.ggml.eos_token_id", 10**6), t, data), "token id"),
+        "eos missing": (pack(_edit_kv(k, "tokenizer.ggml.eos_token_id", drop=True), t, data), "eos_token_id"),
+        "bos a string": (pack(_edit_kv(k, "tokenizer.ggml.bos_token_id", "1", T.STRING), t, data), "token id"),
+        "merges a number": (pack(_edit_kv(k, "tokenizer.ggml.merges", 5, T.UINT32), t, data), "merges"),
+        "tensor with 0 dimensions": (pack(k, _edit_tensor(t, first, dims=[]), data), "dimensions"),
+        "tensor with 5 dimensions": (pack(k, _edit_tensor(t, first, dims=[64, 1, 1, 1, 1]), data), "dimensions"),
+        "tensor with 2^32-1 dimensions": (pack(k, [Raw(_str(first) + struct.pack("<I", 2**32 - 1))], data),
+                                          "dimensions"),
+        "tensor of 2^80 elements": (pack(k, _edit_tensor(t, first, dims=[2**40, 2**40]), data), "outside"),
+        "tensor of (2^64-1)^2 elements": (pack(k, _edit_tensor(t, first, dims=[2**64 - 32, 2**64 - 1]), data),
+                                          "outside"),
+        "dims whose product wraps to 0 in 64 bits": (pack(k, _edit_tensor(t, first, dims=[2**32, 2**32, 2**32]),
+                                                          data), "outside"),
+        "dimension 0": (pack(k, _edit_tensor(t, first, dims=[64, 0]), data), "blocks"),
+        "row not whole blocks": (pack(k, _edit_tensor(t, q41[0], dims=[48, q41[1][1]]), data), "blocks"),
+        "ggml type 99": (pack(k, _edit_tensor(t, first, ggml_type=99), data), "ggml type 99"),
+        "ggml type Q2_K": (pack(k, _edit_tensor(t, first, ggml_type=10), data), "cannot dequantise"),
+        "ggml type IQ2_XXS": (pack(k, _edit_tensor(t, first, ggml_type=16), data), "cannot dequantise"),
+        "ggml type Q8_1": (pack(k, _edit_tensor(t, first, ggml_type=9), data), "cannot dequantise"),
+        "ggml type 2^32-1": (pack(k, _edit_tensor(t, first, ggml_type=2**32 - 1), data), "cannot dequantise"),
+        "offset 2^63": (pack(k, _edit_tensor(t, first, offset=2**63), data), "outside"),
+        "offset 2^64-32": (pack(k, _edit_tensor(t, first, offset=2**64 - 32), data), "outside"),
+        "offset past the end": (pack(k, _edit_tensor(t, t[-1][0], offset=len(data) + 32), data), "outside"),
+        "offset misaligned": (pack(k, _edit_tensor(t, t[-1][0], offset=t[-1][3] + 4), data), "alignment"),
+        "tensors overlapping": (pack(k, _edit_tensor(t, t[1][0], offset=t[0][3]), data), "overlap"),
+        "tensor twice": (pack(k, t + [t[-1]], data), "twice"),
+        "tensor missing": (pack(k, _edit_tensor(t, "blk.1.ffn_up.weight", drop=True), data), "missing"),
+        "extra tensor rope_freqs": (pack(k, t + [("rope_freqs.weight", [8], 0, len(data))], data + b"\0" * 32),
+                                    "holds tensor"),
+        "attn_k misshapen": (pack(k, _edit_tensor(t, "blk.0.attn_k.weight", dims=[64, 64], offset=len(data)),
+                                  data + b"\0" * 2560), "shape"),
+        "token_embd 1-D": (pack(k, _edit_tensor(t, first, dims=[64]), data), "token_embd"),
+        "alignment 0": (pack(k + [("general.alignment", T.UINT32, 0, None)], t, data), "alignment"),
+        "alignment 3": (pack(k + [("general.alignment", T.UINT32, 3, None)], t, data, alignment=3), "alignment"),
+        "alignment 2^40": (pack(k + [("general.alignment", T.UINT64, 2**40, None)], t, data), "alignment"),
+        "alignment a string": (pack(k + [("general.alignment", T.STRING, "32", None)], t, data), "alignment"),
+        "alignment 64 (offsets still 32-aligned)": (pack(k + [("general.alignment", T.UINT32, 64, None)], t, data,
+                                                         alignment=64), None if all(x[3] % 64 == 0 for x in t)
+                                                    else "alignment"),
+        "data cut short": (good[:-100], "outside"),
+        "data cut at the table": (good[:len(good) - len(data)], "outside"),
+        "trailing bytes": (good + b"\0" * 64, None),
+        "unchanged": (good, None),
+        "NaN in a norm": (pack(k, t, _patch(data, norm[3], struct.pack("<f", float("nan")))), "NaN or infinite"),
+        "Inf in a norm": (pack(k, t, _patch(data, norm[3], struct.pack("<f", float("-inf")))), "NaN or infinite"),
+        "Inf as a Q8_0 scale": (pack(k, t, _patch(data, t[0][3], struct.pack("<e", float("inf")))),
+                                "NaN or infinite"),
+        "NaN as a Q4_1 scale": (pack(k, t, _patch(data, q41[3], struct.pack("<e", float("nan")))),
+                                "NaN or infinite"),
+    }
+    return cases
+
+
+def tokenizer_hostile_files(kvs, tensors, data):
+    """Files ``read_llama_gguf`` reads but ``tokenizer_from_gguf`` must refuse: {label: (bytes, words)}."""
+    merges = next(x[2] for x in kvs if x[0] == "tokenizer.ggml.merges")
+    tokens = next(x[2] for x in kvs if x[0] == "tokenizer.ggml.tokens")
+    return {
+        "tokenizer llama": (pack(_edit_kv(kvs, "tokenizer.ggml.model", "llama"), tensors, data), "'llama' tokenizer"),
+        "pre-tokenizer llama-bpe": (pack(_edit_kv(kvs, "tokenizer.ggml.pre", "llama-bpe"), tensors, data),
+                                    "pre-tokenizer 'llama-bpe'"),
+        "merge of an unknown token": (pack(_edit_kv(kvs, "tokenizer.ggml.merges", ["zz qq"] + merges[1:]), tensors,
+                                           data), "merge 'zz qq'"),
+        "merge of three parts": (pack(_edit_kv(kvs, "tokenizer.ggml.merges", ["a b c"] + merges[1:]), tensors,
+                                      data), "merge 'a b c'"),
+        "merge without a result": (pack(_edit_kv(kvs, "tokenizer.ggml.merges", ["q z"] + merges[1:]), tensors,
+                                        data), "merge 'q z'"),
+        "token twice": (pack(_edit_kv(kvs, "tokenizer.ggml.tokens", tokens[:-1] + [tokens[100]]), tensors, data),
+                        "twice"),
+    }
+
+
+def _patch(data: bytes, at: int, raw: bytes) -> bytes:
+    return data[:at] + raw + data[at + len(raw):]
+
+
+def generated_files(good: bytes, header_len: int, rng: random.Random):
+    """(label, bytes): truncations and byte flips, in the header and in the data."""
+    cuts = sorted(set(range(256)) | {rng.randrange(256, header_len) for _ in range(300)}
+                  | {rng.randrange(header_len, len(good)) for _ in range(60)})
+    out = [(f"truncated at {i}", good[:i]) for i in cuts]
+    for i in range(300):
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(header_len)] = rng.randrange(256)
+        out.append((f"header flip {i}", bytes(b)))
+    for i in range(60):
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(header_len, len(good))] = rng.randrange(256)
+        out.append((f"data flip {i}", bytes(b)))
+    return out
+
+
+# --- the test -----------------------------------------------------------------------------------------------------
+
+def load_traced(fn):
+    """``fn()``'s result or its GGUFError, and the traced peak allocation (bytes) while it ran."""
+    tracemalloc.start()
+    try:
+        try:
+            result = fn()
+        except G.GGUFError as e:
+            result = e
+        except ValueError as e:  # a ValueError that is not a GGUFError is a defect, not a refusal
+            raise AssertionError(f"{type(e).__name__} instead of GGUFError: {e}") from e
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def check_one(path, label, want, counts):
+    """Load ``path`` with both loaders under the watchdog. ``want``: the words ``read_llama_gguf``'s error must
+    contain, None where the file must load, ANY for either. A refusal must be a one-line GGUFError starting with
+    the path; a load must give GGUFReader's tensors. Returns read_llama_gguf's error message or None."""
+    outcome = None
+    for loader in (G.read_llama_gguf, G.tokenizer_from_gguf):
+        _, (result, peak) = guarded_load(lambda: load_traced(lambda: loader(path)), os.path.dirname(path), label)
+        assert peak < ALLOC_LIMIT, f"{label}: {loader.__name__} allocated {peak / 2**20:.1f} MiB"
+        counts["peak"] = max(counts["peak"], peak)
+        weights = loader is G.read_llama_gguf
+        if isinstance(result, G.GGUFError):
+            msg = str(result)
+            assert msg.startswith(f"{path}: ") and "\n" not in msg and msg.endswith(")"), f"{label}: {msg!r}"
+            assert want is ANY or (want is not None and (want in msg or not weights)), \
+                f"{label}: {loader.__name__} said {msg!r}, expected " + ("a load" if want is None else repr(want))
+            outcome = msg if weights else outcome
+            counts["refused"] += 1
+            continue
+        assert want is ANY or want is None or not weights, f"{label}: loaded, expected an error with {want!r}"
+        if weights:
+            ref = reference_state_dict(path)
+            assert ref is not None, f"{label}: read a file llama.cpp's GGUFReader refuses"
+            assert ref.keys() == result.state_dict.keys() and all(
+                torch.equal(ref[n], result.state_dict[n]) for n in ref), f"{label}: tensors differ from GGUFReader's"
+        else:
+            assert result.n_vocab > 256 and result.decode(result.encode_ordinary("name : Café")) == "name : Café"
+        counts["loaded"] += 1
+    return outcome
+
+
+def _write(path, buf: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(buf)
+    return str(path)
+
+
+def test_gguf_fuzz(tmp_path, tally):
+    good_path = str(tmp_path / "good.gguf")
+    F.write_tiny_llama(good_path, seed=5)
+    good = open(good_path, "rb").read()
+    kvs, tensors = decompose(good_path)
+    header_len = G.read_gguf_header(good_path).data_start
+    data = good[header_len:]
+    assert pack(kvs, tensors, data) == good  # the test's writer reproduces gguf's byte for byte
+    counts = {"refused": 0, "loaded": 0, "peak": 0}
+    cases = [(label, buf, want) for label, (buf, want) in hostile_files(kvs, tensors, data).items()]
+    cases += [(label, buf, ANY) for label, buf in generated_files(good, header_len, random.Random(SEED))]
+    with PeakRSS() as rss:
+        for i, (label, buf, want) in enumerate(cases):
+            check_one(_write(tmp_path / f"m{i}.gguf", buf), label, want, counts)
+    assert rss.delta < RSS_LIMIT, f"the GGUF fuzz peaked {rss.delta / 2**20:.0f} MiB above its start"
+    tokenizer_cases = tokenizer_hostile_files(kvs, tensors, data)
+    for i, (label, (buf, want)) in enumerate(tokenizer_cases.items()):
+        path = _write(tmp_path / f"t{i}.gguf", buf)
+        assert G.read_llama_gguf(path).state_dict  # the weights load, the tokenizer does not
+        with pytest.raises(G.GGUFError) as e:
+            G.tokenizer_from_gguf(path)
+        msg = str(e.value)
+        assert want in msg and msg.startswith(f"{path}: ") and "\n" not in msg, f"{label}: {msg}"
+    assert counts["refused"] > 500 and counts["loaded"] > 10
+    tally.add("files fuzzed: GGUF reader", len(cases) + len(tokenizer_cases))
+    tally.note(f"GGUF fuzz: {counts['refused']} refusals, {counts['loaded']} loads equal to GGUFReader's; the "
+               f"largest traced allocation of one load {counts['peak'] / 2**20:.2f} MiB (limit "
+               f"{ALLOC_LIMIT >> 20} MiB; headers claimed up to 2^128 bytes), peak RSS +{rss.delta / 2**20:.1f} MiB "
+               f"over the fuzz ({rss.method})")
