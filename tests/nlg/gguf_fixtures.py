@@ -57,6 +57,22 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, out // n_head // 2, d).swapaxes(1, 2).reshape(out, d)
 
 
+# k-quant blocks (256 values): (bytes per block, offsets of their float16 scales). gguf can dequantise them but not
+# quantise, so the fixture writes random blocks whose scales are set to small normal numbers.
+K_SCALES = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)), "Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)),
+            "Q6_K": (210, (208,))}
+
+
+def _random_k_blocks(shape, qtype, rng) -> np.ndarray:
+    """(rows, row bytes) of random ``qtype`` blocks, their scales drawn in [1e-3, 2e-3)."""
+    block_bytes, scales = K_SCALES[qtype.name]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, block_bytes), dtype=np.uint8)
+    for at in scales:
+        blocks[:, at:at + 2] = (1e-3 + 1e-3 * rng.random((len(blocks), 1))).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def _type_of(name: str, types) -> str:
     stem = name[:-len(".weight")]
     if stem in types:
@@ -80,8 +96,7 @@ def tiny_shapes(cfg):
     return shapes
 
 
-def write_tiny_llama(path, seed: int = 0, tied: bool = True, types=None, arch: str = "llama", pre: str = "smollm",
-                     extra_kv=None):
+def write_tiny_llama(path, seed: int = 0, tied: bool = True, types=None, sizes=None):
     """Write a random tiny Llama GGUF to ``path``.
 
     Args:
@@ -90,9 +105,8 @@ def write_tiny_llama(path, seed: int = 0, tied: bool = True, types=None, arch: s
         tied: no ``output.weight`` (the head is the embedding), as SmolLM2.
         types: ``{key: ggml type name}`` overriding :data:`DEFAULT_TYPES` (a key is a tensor stem such as
             ``"blk.0.attn_q"``, a kind such as ``"attn_q"``, ``"norm"`` or ``"proj"``).
-        arch: ``general.architecture`` (another one makes a file the reader must refuse).
-        pre: ``tokenizer.ggml.pre``.
-        extra_kv: ``{key: value}`` metadata added as gguf's writer types it.
+        sizes: :data:`TINY_CONFIG` keys to change (k-quants need rows of 256: ``n_embd`` and
+            ``intermediate_size`` 256).
 
     Returns:
         (config, {Hugging Face name: float32 tensor}): the sizes and the tensors a correct reader returns.
@@ -101,10 +115,11 @@ def write_tiny_llama(path, seed: int = 0, tied: bool = True, types=None, arch: s
     from src.gguf_checkpoint import hf_name
 
     tokens, merges = tiny_bpe()
-    cfg = {**TINY_CONFIG, "vocab_size": len(tokens), "tie_word_embeddings": tied}
+    cfg = {**TINY_CONFIG, **(sizes or {}), "vocab_size": len(tokens), "tie_word_embeddings": tied}
+    cfg["head_dim"] = cfg["n_embd"] // cfg["n_head"]
     types = {**DEFAULT_TYPES, **(types or {})}
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(os.fspath(path), arch)
+    w = gguf.GGUFWriter(os.fspath(path), "llama")
     w.add_name("tiny random llama")
     w.add_block_count(cfg["n_layer"])
     w.add_context_length(cfg["context_length"])
@@ -117,7 +132,7 @@ def write_tiny_llama(path, seed: int = 0, tied: bool = True, types=None, arch: s
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
+    w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
     w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])  # 3: control, 1: normal
     w.add_token_merges(merges)
@@ -125,21 +140,19 @@ def write_tiny_llama(path, seed: int = 0, tied: bool = True, types=None, arch: s
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
-    for key, value in (extra_kv or {}).items():
-        w.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
     expected = {}
     for name, shape in tiny_shapes(cfg).items():
         hf = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
               else 0.05 * rng.standard_normal(shape)).astype(np.float32)
         qtype = gguf.GGMLQuantizationType[_type_of(name, types)]
+        # Rows are quantised one by one, so quantising then permuting rows is permuting then quantising.
+        data = _random_k_blocks(shape, qtype, rng) if qtype.name in K_SCALES else gguf.quants.quantize(hf, qtype)
+        expected[hf_name(name)] = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(shape).copy())
         kind = name.split(".")[-2]
-        stored = hf
         if kind in ("attn_q", "attn_k"):
-            stored = _llama_cpp_permute(hf, cfg["n_head"] if kind == "attn_q" else cfg["n_kv_head"])
-        data = gguf.quants.quantize(stored, qtype)
-        w.add_tensor(name, data, raw_dtype=qtype if qtype != gguf.GGMLQuantizationType.F32 else None)
-        expected[hf_name(name)] = torch.from_numpy(
-            gguf.quants.dequantize(gguf.quants.quantize(hf, qtype), qtype).reshape(shape).copy())
+            data = _llama_cpp_permute(data, cfg["n_head"] if kind == "attn_q" else cfg["n_kv_head"])
+        w.add_tensor(name, np.ascontiguousarray(data),
+                     raw_dtype=qtype if qtype != gguf.GGMLQuantizationType.F32 else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

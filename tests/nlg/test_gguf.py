@@ -97,17 +97,27 @@ def test_q_and_k_rows_are_in_hugging_face_order(tmp_path):
     assert not torch.equal(q, q_stored) and torch.equal(q.sort(dim=0).values, q_stored.sort(dim=0).values)
 
 
-@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_0", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q4_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_every_readable_type(tmp_path, qtype):
+    """Every type the reader accepts, in every projection and the embedding, against the writer and transformers
+    (k-quants as random blocks with small scales, in a model 256 wide)."""
     path = str(tmp_path / f"{qtype}.gguf")
-    _, expected = F.write_tiny_llama(path, seed=2, tied=False, types={"token_embd": qtype, "output": qtype,
-                                                                       "proj": qtype, "blk.0.ffn_down": qtype,
-                                                                       "blk.1.attn_v": qtype, "blk.1.attn_q": qtype})
+    sizes = {"n_embd": 256, "intermediate_size": 256} if qtype in F.K_SCALES else None
+    _, expected = F.write_tiny_llama(path, seed=2, tied=False, sizes=sizes,
+                                     types={"token_embd": qtype, "output": qtype, "proj": qtype,
+                                            "blk.0.ffn_down": qtype, "blk.1.attn_v": qtype, "blk.1.attn_q": qtype})
     ckpt = G.read_llama_gguf(path)
     assert set(ckpt.tensor_types.values()) == {qtype, "F32"}
     for name, t in expected.items():
         assert torch.equal(ckpt.state_dict[name], t), name
     assert_equals_transformers(ckpt, *hf_state_dict(path))
+
+
+def test_readable_types_agree_with_gguf():
+    """The reader checks block sizes before importing gguf: its table must be gguf's."""
+    for type_id, (name, block, block_bytes) in G.READABLE_TYPES.items():
+        qtype = gguf.GGMLQuantizationType(type_id)
+        assert qtype.name == name and gguf.GGML_QUANT_SIZES[qtype] == (block, block_bytes)
 
 
 def test_dtype_is_applied_once_to_every_tensor(tmp_path):

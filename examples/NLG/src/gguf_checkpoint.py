@@ -59,8 +59,9 @@ _FLOAT_TYPES = (6, 12)
 
 # ggml tensor types this reader dequantises: {id: (name, elements per block, bytes per block)}; the values are
 # gguf's GGML_QUANT_SIZES, repeated so the header can be checked without importing gguf.
-_READABLE = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-             6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34)}
+READABLE_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+             6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84),
+             11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 
 # GGUF tensor names -> Hugging Face LlamaForCausalLM names ({i} is the block).
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -115,7 +116,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return _READABLE[self.ggml_type][0]
+        return READABLE_TYPES[self.ggml_type][0]
 
 
 @dataclass
@@ -275,12 +276,12 @@ def _check_tensor_table(path, table, data_start, size, alignment) -> Dict[str, T
     for name, dims, ggml_type, offset in table:
         if name in tensors:
             raise _fail(path, f"tensor {name!r} appears twice")
-        if ggml_type not in _READABLE:
-            readable = ", ".join(v[0] for v in _READABLE.values())
+        if ggml_type not in READABLE_TYPES:
+            readable = ", ".join(v[0] for v in READABLE_TYPES.values())
             raise _fail(path, f"tensor {name!r} has ggml type {ggml_type}, which this reader cannot dequantise "
                               f"(it reads {readable})",
                         "convert or quantise the model to one of those types with llama.cpp")
-        _, block, block_bytes = _READABLE[ggml_type]
+        _, block, block_bytes = READABLE_TYPES[ggml_type]
         if 0 in dims or dims[0] % block:
             raise _fail(path, f"tensor {name!r} has shape {list(dims)}, not whole {block}-element blocks")
         elements = 1
@@ -507,7 +508,7 @@ def read_llama_gguf(path: Union[str, os.PathLike], dtype: torch.dtype = torch.fl
     digest = _sha256(blob)
     state_dict = {}
     for name, info in h.tensors.items():
-        _, block, block_bytes = _READABLE[info.ggml_type]
+        _, block, block_bytes = READABLE_TYPES[info.ggml_type]
         rows = info.nbytes // (info.shape[-1] // block * block_bytes)
         raw = blob[info.start:info.start + info.nbytes].reshape(rows, -1)
         values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
