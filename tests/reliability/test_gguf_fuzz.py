@@ -15,6 +15,7 @@ allocation of every load is measured (``tracemalloc``) and bounded, so no load a
 claims, and so is the process's peak resident memory over the whole fuzz (torch's allocations included); a
 watchdog fails a load that hangs (``guarded_load`` of ``test_loader_fuzz.py``).
 """
+import collections
 import os
 import random
 import struct
@@ -43,6 +44,10 @@ _FMT = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<
 
 
 ANY = "any outcome"  # a case that may load or be refused (with any wording)
+
+
+KV = collections.namedtuple("KV", "key vtype value sub")  # sub: an array's item type
+Tensor = collections.namedtuple("Tensor", "name dims ggml_type offset")  # dims in ggml order; offset in the data
 
 
 class Raw(bytes):
@@ -86,12 +91,9 @@ def pack(kvs, tensors, data, version=3, n_kv=None, n_tensors=None, alignment=32,
 def decompose(path):
     """(kvs, tensors) of a GGUF file, as llama.cpp's ``GGUFReader`` reads it."""
     r = gguf.GGUFReader(path)
-    kvs = []
-    for key, f in r.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        kvs.append((key, f.types[0], f.contents(), f.types[1] if len(f.types) > 1 else None))
-    tensors = [(t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset) - r.data_offset)
+    kvs = [KV(key, f.types[0], f.contents(), f.types[1] if len(f.types) > 1 else None)
+           for key, f in r.fields.items() if not key.startswith("GGUF.")]
+    tensors = [Tensor(t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset) - r.data_offset)
                for t in r.tensors]
     return kvs, tensors
 
@@ -119,37 +121,38 @@ def reference_state_dict(path):
 
 # --- the mutations ------------------------------------------------------------------------------------------------
 
-def _edit_kv(kvs, key, value=None, vtype=None, sub=None, drop=False):
-    out = []
-    for k in kvs:
-        if k[0] == key:
-            if drop:
-                continue
-            k = (k[0], k[1] if vtype is None else vtype, k[2] if value is None else value,
-                 k[3] if sub is None else sub)
-        out.append(k)
-    return out
-
-
-def _edit_tensor(tensors, name, dims=None, ggml_type=None, offset=None, drop=False):
-    out = []
-    for t in tensors:
-        if t[0] == name:
-            if drop:
-                continue
-            t = (t[0], t[1] if dims is None else dims, t[2] if ggml_type is None else ggml_type,
-                 t[3] if offset is None else offset)
-        out.append(t)
-    return out
+def _edit(entries, name, drop=False, **changes):
+    """``entries`` (``KV`` or ``Tensor`` tuples) with the one called ``name`` dropped or its fields changed."""
+    if drop:
+        return [e for e in entries if e[0] != name]
+    return [e._replace(**changes) if e[0] == name else e for e in entries]
 
 
 def hostile_files(kvs, tensors, data):
     """{label: (bytes, words the error must contain, or None where the file must load)}."""
     k, t = kvs, tensors
-    first = t[0][0]  # token_embd.weight, Q8_0
-    norm = next(x for x in t if x[2] == 0)  # an F32 norm
-    q41 = next(x for x in t if x[2] == 3)
+    first = t[0].name  # token_embd.weight, Q8_0
+    norm = next(x for x in t if x.ggml_type == 0)  # an F32 norm
+    q41 = next(x for x in t if x.ggml_type == 3)
+    tokens = next(x.value for x in k if x.key == "tokenizer.ggml.tokens")
     good = pack(k, t, data)
+
+    def first_kv(vtype, value, sub=None):  # the good file with an entry "x" written first
+        return pack([KV("x", vtype, value, sub)] + k, t, data)
+
+    def aligned(vtype, value):  # the good file with general.alignment, the data padded to it where it is valid
+        return pack(k + [KV("general.alignment", vtype, value, None)], t, data,
+                    alignment=value if isinstance(value, int) and 0 < value < 1 << 20 else 32)
+
+    def patched(at, raw):  # the good file with the data at ``at`` overwritten
+        return pack(k, t, data[:at] + raw + data[at + len(raw):])
+
+    def kv(key, **changes):  # the good file with one metadata entry changed
+        return pack(_edit(k, key, **changes), t, data)
+
+    def tv(name, **changes):  # the good file with one tensor entry changed
+        return pack(k, _edit(t, name, **changes), data)
+
     cases = {
         "empty file": (b"", "truncated"),
         "10 bytes": (good[:10], "truncated"),
@@ -163,127 +166,108 @@ def hostile_files(kvs, tensors, data):
         "key of 2^62 bytes": (pack([Raw(struct.pack("<Q", 2**62) + b"general")] + k, t, data), "allowed"),
         "key of 60000 bytes past the end": (pack([Raw(struct.pack("<Q", 60000) + b"general")], [], b""),
                                             "truncated"),
-        "key not UTF-8": (pack([(b"gen\xffral.x", T.UINT32, 1, None)] + k, t, data), "UTF-8"),
+        "key not UTF-8": (pack([KV(b"gen\xffral.x", T.UINT32, 1, None)] + k, t, data), "UTF-8"),
         "key twice": (pack(k + [k[0]], t, data), "twice"),
-        "value type 13": (pack([("x", 13, Raw(b"\0" * 8), None)] + k, t, data), "value type 13"),
-        "value type 2^31": (pack([("x", 2**31, Raw(b""), None)] + k, t, data), "value type"),
-        "string of 2^62 bytes": (pack([("x", T.STRING, Raw(struct.pack("<Q", 2**62)), None)] + k, t, data),
-                                 "truncated"),
-        "2^60 uint32 values": (pack([("x", T.ARRAY, Raw(struct.pack("<IQ", T.UINT32, 2**60)), None)] + k, t, data),
-                               "truncated"),
-        "2^61 strings": (pack([("x", T.ARRAY, Raw(struct.pack("<IQ", T.STRING, 2**61)), None)] + k, t, data),
-                         "truncated"),
-        "array of arrays": (pack([("x", T.ARRAY, Raw(struct.pack("<IQ", T.ARRAY, 1)), None)] + k, t, data),
-                            "array of value type 9"),
-        "boolean 7": (pack([("x", T.BOOL, 7, None)] + k, t, data), "boolean"),
-        "boolean array holding 2": (pack([("x", T.ARRAY, [0, 2], T.BOOL)] + k, t, data), "boolean"),
-        "architecture gpt2": (pack(_edit_kv(k, "general.architecture", "gpt2"), t, data), "'gpt2' model"),
-        "architecture missing": (pack(_edit_kv(k, "general.architecture", drop=True), t, data), "'llama'"),
-        "architecture a number": (pack(_edit_kv(k, "general.architecture", 7, T.UINT32), t, data), "'llama'"),
-        "architecture an array": (pack(_edit_kv(k, "general.architecture", ["llama"], T.ARRAY, T.STRING), t, data),
+        "value type 13": (first_kv(13, Raw(b"\0" * 8)), "value type 13"),
+        "value type 2^31": (first_kv(2**31, Raw(b"")), "value type"),
+        "string of 2^62 bytes": (first_kv(T.STRING, Raw(struct.pack("<Q", 2**62))), "truncated"),
+        "2^60 uint32 values": (first_kv(T.ARRAY, Raw(struct.pack("<IQ", T.UINT32, 2**60))), "truncated"),
+        "2^61 strings": (first_kv(T.ARRAY, Raw(struct.pack("<IQ", T.STRING, 2**61))), "truncated"),
+        "array of arrays": (first_kv(T.ARRAY, Raw(struct.pack("<IQ", T.ARRAY, 1))), "array of value type 9"),
+        "boolean 7": (first_kv(T.BOOL, 7), "boolean"),
+        "boolean array holding 2": (first_kv(T.ARRAY, [0, 2], T.BOOL), "boolean"),
+        "architecture gpt2": (kv("general.architecture", value="gpt2"), "'gpt2' model"),
+        "architecture missing": (kv("general.architecture", drop=True), "'llama'"),
+        "architecture a number": (kv("general.architecture", value=7, vtype=T.UINT32), "'llama'"),
+        "architecture an array": (kv("general.architecture", value=["llama"], vtype=T.ARRAY, sub=T.STRING),
                                   "'llama'"),
-        "block_count 10^9": (pack(_edit_kv(k, "llama.block_count", 10**9), t, data), "block_count"),
-        "block_count 0": (pack(_edit_kv(k, "llama.block_count", 0), t, data), "block_count"),
-        "block_count 1": (pack(_edit_kv(k, "llama.block_count", 1), t, data), "holds tensor"),
-        "block_count a string": (pack(_edit_kv(k, "llama.block_count", "2", T.STRING), t, data), "block_count"),
-        "block_count a float": (pack(_edit_kv(k, "llama.block_count", 2.0, T.FLOAT32), t, data), "block_count"),
-        "block_count missing": (pack(_edit_kv(k, "llama.block_count", drop=True), t, data), "missing"),
-        "head_count 0": (pack(_edit_kv(k, "llama.attention.head_count", 0), t, data), "head_count"),
-        "head_count 7": (pack(_edit_kv(k, "llama.attention.head_count", 7), t, data), "do not split"),
-        "head_count_kv 3": (pack(_edit_kv(k, "llama.attention.head_count_kv", 3), t, data), "do not split"),
-        "head_count 2^32-1": (pack(_edit_kv(k, "llama.attention.head_count", 2**32 - 1), t, data), "do not split"),
-        "embedding_length 128": (pack(_edit_kv(k, "llama.embedding_length", 128), t, data), "rope.dimension_count"),
-        "feed_forward_length 2^31": (pack(_edit_kv(k, "llama.feed_forward_length", 2**31), t, data), "shape"),
-        "rope scaling linear": (pack(k + [("llama.rope.scaling.type", T.STRING, "linear", None)], t, data),
+        "block_count 10^9": (kv("llama.block_count", value=10**9), "block_count"),
+        "block_count 0": (kv("llama.block_count", value=0), "block_count"),
+        "block_count 1": (kv("llama.block_count", value=1), "holds tensor"),
+        "block_count a string": (kv("llama.block_count", value="2", vtype=T.STRING), "block_count"),
+        "block_count a float": (kv("llama.block_count", value=2.0, vtype=T.FLOAT32), "block_count"),
+        "block_count missing": (kv("llama.block_count", drop=True), "missing"),
+        "head_count 0": (kv("llama.attention.head_count", value=0), "head_count"),
+        "head_count 7": (kv("llama.attention.head_count", value=7), "do not split"),
+        "head_count_kv 3": (kv("llama.attention.head_count_kv", value=3), "do not split"),
+        "head_count 2^32-1": (kv("llama.attention.head_count", value=2**32 - 1), "do not split"),
+        "embedding_length 128": (kv("llama.embedding_length", value=128), "rope.dimension_count"),
+        "feed_forward_length 2^31": (kv("llama.feed_forward_length", value=2**31), "shape"),
+        "rope scaling linear": (pack(k + [KV("llama.rope.scaling.type", T.STRING, "linear", None)], t, data),
                                 "RoPE scaling"),
-        "vocab_size 10^9": (pack(_edit_kv(k, "llama.vocab_size", 10**9), t, data), "vocab_size"),
-        "rms eps negative": (pack(_edit_kv(k, "llama.attention.layer_norm_rms_epsilon", -1e-5), t, data),
-                             "positive finite"),
-        "rms eps NaN": (pack(_edit_kv(k, "llama.attention.layer_norm_rms_epsilon", float("nan")), t, data),
-                        "positive finite"),
-        "rope base inf": (pack(_edit_kv(k, "llama.rope.freq_base", float("inf")), t, data), "positive finite"),
-        "context_length missing": (pack(_edit_kv(k, "llama.context_length", drop=True), t, data), "missing"),
-        "a token missing": (pack(_edit_kv(k, "tokenizer.ggml.tokens", next(x[2] for x in k if x[0] ==
-                                                                             "tokenizer.ggml.tokens")[:-1]), t, data),
-                            "tokens"),
-        "tokens missing": (pack(_edit_kv(k, "tokenizer.ggml.tokens", drop=True), t, data), "tokens"),
-        "token types empty": (pack(_edit_kv(k, "tokenizer.ggml.token_type", []), t, data), "token_type"),
-        "eos 10^6": (pack(_edit_kv(k, "tokenizer.ggml.eos_token_id", 10**6), t, data), "token id"),
-        "eos missing": (pack(_edit_kv(k, "tokenizer.ggml.eos_token_id", drop=True), t, data), "eos_token_id"),
-        "bos a string": (pack(_edit_kv(k, "tokenizer.ggml.bos_token_id", "1", T.STRING), t, data), "token id"),
-        "merges a number": (pack(_edit_kv(k, "tokenizer.ggml.merges", 5, T.UINT32), t, data), "merges"),
-        "tensor with 0 dimensions": (pack(k, _edit_tensor(t, first, dims=[]), data), "dimensions"),
-        "tensor with 5 dimensions": (pack(k, _edit_tensor(t, first, dims=[64, 1, 1, 1, 1]), data), "dimensions"),
+        "vocab_size 10^9": (kv("llama.vocab_size", value=10**9), "vocab_size"),
+        "rms eps negative": (kv("llama.attention.layer_norm_rms_epsilon", value=-1e-5), "positive finite"),
+        "rms eps NaN": (kv("llama.attention.layer_norm_rms_epsilon", value=float("nan")), "positive finite"),
+        "rope base inf": (kv("llama.rope.freq_base", value=float("inf")), "positive finite"),
+        "context_length missing": (kv("llama.context_length", drop=True), "missing"),
+        "a token missing": (kv("tokenizer.ggml.tokens", value=tokens[:-1]), "tokens"),
+        "tokens missing": (kv("tokenizer.ggml.tokens", drop=True), "tokens"),
+        "token types empty": (kv("tokenizer.ggml.token_type", value=[]), "token_type"),
+        "eos 10^6": (kv("tokenizer.ggml.eos_token_id", value=10**6), "token id"),
+        "eos missing": (kv("tokenizer.ggml.eos_token_id", drop=True), "eos_token_id"),
+        "bos a string": (kv("tokenizer.ggml.bos_token_id", value="1", vtype=T.STRING), "token id"),
+        "merges a number": (kv("tokenizer.ggml.merges", value=5, vtype=T.UINT32), "merges"),
+        "tensor with 0 dimensions": (tv(first, dims=[]), "dimensions"),
+        "tensor with 5 dimensions": (tv(first, dims=[64, 1, 1, 1, 1]), "dimensions"),
         "tensor with 2^32-1 dimensions": (pack(k, [Raw(_str(first) + struct.pack("<I", 2**32 - 1))], data),
                                           "dimensions"),
-        "tensor of 2^80 elements": (pack(k, _edit_tensor(t, first, dims=[2**40, 2**40]), data), "outside"),
-        "tensor of (2^64-1)^2 elements": (pack(k, _edit_tensor(t, first, dims=[2**64 - 32, 2**64 - 1]), data),
-                                          "outside"),
-        "dims whose product wraps to 0 in 64 bits": (pack(k, _edit_tensor(t, first, dims=[2**32, 2**32, 2**32]),
-                                                          data), "outside"),
-        "dimension 0": (pack(k, _edit_tensor(t, first, dims=[64, 0]), data), "blocks"),
-        "row not whole blocks": (pack(k, _edit_tensor(t, q41[0], dims=[48, q41[1][1]]), data), "blocks"),
-        "ggml type 99": (pack(k, _edit_tensor(t, first, ggml_type=99), data), "ggml type 99"),
-        "ggml type Q4_K on rows of 64": (pack(k, _edit_tensor(t, first, ggml_type=12), data), "256-element blocks"),
-        "ggml type IQ2_XXS": (pack(k, _edit_tensor(t, first, ggml_type=16), data), "cannot dequantise"),
-        "ggml type IQ4_NL": (pack(k, _edit_tensor(t, first, ggml_type=20), data), "cannot dequantise"),
-        "ggml type I8": (pack(k, _edit_tensor(t, first, ggml_type=24), data), "cannot dequantise"),
-        "ggml type Q8_1": (pack(k, _edit_tensor(t, first, ggml_type=9), data), "cannot dequantise"),
-        "ggml type 2^32-1": (pack(k, _edit_tensor(t, first, ggml_type=2**32 - 1), data), "cannot dequantise"),
-        "offset 2^63": (pack(k, _edit_tensor(t, first, offset=2**63), data), "outside"),
-        "offset 2^64-32": (pack(k, _edit_tensor(t, first, offset=2**64 - 32), data), "outside"),
-        "offset past the end": (pack(k, _edit_tensor(t, t[-1][0], offset=len(data) + 32), data), "outside"),
-        "offset misaligned": (pack(k, _edit_tensor(t, t[-1][0], offset=t[-1][3] + 4), data), "alignment"),
-        "tensors overlapping": (pack(k, _edit_tensor(t, t[1][0], offset=t[0][3]), data), "overlap"),
+        "tensor of 2^80 elements": (tv(first, dims=[2**40, 2**40]), "outside"),
+        "tensor of (2^64-1)^2 elements": (tv(first, dims=[2**64 - 32, 2**64 - 1]), "outside"),
+        "dims whose product wraps to 0 in 64 bits": (tv(first, dims=[2**32, 2**32, 2**32]), "outside"),
+        "dimension 0": (tv(first, dims=[64, 0]), "blocks"),
+        "row not whole blocks": (tv(q41.name, dims=[48, q41.dims[1]]), "blocks"),
+        "ggml type 99": (tv(first, ggml_type=99), "ggml type 99"),
+        "ggml type Q4_K on rows of 64": (tv(first, ggml_type=12), "256-element blocks"),
+        "ggml type IQ2_XXS": (tv(first, ggml_type=16), "cannot dequantise"),
+        "ggml type IQ4_NL": (tv(first, ggml_type=20), "cannot dequantise"),
+        "ggml type I8": (tv(first, ggml_type=24), "cannot dequantise"),
+        "ggml type Q8_1": (tv(first, ggml_type=9), "cannot dequantise"),
+        "ggml type 2^32-1": (tv(first, ggml_type=2**32 - 1), "cannot dequantise"),
+        "offset 2^63": (tv(first, offset=2**63), "outside"),
+        "offset 2^64-32": (tv(first, offset=2**64 - 32), "outside"),
+        "offset past the end": (tv(t[-1].name, offset=len(data) + 32), "outside"),
+        "offset misaligned": (tv(t[-1].name, offset=t[-1].offset + 4), "alignment"),
+        "tensors overlapping": (tv(t[1].name, offset=t[0].offset), "overlap"),
         "tensor twice": (pack(k, t + [t[-1]], data), "twice"),
-        "tensor missing": (pack(k, _edit_tensor(t, "blk.1.ffn_up.weight", drop=True), data), "missing"),
-        "extra tensor rope_freqs": (pack(k, t + [("rope_freqs.weight", [8], 0, len(data))], data + b"\0" * 32),
-                                    "holds tensor"),
-        "attn_k misshapen": (pack(k, _edit_tensor(t, "blk.0.attn_k.weight", dims=[64, 64], offset=len(data)),
+        "tensor missing": (tv("blk.1.ffn_up.weight", drop=True), "missing"),
+        "extra tensor rope_freqs": (pack(k, t + [Tensor("rope_freqs.weight", [8], 0, len(data))],
+                                         data + b"\0" * 32), "holds tensor"),
+        "attn_k misshapen": (pack(k, _edit(t, "blk.0.attn_k.weight", dims=[64, 64], offset=len(data)),
                                   data + b"\0" * 2560), "shape"),
-        "token_embd 1-D": (pack(k, _edit_tensor(t, first, dims=[64]), data), "token_embd"),
-        "alignment 0": (pack(k + [("general.alignment", T.UINT32, 0, None)], t, data), "alignment"),
-        "alignment 3": (pack(k + [("general.alignment", T.UINT32, 3, None)], t, data, alignment=3), "alignment"),
-        "alignment 2^40": (pack(k + [("general.alignment", T.UINT64, 2**40, None)], t, data), "alignment"),
-        "alignment a string": (pack(k + [("general.alignment", T.STRING, "32", None)], t, data), "alignment"),
-        "alignment 64 (offsets still 32-aligned)": (pack(k + [("general.alignment", T.UINT32, 64, None)], t, data,
-                                                         alignment=64), None if all(x[3] % 64 == 0 for x in t)
-                                                    else "alignment"),
+        "token_embd 1-D": (tv(first, dims=[64]), "token_embd"),
+        "alignment 0": (aligned(T.UINT32, 0), "alignment"),
+        "alignment 3": (aligned(T.UINT32, 3), "alignment"),
+        "alignment 2^40": (aligned(T.UINT64, 2**40), "alignment"),
+        "alignment a string": (aligned(T.STRING, "32"), "alignment"),
+        "alignment 64": (aligned(T.UINT32, 64), None if all(x.offset % 64 == 0 for x in t) else "alignment"),
         "data cut short": (good[:-100], "outside"),
         "data cut at the table": (good[:len(good) - len(data)], "outside"),
         "trailing bytes": (good + b"\0" * 64, None),
         "unchanged": (good, None),
-        "NaN in a norm": (pack(k, t, _patch(data, norm[3], struct.pack("<f", float("nan")))), "NaN or infinite"),
-        "Inf in a norm": (pack(k, t, _patch(data, norm[3], struct.pack("<f", float("-inf")))), "NaN or infinite"),
-        "Inf as a Q8_0 scale": (pack(k, t, _patch(data, t[0][3], struct.pack("<e", float("inf")))),
-                                "NaN or infinite"),
-        "NaN as a Q4_1 scale": (pack(k, t, _patch(data, q41[3], struct.pack("<e", float("nan")))),
-                                "NaN or infinite"),
+        "NaN in a norm": (patched(norm.offset, struct.pack("<f", float("nan"))), "NaN or infinite"),
+        "Inf in a norm": (patched(norm.offset, struct.pack("<f", float("-inf"))), "NaN or infinite"),
+        "Inf as a Q8_0 scale": (patched(t[0].offset, struct.pack("<e", float("inf"))), "NaN or infinite"),
+        "NaN as a Q4_1 scale": (patched(q41.offset, struct.pack("<e", float("nan"))), "NaN or infinite"),
     }
     return cases
 
 
 def tokenizer_hostile_files(kvs, tensors, data):
     """Files ``read_llama_gguf`` reads but ``tokenizer_from_gguf`` must refuse: {label: (bytes, words)}."""
-    merges = next(x[2] for x in kvs if x[0] == "tokenizer.ggml.merges")
-    tokens = next(x[2] for x in kvs if x[0] == "tokenizer.ggml.tokens")
+    merges = next(x.value for x in kvs if x.key == "tokenizer.ggml.merges")
+    tokens = next(x.value for x in kvs if x.key == "tokenizer.ggml.tokens")
+
+    def kv(key, value):
+        return pack(_edit(kvs, key, value=value), tensors, data)
+
     return {
-        "tokenizer llama": (pack(_edit_kv(kvs, "tokenizer.ggml.model", "llama"), tensors, data), "'llama' tokenizer"),
-        "pre-tokenizer llama-bpe": (pack(_edit_kv(kvs, "tokenizer.ggml.pre", "llama-bpe"), tensors, data),
-                                    "pre-tokenizer 'llama-bpe'"),
-        "merge of an unknown token": (pack(_edit_kv(kvs, "tokenizer.ggml.merges", ["zz qq"] + merges[1:]), tensors,
-                                           data), "merge 'zz qq'"),
-        "merge of three parts": (pack(_edit_kv(kvs, "tokenizer.ggml.merges", ["a b c"] + merges[1:]), tensors,
-                                      data), "merge 'a b c'"),
-        "merge without a result": (pack(_edit_kv(kvs, "tokenizer.ggml.merges", ["q z"] + merges[1:]), tensors,
-                                        data), "merge 'q z'"),
-        "token twice": (pack(_edit_kv(kvs, "tokenizer.ggml.tokens", tokens[:-1] + [tokens[100]]), tensors, data),
-                        "twice"),
+        "tokenizer llama": (kv("tokenizer.ggml.model", "llama"), "'llama' tokenizer"),
+        "pre-tokenizer llama-bpe": (kv("tokenizer.ggml.pre", "llama-bpe"), "pre-tokenizer 'llama-bpe'"),
+        "merge of an unknown token": (kv("tokenizer.ggml.merges", ["zz qq"] + merges[1:]), "merge 'zz qq'"),
+        "merge of three parts": (kv("tokenizer.ggml.merges", ["a b c"] + merges[1:]), "merge 'a b c'"),
+        "merge without a result": (kv("tokenizer.ggml.merges", ["q z"] + merges[1:]), "merge 'q z'"),
+        "token twice": (kv("tokenizer.ggml.tokens", tokens[:-1] + [tokens[100]]), "twice"),
     }
-
-
-def _patch(data: bytes, at: int, raw: bytes) -> bytes:
-    return data[:at] + raw + data[at + len(raw):]
 
 
 def generated_files(good: bytes, header_len: int, rng: random.Random):
