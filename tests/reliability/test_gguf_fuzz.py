@@ -177,6 +177,8 @@ def hostile_files(kvs, tensors, data):
         "boolean 7": (first_kv(T.BOOL, 7), "boolean"),
         "boolean array holding 2": (first_kv(T.ARRAY, [0, 2], T.BOOL), "boolean"),
         "architecture gpt2": (kv("general.architecture", value="gpt2"), "'gpt2' model"),
+        "architecture qwen2 with IQ4_NL tensors": (pack(_edit(k, "general.architecture", value="qwen2"),
+                                                        _edit(t, first, ggml_type=20), data), "'qwen2' model"),
         "architecture missing": (kv("general.architecture", drop=True), "'llama'"),
         "architecture a number": (kv("general.architecture", value=7, vtype=T.UINT32), "'llama'"),
         "architecture an array": (kv("general.architecture", value=["llama"], vtype=T.ARRAY, sub=T.STRING),

@@ -122,7 +122,7 @@ class TensorInfo:
 
 @dataclass
 class GGUFHeader:
-    """A GGUF file's metadata (``{key: value}``; arrays of numbers as read-only numpy arrays, of strings as lists)
+    """A GGUF file's metadata (``{key: value}``; arrays of numbers as numpy arrays, of strings as lists)
     and its tensor table, every entry checked against the file's size."""
     path: str
     size: int
@@ -212,18 +212,21 @@ def _open_map(path: str):
     return f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
 
 
-def read_gguf_header(path: Union[str, os.PathLike]) -> GGUFHeader:
+def read_gguf_header(path: Union[str, os.PathLike], architecture: Optional[str] = None) -> GGUFHeader:
     """Parse and check a GGUF file's header and tensor table, reading no tensor data.
 
     Args:
         path: the ``.gguf`` file.
+        architecture: the ``general.architecture`` the file must have (checked before the tensor table, so a
+            model of another family is named as such rather than by a tensor type this reader lacks).
 
     Returns:
         The metadata and the tensor table; every tensor's bytes lie inside the file, none overlap, and every
         tensor's type is one this reader dequantises.
 
     Raises:
-        GGUFError: the file is missing, truncated, corrupted, not GGUF, or holds a tensor type it cannot read.
+        GGUFError: the file is missing, truncated, corrupted, not GGUF, of another architecture than asked, or
+            holds a tensor type it cannot read.
     """
     path = os.fspath(path)
     f, buf, size = _open_map(path)
@@ -245,6 +248,8 @@ def read_gguf_header(path: Union[str, os.PathLike]) -> GGUFHeader:
             if key in metadata:
                 raise _fail(path, f"metadata key {key!r} appears twice")
             metadata[key] = cur.value(cur.unpack("<I", f"the type of {key!r}"), f"metadata {key!r}")
+        if architecture is not None:
+            _check_architecture(path, metadata.get("general.architecture"), architecture)
         table = [_read_tensor_entry(cur, i) for i in range(n_tensors)]
         alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
         if not _is_int(alignment) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
@@ -310,6 +315,12 @@ def _equals(v, want: str) -> bool:
     return isinstance(v, str) and v == want
 
 
+def _check_architecture(path: str, arch, want: str) -> None:
+    if not _equals(arch, want):
+        what = f"is a {arch!r} model" if isinstance(arch, str) else "names no architecture"
+        raise _fail(path, f"{what}, not {want!r}", _LLAMA_ONLY)
+
+
 # --- the Llama model: config and tensors --------------------------------------------------------------------------
 
 @dataclass
@@ -362,10 +373,7 @@ def llama_config(h: GGUFHeader) -> Dict[str, Any]:
     Raises:
         GGUFError: another architecture, a missing or inconsistent size, a missing, extra or misshapen tensor.
     """
-    arch = h.metadata.get("general.architecture")
-    if not _equals(arch, "llama"):
-        what = f"is a {arch!r} model" if isinstance(arch, str) else "names no architecture"
-        raise _fail(h.path, f"{what}, not 'llama'", _LLAMA_ONLY)
+    _check_architecture(h.path, h.metadata.get("general.architecture"), "llama")
     scaling = h.metadata.get("llama.rope.scaling.type", "none")
     if not _equals(scaling, "none"):
         raise _fail(h.path, f"uses RoPE scaling {scaling!r}, which this model does not implement", _LLAMA_ONLY)
@@ -499,7 +507,7 @@ def read_llama_gguf(path: Union[str, os.PathLike], dtype: torch.dtype = torch.fl
     import gguf.quants
 
     path = os.fspath(path)
-    h = read_gguf_header(path)
+    h = read_gguf_header(path, "llama")
     cfg = llama_config(h)
     tok = _tokenizer_data(h, cfg["vocab_size"])
     # np.memmap, not mmap: the views dequantize returns (an F32 tensor is a view) keep the map open themselves.
@@ -597,5 +605,5 @@ def tokenizer_from_gguf(ckpt_or_path: Union[LlamaCheckpoint, str, os.PathLike]) 
     """
     if isinstance(ckpt_or_path, LlamaCheckpoint):
         return GGUFTokenizer(ckpt_or_path.tokenizer, ckpt_or_path.path)
-    h = read_gguf_header(ckpt_or_path)
+    h = read_gguf_header(ckpt_or_path, "llama")
     return GGUFTokenizer(_tokenizer_data(h, llama_config(h)["vocab_size"]), h.path)
