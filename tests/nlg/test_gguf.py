@@ -21,9 +21,8 @@ gguf = pytest.importorskip("gguf")
 
 
 def hf_state_dict(path):
-    """transformers' LlamaForCausalLM state dict loaded from the GGUF file at ``path`` (float32)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                              dtype=torch.float32)
+    """transformers' config and state dict of the GGUF file at ``path`` (float32)."""
+    model = F.hf_llama(path)
     return model.config, {k: v.detach() for k, v in model.state_dict().items()}
 
 
