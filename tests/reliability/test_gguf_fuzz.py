@@ -156,7 +156,7 @@ def hostile_files(kvs, tensors, data):
     cases = {
         "empty file": (b"", "truncated"),
         "10 bytes": (good[:10], "truncated"),
-        "magic GGUG": (pack(k, t, data, magic=b"GGUG"), "magic"),
+        "magic GGUG": (pack(k, t, data, magic=b"GGUG"), "not a GGUF file"),
         "version 1": (pack(k, t, data, version=1), "version 1"),
         "version 4": (pack(k, t, data, version=4), "version 4"),
         "2^63 tensors": (pack(k, t, data, n_tensors=2**63), "claims"),

