@@ -49,13 +49,11 @@ _MAX_KEY = 65535  # the GGUF spec's bound on a metadata key's length
 _MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 _DEFAULT_ALIGNMENT = 32
 
-# Metadata value types (gguf.GGUFValueType): the fixed-size ones as struct formats; 8 = string, 9 = array.
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
-_NP_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
-              12: "<f8"}
+# Metadata value types (gguf.GGUFValueType): the fixed-size ones as numpy dtypes (7 is a bool byte); 8 = string,
+# 9 = array.
+_NUMBERS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+            12: "<f8"}
 _BOOL, _STRING, _ARRAY = 7, 8, 9
-_INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)
-_FLOAT_TYPES = (6, 12)
 
 # ggml tensor types this reader dequantises: {id: (name, elements per block, bytes per block)}; the values are
 # gguf's GGML_QUANT_SIZES, repeated so the header can be checked without importing gguf.
@@ -162,32 +160,29 @@ class _Cursor:
         except UnicodeDecodeError:
             raise _fail(self.path, f"{what} is not UTF-8 text") from None
 
+    def numbers(self, vtype: int, count: int, what: str) -> np.ndarray:
+        """``count`` values of a fixed-size type, copied out of the map (booleans checked to be 0 or 1)."""
+        width = np.dtype(_NUMBERS[vtype]).itemsize
+        self.need(count * width, f"{what} ({count:,} values)")
+        arr = np.frombuffer(self.buf, dtype=_NUMBERS[vtype], count=count, offset=self.pos).copy()
+        self.pos += count * width
+        if vtype == _BOOL:
+            if arr.size and arr.max() > 1:
+                raise _fail(self.path, f"{what} is a boolean holding {int(arr.max())}")
+            arr = arr.astype(bool)
+        return arr
+
     def value(self, vtype: int, what: str):
-        if vtype in _SCALAR:
-            v = self.unpack(_SCALAR[vtype], what)
-            if vtype == _BOOL:
-                if v not in (0, 1):
-                    raise _fail(self.path, f"{what} is a boolean holding {v}")
-                return bool(v)
-            return v
+        """One metadata value: a Python scalar or string, a numpy array of numbers, a list of strings."""
+        if vtype in _NUMBERS:
+            return self.numbers(vtype, 1, what)[0].item()
         if vtype == _STRING:
             return self.string(what)
-        if vtype == _ARRAY:
-            return self.array(what)
-        raise _fail(self.path, f"{what} has value type {vtype}, which GGUF does not define")
-
-    def array(self, what: str):
+        if vtype != _ARRAY:
+            raise _fail(self.path, f"{what} has value type {vtype}, which GGUF does not define")
         etype, count = self.unpack("<IQ", what)
-        if etype in _NP_SCALAR:
-            width = np.dtype(_NP_SCALAR[etype]).itemsize
-            self.need(count * width, f"{what} ({count:,} values)")
-            arr = np.frombuffer(self.buf, dtype=_NP_SCALAR[etype], count=count, offset=self.pos).copy()
-            self.pos += count * width
-            if etype == _BOOL:
-                if arr.size and arr.max() > 1:
-                    raise _fail(self.path, f"{what} is an array of booleans holding {int(arr.max())}")
-                arr = arr.astype(bool)
-            return arr
+        if etype in _NUMBERS:
+            return self.numbers(etype, count, what)
         if etype == _STRING:
             self.need(count * 8, f"{what} ({count:,} strings)")  # each string has at least its 8-byte length
             return [self.string(f"{what}[{i}]") for i in range(count)]
@@ -314,13 +309,8 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _equals(v, want: str) -> bool:
-    """``v == want`` for a metadata value of any type (an array is unequal, not compared elementwise)."""
-    return isinstance(v, str) and v == want
-
-
 def _check_architecture(path: str, arch, want: str) -> None:
-    if not _equals(arch, want):
+    if not (isinstance(arch, str) and arch == want):  # not ``arch != want``: an array would compare elementwise
         what = f"is a {arch!r} model" if isinstance(arch, str) else "has no architecture name (general.architecture)"
         raise _fail(path, f"{what}; this reader reads {want!r} models", _LLAMA_ONLY)
 
@@ -379,7 +369,7 @@ def llama_config(h: GGUFHeader) -> Dict[str, Any]:
     """
     _check_architecture(h.path, h.metadata.get("general.architecture"), "llama")
     scaling = h.metadata.get("llama.rope.scaling.type", "none")
-    if not _equals(scaling, "none"):
+    if not (isinstance(scaling, str) and scaling == "none"):
         raise _fail(h.path, f"uses RoPE scaling {scaling!r}, which this model does not implement", _LLAMA_ONLY)
     # Each block has 9 tensors: bound the block count by the table before building any name from it.
     n_layer = _meta_int(h, "llama.block_count")
