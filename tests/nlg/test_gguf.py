@@ -138,6 +138,8 @@ def test_tiny_tokenizer_equals_transformers(tmp_path):
         assert ids == ref(text)["input_ids"], text
         assert ours.decode(ids) == text
     assert ours.encode_ordinary_batch(texts) == [ours.encode_ordinary(t) for t in texts]
+    emoji = ours.encode_ordinary("😀")  # four byte tokens: half of them decode as tiktoken's decode does
+    assert len(emoji) == 4 and ours.decode(emoji[:2]) == "😀".encode()[:2].decode("utf-8", "replace")
     assert ours.n_vocab == 400 and ours.eot_id == 2 and ours.eot_token == "<|im_end|>" and ours.bos_id == 1
     # Digits one by one (SmolLM2's pre-tokenizer), and special tokens in text read as text, as tiktoken's
     # encode_ordinary does: transformers' tokenizer maps "<|im_start|>" to its id, ours does not.
