@@ -28,7 +28,10 @@ import torch
 
 from .test_loader_fuzz import guarded_load
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "nlg")))
+for _dir in (("..", "nlg"), ("..", "..", "examples", "NLG")):  # gguf_fixtures, and the example's src package
+    _path = os.path.abspath(os.path.join(os.path.dirname(__file__), *_dir))
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 import gguf_fixtures as F  # noqa: E402
 from src import gguf_checkpoint as G  # noqa: E402
 from src.measure import PeakRSS  # noqa: E402
