@@ -90,6 +90,7 @@ class LoRALayer():
     adapters_disabled = False
     safe_merge = False  # when True, merge() refuses a merged weight with NaN/Inf (set by lora.inject)
     _lora_merged_update = None  # a _MergedUpdate while merged (class default: layers pickled by older versions)
+    _lora_rows = None  # a RowAdapters inside lora.batch_adapters: each row of the batch its own adapter
 
     def __init__(self, r: int, lora_alpha: int, lora_dropout: float, merge_weights: bool):
         _check_lora_args(r, lora_alpha, lora_dropout)
@@ -119,19 +120,51 @@ class LoRALayer():
         return adapter_view(self, self.active_adapter)
 
     def _forward_other(self, x):
-        # A named adapter is active, or adapters are disabled: run this class's forward on a view of the layer.
+        # Per-row adapters, a named adapter active, or adapters disabled: run this class's forward on a view.
+        if self._lora_rows is not None and not self.adapters_disabled:
+            return self._forward_rows(x)
         view = _AdapterView(self, None if self.adapters_disabled else self.lora_adapters[self.active_adapter])
         return type(self).forward(view, x)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone (the layer is never merged while this is used)."""
+        return type(self).forward(_AdapterView(self, None), x)
+
+    def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * B A drop(x)`` alone, for layers whose update adds to the base output (not convolutions)."""
+        raise NotImplementedError
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Inside ``lora.batch_adapters``: row ``i`` of ``x`` (its first dimension) gets the update of adapter
+        ``names[i]``, or none for ``None``. Rows are grouped per adapter when the block starts, so this loops
+        over adapters, never over rows."""
+        plan = self._lora_rows
+        plan.check(self, x)
+        if type(self)._lora_update is LoRALayer._lora_update:
+            # A convolution's update is a kernel: each row group runs one convolution with its own W + delta,
+            # which costs what the base convolution costs, instead of the base for all rows plus a delta conv.
+            parts = [(rows, type(self).forward(_AdapterView(self, None if name is None else
+                                                            adapter_factors(self, name)), plan.take(x, rows)))
+                     for name, rows in plan.groups(x.device, base_rows=True)]
+            out = parts[0][1].new_empty((plan.size, *parts[0][1].shape[1:]))
+            for rows, part in parts:
+                plan.put(out, rows, part)
+            return out
+        result = self._base_forward(x)  # the frozen layer once for the whole batch
+        for name, rows in plan.groups(x.device):
+            update = type(self)._lora_update(_AdapterView(self, adapter_factors(self, name)), plan.take(x, rows))
+            plan.put(result, rows, update, add=True)
+        return result
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ``scaling * B A`` (of the active adapter) into the frozen weight. Merging a merged layer, or a
-        layer inside ``lora.disable_adapters``, is a no-op.
+        layer inside ``lora.disable_adapters`` or ``lora.batch_adapters``, is a no-op.
 
         Raises:
             ValueError: ``safe_merge`` is set and the merged weight would contain NaN or Inf.
         """
-        if not self.merged and not self.adapters_disabled:
+        if not self.merged and not self.adapters_disabled and self._lora_rows is None:
             lora = self._lora_view()
             snapshot = None
             if lora.r > 0 and lora._has_lora():
@@ -247,7 +280,7 @@ class _AdapterView:
 
     def __getattr__(self, name):
         layer, adapter = self._layer, self._adapter
-        if name in ("active_adapter", "adapters_disabled"):
+        if name in ("active_adapter", "adapters_disabled", "_lora_rows"):
             return getattr(LoRALayer, name)  # the view itself is the default, enabled case: no recursion
         if adapter is None and name == "merged":
             return True
@@ -423,6 +456,74 @@ def _lora_linear(layer, x: torch.Tensor, weight: torch.Tensor, lora_B: torch.Ten
     return result
 
 
+def _linear_update(layer, x: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """``scaling * drop(x) A^T B^T`` of Linear/MergedLinear in the adapter's dtype; ``lora_B`` is (out, R)."""
+    h = F.linear(_lora_input(layer.lora_dropout(x), layer.lora_A.dtype, None), layer.lora_A)
+    return F.linear(h, lora_B).mul_(layer.scaling)  # F.linear's backward does not need its output
+
+
+# --- several adapters in one batch ------------------------------------------------------------------------------
+
+class RowAdapters:
+    """Which adapter each row of a batch uses, inside ``lora.batch_adapters``: the rows grouped per adapter once,
+    when the block starts, so that a layer's forward loops over adapters, never over rows. A group of consecutive
+    rows is kept as a slice (a view of the input, updated in place), any other as an index tensor.
+
+    Args:
+        names: one entry per row (the first dimension of every LoRA layer's input): an adapter name, or None for
+            the base model.
+        layer_names: ``{id(layer): qualified name}``, for error messages.
+    """
+
+    def __init__(self, names: List[Optional[str]], layer_names):
+        self.size = len(names)
+        self.layer_names = layer_names
+        rows = {}
+        for i, name in enumerate(names):
+            rows.setdefault(name, []).append(i)
+        self._rows = rows  # name (None: the base) -> row numbers, in order of first appearance
+        self._on_device = {}
+
+    def groups(self, device, base_rows: bool = False):
+        """``[(adapter name, rows)]``, rows a slice or a LongTensor on ``device``; the base rows (name None)
+        only with ``base_rows``."""
+        key = str(device)
+        if key not in self._on_device:
+            out = []
+            for name, rows in self._rows.items():
+                if rows == list(range(rows[0], rows[-1] + 1)):
+                    out.append((name, slice(rows[0], rows[-1] + 1)))
+                else:
+                    out.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
+            self._on_device[key] = out
+        return [(n, r) for n, r in self._on_device[key] if base_rows or n is not None]
+
+    def check(self, layer, x: torch.Tensor) -> None:
+        """Raises ValueError when ``x``'s first dimension is not the number of names."""
+        if x.dim() == 0 or x.shape[0] != self.size:
+            where = self.layer_names.get(id(layer), type(layer).__name__)
+            raise ValueError(f"lora.batch_adapters got {self.size} adapter names but layer {where!r} got a batch "
+                             f"of {x.shape[0] if x.dim() else 0} rows (the first dimension of its input, "
+                             f"shape {tuple(x.shape)}); give one name (or None) per row")
+
+    @staticmethod
+    def take(x: torch.Tensor, rows) -> torch.Tensor:
+        return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+    @staticmethod
+    def put(out: torch.Tensor, rows, part: torch.Tensor, add: bool = False) -> None:
+        """``out[rows] = part``, or ``+= part`` with ``add`` (summed in the wider dtype, rounded once to out's)."""
+        if isinstance(rows, slice):
+            if add:
+                out[rows].add_(part)
+            else:
+                out[rows] = part
+            return
+        if add:
+            part = out.index_select(0, rows).add_(part)
+        out.index_copy_(0, rows, part.to(out.dtype))
+
+
 class Embedding(nn.Embedding, LoRALayer):
     """``nn.Embedding`` with a LoRA update: ``E[x] + scaling * (A^T)[x] B^T``. A: (r, num_embeddings), B: (dim, r).
 
@@ -454,8 +555,16 @@ class Embedding(nn.Embedding, LoRALayer):
         self._train_merge(mode)
         return self
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Embedding.forward(self, x)
+
+    def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)
+        return (after_A @ self.lora_B.t()) * self.scaling
+
     def forward(self, x: torch.Tensor):
-        if self.active_adapter != "default" or self.adapters_disabled:
+        if self.active_adapter != "default" or self.adapters_disabled or self._lora_rows is not None:
             return self._forward_other(x)
         if self.r == 0 or self.merged:
             return nn.Embedding.forward(self, x)
@@ -505,8 +614,14 @@ class Linear(nn.Linear, LoRALayer):
         self._train_merge(mode)
         return self
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._T(self.weight), bias=self.bias)
+
+    def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_update(self, x, self.lora_B)
+
     def forward(self, x: torch.Tensor):
-        if self.active_adapter != "default" or self.adapters_disabled:
+        if self.active_adapter != "default" or self.adapters_disabled or self._lora_rows is not None:
             return self._forward_other(x)
         if self.r == 0 or self.merged:
             return F.linear(x, self._T(self.weight), bias=self.bias)
@@ -590,8 +705,14 @@ class MergedLinear(nn.Linear, LoRALayer):
         self._train_merge(mode)
         return self
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._T(self.weight), bias=self.bias)
+
+    def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_update(self, x, self._expanded_B())
+
     def forward(self, x: torch.Tensor):
-        if self.active_adapter != "default" or self.adapters_disabled:
+        if self.active_adapter != "default" or self.adapters_disabled or self._lora_rows is not None:
             return self._forward_other(x)
         if self.merged or not self._has_lora():
             return F.linear(x, self._T(self.weight), bias=self.bias)
@@ -641,7 +762,7 @@ class ConvLoRA(nn.Module, LoRALayer):
         return self
 
     def forward(self, x):
-        if self.active_adapter != "default" or self.adapters_disabled:
+        if self.active_adapter != "default" or self.adapters_disabled or self._lora_rows is not None:
             return self._forward_other(x)
         if self.r == 0 or self.merged:
             return self.conv(x)
@@ -668,3 +789,9 @@ class Conv1d(ConvLoRA):
 class Conv3d(ConvLoRA):
     def __init__(self, *args, **kwargs):
         super(Conv3d, self).__init__(nn.Conv3d, *args, **kwargs)
+
+
+def handles_rows(layer: LoRALayer) -> bool:
+    """Whether ``layer``'s forward applies per-row adapters (``lora.batch_adapters``): loralib's own layer classes
+    do; a user class built on :class:`LoRALayer` with its own forward does not."""
+    return type(layer).forward in (Linear.forward, MergedLinear.forward, Embedding.forward, ConvLoRA.forward)
