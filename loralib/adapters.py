@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, RowAdapters, adapter_factors, handles_rows, \
-    lora_layers
+from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, RowAdapters, adapter_factors, check_lora_args, \
+    handles_rows, lora_layers
 from .patterns import pattern_value
 
 __all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "list_adapters", "batch_adapters"]
@@ -81,18 +81,13 @@ class LoRAAdapter(nn.Module):
     def __init__(self, layer: LoRALayer, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: str = "kaiming"):
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"an added adapter needs a positive int rank, got r={r!r}")
-        if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be a positive number, got lora_alpha={lora_alpha!r}")
-        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
+        check_lora_args(r, lora_alpha, lora_dropout, allow_zero_rank=False)
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = rslora_scaling(lora_alpha, r, use_rslora)
         # loralib's Embedding has no LoRA dropout; keep that for its added adapters too.
         p = 0.0 if isinstance(layer, Embedding) else lora_dropout
         self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
-        w = layer._frozen_weight()
+        w = layer.frozen_weight()
         a_shape, b_shape = lora_shapes(layer, r)
         # The dtype of the layer's own adapter (float32 on a half-precision base after inject), else the default.
         own = getattr(layer, "lora_A", None)
@@ -161,6 +156,7 @@ def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float = 8, 
     built = []
     for lname, layer in layers:
         rank = pattern_value(rank_pattern, lname, r)
+        check_lora_args(rank, lora_alpha, lora_dropout, allow_zero_rank=False, where=f"layer {lname!r}: ")
         built.append((lname, layer, LoRAAdapter(layer, rank, lora_alpha, lora_dropout, use_rslora, init_lora_weights)))
     for lname, layer, adapter in built:  # all built before any is attached: a bad argument changes nothing
         if not hasattr(layer, "lora_adapters"):
@@ -301,14 +297,14 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]):
     plan = RowAdapters(_row_names(model, layers, names), {id(layer): lname for lname, layer in layers})
     states = []
     for _, layer in layers:
-        states.append((layer, layer.merged, layer.training, layer._lora_rows))
+        states.append((layer, layer.merged, layer.training, layer.row_adapters))
         layer.unmerge()
-        layer._lora_rows = plan
+        layer.row_adapters = plan
     try:
         yield model
     finally:
         for layer, was_merged, was_training, previous in states:
-            layer._lora_rows = previous
+            layer.row_adapters = previous
             if was_merged or (layer.merge_weights and was_training and not layer.training):
                 layer.merge()
 

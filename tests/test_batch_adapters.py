@@ -221,13 +221,13 @@ def test_merged_model_is_unmerged_for_the_block_and_merged_again():
     model.eval()
     layers = [m for _, m in lora.layers.lora_layers(model)]
     assert all(m.merged for m in layers)
-    weights = [m._frozen_weight().clone() for m in layers]
+    weights = [m.frozen_weight().clone() for m in layers]
     merged_out = model(x)
     got = mixed(model, names, x)
     assert_rows_equal(got, want)
-    assert all(m.merged and m.active_adapter == "b" and m._lora_rows is None for m in layers)
+    assert all(m.merged and m.active_adapter == "b" and m.row_adapters is None for m in layers)
     for m, w in zip(layers, weights):
-        torch.testing.assert_close(m._frozen_weight(), w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(m.frozen_weight(), w, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(x), merged_out, rtol=1e-5, atol=1e-5)
 
 
@@ -239,7 +239,7 @@ def test_state_is_restored_after_the_block_and_after_an_error():
     with pytest.raises(RuntimeError, match="inside"):
         with lora.batch_adapters(model, ORDERS["grouped"]):
             raise RuntimeError("inside")
-    assert all(m._lora_rows is None and not m.merged and m.active_adapter == "a" for m in layers)
+    assert all(m.row_adapters is None and not m.merged and m.active_adapter == "a" for m in layers)
     assert_rows_equal(model(x), run_as(model, "a", x))
     lora.set_adapter(model, "a")
     model.train()
@@ -260,7 +260,7 @@ def test_blocks_nest_and_disable_adapters_wins_inside():
         assert_rows_equal(model(x), expected(model, outer, x))
         with lora.disable_adapters(model):
             assert_rows_equal(model(x), run_as(model, None, x))
-    assert all(m._lora_rows is None for _, m in lora.layers.lora_layers(model))
+    assert all(m.row_adapters is None for _, m in lora.layers.lora_layers(model))
 
 
 def test_bad_names_and_lengths_give_one_line_errors():
@@ -280,7 +280,7 @@ def test_bad_names_and_lengths_give_one_line_errors():
         with lora.batch_adapters(model, ["a", "b", None, "a"]):
             model(x)
     assert "\n" not in str(e.value)
-    assert all(m._lora_rows is None for _, m in lora.layers.lora_layers(model))
+    assert all(m.row_adapters is None for _, m in lora.layers.lora_layers(model))
 
 
 def test_a_layer_without_the_adapter_and_models_without_lora_are_refused():
