@@ -168,7 +168,8 @@ def test_allowed_imports_pass_and_the_order_list_is_checked(tmp_path):
         "extra.py is not in ORDER: place it in tests/test_layering.py", "ORDER names gone, which loralib does not have"]
 
 
-LOW = "class Layer:\n    _cache = None\n\n    def _hidden(self):\n        return self._cache\n\n\ndef _helper():\n    pass\n"
+LOW = ("class Layer:\n    _cache = None\n\n    def _hidden(self):\n        return self._cache\n\n\n"
+       "def _helper():\n    pass\n")
 
 
 @pytest.mark.parametrize("source, complaint", [

@@ -50,7 +50,7 @@ def test_each_prompt_gets_its_adapters_tokens(model, beams, batch_size):
     want = {n: alone(model, PROMPTS, cfg, n, batch_size) for n in dict.fromkeys(NAMES)}
     assert got == [want[n][i] for i, n in enumerate(NAMES)]
     assert len({tuple(w[0]) for w in want.values()}) == len(want)  # the adapters really decode differently
-    assert all(layer._lora_rows is None and layer.active_adapter == "default"
+    assert all(layer.row_adapters is None and layer.active_adapter == "default"
                for _, layer in lora.layers.lora_layers(model))
 
 
