@@ -189,7 +189,7 @@ ENTRY_POINTS = {"layer": lambda tmp: _layer, "add_adapter": lambda tmp: _add_ada
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-@pytest.mark.parametrize("args,text", HPARAMS_BAD + [((0, 4, 0.0), "r=0")], ids=lambda v: str(v))
+@pytest.mark.parametrize("args,text", [pytest.param(a, t, id=t[:16]) for a, t in HPARAMS_BAD + [((0, 4, 0.0), "r=0")]])
 def test_every_entry_point_refuses_the_same_hyper_parameters(tmp_path, entry, args, text):
     call = ENTRY_POINTS[entry](tmp_path)
     if entry == "layer" and args[0] == 0:  # a layer with r=0 is a plain layer (0.1.2); an adapter needs a rank
