@@ -9,15 +9,16 @@ switch and merged again after it, so the frozen weight never holds two updates.
 import contextlib
 import math
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, adapter_factors, lora_layers
+from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, RowAdapters, adapter_factors, check_lora_args, \
+    handles_rows, lora_layers
 from .patterns import pattern_value
 
-__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "list_adapters"]
+__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "list_adapters", "batch_adapters"]
 
 DEFAULT = "default"
 INIT_MODES = ("kaiming", "gaussian", "zeros")
@@ -80,18 +81,13 @@ class LoRAAdapter(nn.Module):
     def __init__(self, layer: LoRALayer, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: str = "kaiming"):
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"an added adapter needs a positive int rank, got r={r!r}")
-        if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be a positive number, got lora_alpha={lora_alpha!r}")
-        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
+        check_lora_args(r, lora_alpha, lora_dropout, allow_zero_rank=False)
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = rslora_scaling(lora_alpha, r, use_rslora)
         # loralib's Embedding has no LoRA dropout; keep that for its added adapters too.
         p = 0.0 if isinstance(layer, Embedding) else lora_dropout
         self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
-        w = layer._frozen_weight()
+        w = layer.frozen_weight()
         a_shape, b_shape = lora_shapes(layer, r)
         # The dtype of the layer's own adapter (float32 on a half-precision base after inject), else the default.
         own = getattr(layer, "lora_A", None)
@@ -160,6 +156,7 @@ def add_adapter(model: nn.Module, name: str, r: int = 8, lora_alpha: float = 8, 
     built = []
     for lname, layer in layers:
         rank = pattern_value(rank_pattern, lname, r)
+        check_lora_args(rank, lora_alpha, lora_dropout, allow_zero_rank=False, where=f"layer {lname!r}: ")
         built.append((lname, layer, LoRAAdapter(layer, rank, lora_alpha, lora_dropout, use_rslora, init_lora_weights)))
     for lname, layer, adapter in built:  # all built before any is attached: a bad argument changes nothing
         if not hasattr(layer, "lora_adapters"):
@@ -238,6 +235,77 @@ def disable_adapters(model: nn.Module):
         for layer, was_merged, was_disabled in states:
             layer.adapters_disabled = was_disabled
             if not was_disabled and (was_merged or (layer.merge_weights and not layer.training)):
+                layer.merge()
+
+
+def _row_names(model: nn.Module, layers, names) -> List[Optional[str]]:
+    """``names`` as a list, each an adapter every LoRA layer has, or None; raises ValueError naming the problem."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise ValueError(f"lora.batch_adapters needs a list with one adapter name (or None) per row of the batch, "
+                         f"got {type(names).__name__} {names!r}")
+    names = list(names)
+    if not names:
+        raise ValueError("lora.batch_adapters got an empty list of adapter names; give one name (or None) per row")
+    bad = [n for n in names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"lora.batch_adapters: {bad[0]!r} is not an adapter name (a str) or None")
+    known = list_adapters(model)
+    for name in dict.fromkeys(names):
+        if name is not None and name not in known:
+            raise ValueError(f"lora.batch_adapters: no adapter {name!r} in the model; adapters: {known}")
+        for lname, layer in layers:
+            if name is not None and adapter_factors(layer, name) is None:
+                raise ValueError(f"lora.batch_adapters: layer {lname!r} has no adapter {name!r}; adapters: {known}")
+    return names
+
+
+@contextlib.contextmanager
+def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]):
+    """Run each row of a batch with its own adapter: row ``i`` (the first dimension of the input) uses adapter
+    ``names[i]`` (``"default"``, an added adapter, or None for the base model), whatever adapter is active::
+
+        with lora.batch_adapters(model, ["fr", "de", None, "fr"]):
+            logits = model(x)  # x: (4, T)
+
+    Every LoRA layer (Linear, MergedLinear, Embedding, Conv1d/2d/3d, injected ones too) computes its frozen layer
+    once for the whole batch and adds each adapter's update to that adapter's rows; a convolution instead runs
+    each row group with its own kernel ``W + delta`` (one convolution per row, as the base costs). Adapters of
+    different ranks, alphas and dtypes mix. Each row's output equals what the model gives that row with
+    ``set_adapter(model, names[i])`` (or inside ``disable_adapters`` for None), within float rounding, and so do
+    the gradients of A and B (without dropout: a row's dropout mask is drawn differently).
+
+    A merged model is unmerged on entry and merged again on exit (as ``disable_adapters`` does): per-row updates
+    need the plain frozen weight. For serving, keep the model unmerged (``merge_weights=False`` or ``train()``
+    under ``torch.no_grad()``), which makes entering the block free. On exit the active adapter and every layer's
+    merged state are as before (``model.eval()`` inside the block merges on exit). Blocks nest: the inner one's
+    names apply until it exits.
+
+    Args:
+        model: a model with loralib layers.
+        names: one adapter name or None per row of every batch run inside the block.
+
+    Raises:
+        ValueError: ``names`` is not a list of names / None, names an adapter the model (or one of its layers)
+            lacks, or a LoRA layer is a user class with its own forward; at forward time, a batch whose size is
+            not ``len(names)``.
+    """
+    layers = _require_layers(model, "batch_adapters")
+    for lname, layer in layers:
+        if not handles_rows(layer):
+            raise ValueError(f"lora.batch_adapters: layer {lname!r} is a {type(layer).__name__} with its own "
+                             "forward, which knows nothing of per-row adapters; use loralib's layer classes")
+    plan = RowAdapters(_row_names(model, layers, names), {id(layer): lname for lname, layer in layers})
+    states = []
+    for _, layer in layers:
+        states.append((layer, layer.merged, layer.training, layer.row_adapters))
+        layer.unmerge()
+        layer.row_adapters = plan
+    try:
+        yield model
+    finally:
+        for layer, was_merged, was_training, previous in states:
+            layer.row_adapters = previous
+            if was_merged or (layer.merge_weights and was_training and not layer.training):
                 layer.merge()
 
 

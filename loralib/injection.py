@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .adapters import INIT_MODES, default_adapter_dtype, init_lora, rslora_scaling
-from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer
+from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, adapter_view, check_lora_args
 from .patterns import matches, pattern_value
 
 __all__ = ["inject", "merge_and_unload"]
@@ -152,7 +152,7 @@ def _make_layer(m: nn.Module, r: int, lora_alpha, lora_dropout: float, merge_wei
         layer.weight = w
         if kind != "embedding":
             layer.bias = m.bias
-    layer._frozen_weight().requires_grad = False
+    layer.frozen_weight().requires_grad = False
     # Where merge_and_unload puts things back; kept out of _modules so state_dict and .to() never see it.
     object.__setattr__(layer, "_lora_base_module", m)
     return layer
@@ -210,8 +210,7 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
     for name in chosen:  # build everything first: a bad per-layer value leaves the model untouched
         rank = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"rank for {name!r} must be a positive int, got {rank!r}")
+        check_lora_args(rank, alpha, lora_dropout, allow_zero_rank=False, where=f"layer {name!r}: ")
         # A weight tied to another module (GPT-2's wte and lm_head) is never merged in place: the other module
         # would see the update too. Such a layer computes its update on the fly in eval mode as well.
         is_tied = id(modules[name].weight) in tied
@@ -219,7 +218,7 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
         layers[name]._lora_tied = is_tied
     for name, layer in layers.items():
         orig = modules[name]
-        w = layer._frozen_weight()
+        w = layer.frozen_weight()
         dtype = adapter_dtype or default_adapter_dtype(w.dtype)
         layer.lora_A = nn.Parameter(torch.empty(layer.lora_A.shape, device=w.device, dtype=dtype))
         layer.lora_B = nn.Parameter(torch.empty(layer.lora_B.shape, device=w.device, dtype=dtype))
@@ -233,9 +232,15 @@ def inject(model: nn.Module, target_modules: Union[List[str], str], r: int = 8, 
     return chosen
 
 
+def injected_base(layer: LoRALayer) -> Optional[nn.Module]:
+    """The module :func:`inject` replaced by ``layer`` (what :func:`merge_and_unload` puts back: a GPT-2 ``Conv1D``
+    stays a ``Conv1D``), or None for a layer built with loralib's classes."""
+    return getattr(layer, "_lora_base_module", None)
+
+
 def _plain_layer(layer: LoRALayer) -> nn.Module:
     """A torch layer computing what the (merged) ``layer`` computes."""
-    base = getattr(layer, "_lora_base_module", None)
+    base = injected_base(layer)
     if isinstance(layer, ConvLoRA):
         return layer.conv
     if base is not None:  # put the injected module back (GPT-2's Conv1D stays a Conv1D), on the current tensors
@@ -280,12 +285,12 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, layer in targets:  # check all before changing any
-        if safe_merge and layer.r > 0 and layer._has_lora() and not layer.adapters_disabled:
-            lora, w = layer._lora_view(), layer._frozen_weight()
+        if safe_merge and layer.r > 0 and layer.has_lora() and not layer.adapters_disabled:
+            delta, w = adapter_view(layer, layer.active_adapter).delta_weight(), layer.frozen_weight()
             if not layer.merged:
-                merged_w = w + lora._delta_weight().to(w.dtype)
-            elif layer._merged_is_stale():  # changed while merged: the result will hold the current update
-                merged_w = w - layer._merged_delta().to(w.dtype) + lora._delta_weight().to(w.dtype)
+                merged_w = w + delta.to(w.dtype)
+            elif layer.merged_is_stale:  # changed while merged: the result will hold the current update
+                merged_w = w - layer.merged_delta().to(w.dtype) + delta.to(w.dtype)
             else:
                 merged_w = w
             if not torch.isfinite(merged_w).all():
@@ -294,12 +299,12 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     plain_root = None
     for name, layer in targets:
         layer.adapters_disabled = False
-        if layer._merged_is_stale():
+        if layer.merged_is_stale:
             layer.unmerge()  # the adapter changed while merged: fold in its current update, not the old one
         if getattr(layer, "_lora_tied", False) and not layer.merged:
             # Untie: this layer gets its own merged weight; the module it shared the weight with keeps the old one.
-            w = layer._frozen_weight()
-            merged = nn.Parameter(w + layer._lora_view()._delta_weight().to(w.dtype), requires_grad=w.requires_grad)
+            w, delta = layer.frozen_weight(), adapter_view(layer, layer.active_adapter).delta_weight()
+            merged = nn.Parameter(w + delta.to(w.dtype), requires_grad=w.requires_grad)
             if isinstance(layer, ConvLoRA):
                 layer.conv.weight = merged
             else:

@@ -25,16 +25,37 @@ import torch.nn.functional as F
 __all__ = ["LoRALayer", "Embedding", "Linear", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d", "Conv3d"]
 
 
-def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
+def check_lora_args(r, lora_alpha, lora_dropout, *, allow_zero_rank: bool = True, where: str = "") -> None:
+    """The one check of LoRA hyper-parameters, shared by the layers, ``add_adapter``, ``inject`` (with its
+    ``rank_pattern`` / ``alpha_pattern``) and the adapter configs that ``load_adapter`` reads.
+
+    Args:
+        r: the rank, an int (numpy ints too, not a bool): > 0, or 0 with ``allow_zero_rank`` (LoRA off).
+        lora_alpha: a finite number > 0 (not a bool); not checked when ``r == 0``, which ignores it (as 0.1.2 did).
+        lora_dropout: a number in [0, 1) (not a bool).
+        allow_zero_rank: whether ``r = 0`` is allowed (a layer without LoRA); an added adapter needs ``r > 0``.
+        where: prefixed to the message, e.g. ``"layer 'h.0.attn.c_attn': "``.
+
+    Raises:
+        ValueError: one line naming the first bad argument and its value.
+    """
     # numbers.Integral / Real, not int / float: values read from numpy arrays or configs worked in 0.1.2.
+    def real(x) -> bool:  # a finite real number, not a bool (an int too large for a float is not finite)
+        try:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+        except OverflowError:
+            return False
+
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise ValueError(f"r must be a non-negative int (the LoRA rank), got r={r!r}")
-    if r < 0:
-        raise ValueError(f"r must be >= 0 (0 disables LoRA), got r={r}")
-    if r > 0 and not (isinstance(lora_alpha, numbers.Real) and 0 < lora_alpha < math.inf):
-        raise ValueError(f"lora_alpha must be a positive finite number when r > 0, got lora_alpha={lora_alpha!r}")
-    if not (isinstance(lora_dropout, numbers.Real) and 0.0 <= lora_dropout < 1.0):
-        raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
+        raise ValueError(f"{where}r must be an int (the LoRA rank), got r={r!r}")
+    if r < (0 if allow_zero_rank else 1):
+        want = ">= 0 (0 disables LoRA)" if allow_zero_rank else "a positive int (an adapter needs a rank)"
+        raise ValueError(f"{where}r must be {want}, got r={r}")
+    if r > 0 and not (real(lora_alpha) and lora_alpha > 0):
+        raise ValueError(f"{where}lora_alpha must be a positive finite number when r > 0, "
+                         f"got lora_alpha={lora_alpha!r}")
+    if not (real(lora_dropout) and 0.0 <= lora_dropout < 1.0):
+        raise ValueError(f"{where}lora_dropout must be a number in [0, 1), got lora_dropout={lora_dropout!r}")
 
 
 # --- state-dict hooks --------------------------------------------------------------------------------------------
@@ -43,7 +64,7 @@ def _check_lora_args(r, lora_alpha, lora_dropout) -> None:
 
 def _ours(module) -> bool:
     # User classes built on LoRALayer (as 0.1.2 allowed) keep their own merge logic: leave them alone.
-    return type(module)._delta_weight is not LoRALayer._delta_weight
+    return type(module).delta_weight is not LoRALayer.delta_weight
 
 
 def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
@@ -51,7 +72,7 @@ def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
         return
     if module.merged:
         key = prefix + module._weight_key
-        delta = module._merged_delta()  # what merge() added, even if the adapter changed since
+        delta = module.merged_delta()  # what merge() added, even if the adapter changed since
         if delta is not None:
             state_dict[key] = (state_dict[key] - delta.to(state_dict[key].dtype)).detach()
 
@@ -80,7 +101,19 @@ class LoRALayer():
 
     Raises:
         ValueError: for a negative or non-integer ``r``, a non-positive ``lora_alpha`` when ``r > 0``,
-            or ``lora_dropout`` outside [0, 1).
+            or ``lora_dropout`` outside [0, 1) (:func:`check_lora_args`).
+
+    The layer protocol, the only part of a layer the other loralib modules use: the attributes ``r``,
+    ``lora_alpha``, ``scaling``, ``lora_dropout``, ``lora_A``, ``lora_B``, ``merged``, ``merge_weights``,
+    ``active_adapter``, ``adapters_disabled``, ``safe_merge``; the methods :meth:`has_lora`,
+    :meth:`frozen_weight` (``W``), :meth:`delta_weight` (``scaling * B A`` in ``W``'s layout), :meth:`merge`,
+    :meth:`unmerge`, :meth:`merged_delta` (what is merged now); the properties :attr:`merged_is_stale` and
+    :attr:`row_adapters`. A layer class of your own (an ``nn.Module`` and a LoRALayer) registers ``lora_A``,
+    ``lora_B`` and ``scaling`` when ``r > 0``, provides ``delta_weight`` (and ``frozen_weight`` when its weight is
+    not ``self.weight``), adds the update in ``forward`` unless ``merged``, and in ``train(mode)`` calls
+    ``unmerge()`` (mode True) or ``merge()`` (False) when ``merge_weights``. Merging, unmerging exactly what was
+    merged, the unmerged state dict, ``merged_delta`` and ``merged_is_stale`` then work as for loralib's classes
+    (``tests/test_protocol.py``); per-row adapters and named adapters' forward need loralib's own classes.
     """
 
     _weight_key = "weight"  # where the frozen weight lives in this module's state dict
@@ -90,9 +123,10 @@ class LoRALayer():
     adapters_disabled = False
     safe_merge = False  # when True, merge() refuses a merged weight with NaN/Inf (set by lora.inject)
     _lora_merged_update = None  # a _MergedUpdate while merged (class default: layers pickled by older versions)
+    _lora_rows = None  # a RowAdapters inside lora.batch_adapters: each row of the batch its own adapter
 
     def __init__(self, r: int, lora_alpha: int, lora_dropout: float, merge_weights: bool):
-        _check_lora_args(r, lora_alpha, lora_dropout)
+        check_lora_args(r, lora_alpha, lora_dropout)
         self.r = r
         self.lora_alpha = lora_alpha
         # A module even when disabled, so that deepcopy / torch.save(model) work (0.1.2 used a lambda).
@@ -104,38 +138,102 @@ class LoRALayer():
             self.register_load_state_dict_pre_hook(_unmerge_before_load)
             self.register_load_state_dict_post_hook(_remerge_after_load)
 
-    # Subclasses implement these two.
-    def _has_lora(self) -> bool:
+    # --- the layer protocol: what the rest of loralib (adapters, inject, save/load, PEFT export) uses of a layer.
+    # A layer class built on LoRALayer provides delta_weight() (and frozen_weight() when its weight is not
+    # self.weight); the rest is derived here.
+
+    def has_lora(self) -> bool:
+        """Whether this layer (or adapter view) holds LoRA factors ``lora_A`` / ``lora_B`` (False for ``r = 0``,
+        and for a MergedLinear with no enabled group)."""
         return hasattr(self, "lora_A")
 
-    def _delta_weight(self) -> torch.Tensor:
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``delta W = scaling * B A`` as a dense tensor in the frozen weight's shape and layout,
+        computed from the factors this object holds (the layer's own, or an adapter's when called on
+        :func:`adapter_view`), in the factors' dtype. Each layer class implements it.
+
+        Raises:
+            NotImplementedError: a class built on LoRALayer that does not provide it (0.1.2-style user layers,
+                which keep their own merge logic).
+        """
         raise NotImplementedError
 
-    def _frozen_weight(self) -> torch.Tensor:
+    def frozen_weight(self) -> torch.Tensor:
+        """The pre-trained weight ``W`` the update is added to (the Parameter itself; while :attr:`merged` it
+        holds ``W`` plus :meth:`merged_delta`)."""
         return self.weight
+
+    @property
+    def merged_is_stale(self) -> bool:
+        """True when the layer is merged and the adapter it merged changed since (an optimizer step or an edit in
+        eval mode, or the adapter was deleted): eval outputs use the update of merge time."""
+        snapshot = self._lora_merged_update if self.merged else None
+        return snapshot is not None and snapshot.changed(adapter_factors(self, snapshot.adapter))
+
+    @property
+    def row_adapters(self) -> Optional["RowAdapters"]:
+        """Inside ``lora.batch_adapters``: the :class:`RowAdapters` plan saying which adapter each row of the batch
+        uses; None outside (the active adapter applies to every row). Set only by ``batch_adapters``."""
+        return self._lora_rows
+
+    @row_adapters.setter
+    def row_adapters(self, plan: Optional["RowAdapters"]) -> None:
+        self._lora_rows = plan
 
     def _lora_view(self):
         """The active adapter as an object this layer's own methods run on: ``self`` for the default adapter."""
         return adapter_view(self, self.active_adapter)
 
     def _forward_other(self, x):
-        # A named adapter is active, or adapters are disabled: run this class's forward on a view of the layer.
+        # Per-row adapters, a named adapter active, or adapters disabled: run this class's forward on a view.
+        if self._lora_rows is not None and not self.adapters_disabled:
+            return self._forward_rows(x)
         view = _AdapterView(self, None if self.adapters_disabled else self.lora_adapters[self.active_adapter])
         return type(self).forward(view, x)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone (the layer is never merged while this is used)."""
+        return type(self).forward(_AdapterView(self, None), x)
+
+    def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * B A drop(x)`` alone, for layers whose update adds to the base output (not convolutions)."""
+        raise NotImplementedError
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Inside ``lora.batch_adapters``: row ``i`` of ``x`` (its first dimension) gets the update of adapter
+        ``names[i]``, or none for ``None``. Rows are grouped per adapter when the block starts, so this loops
+        over adapters, never over rows."""
+        plan = self._lora_rows
+        plan.check(self, x)
+        if type(self)._lora_update is LoRALayer._lora_update:
+            # A convolution's update is a kernel: each row group runs one convolution with its own W + delta,
+            # which costs what the base convolution costs, instead of the base for all rows plus a delta conv.
+            parts = [(rows, type(self).forward(_AdapterView(self, None if name is None else
+                                                            adapter_factors(self, name)), plan.take(x, rows)))
+                     for name, rows in plan.groups(x.device, base_rows=True)]
+            out = parts[0][1].new_empty((plan.size, *parts[0][1].shape[1:]))
+            for rows, part in parts:
+                plan.put(out, rows, part)
+            return out
+        result = self._base_forward(x)  # the frozen layer once for the whole batch
+        for name, rows in plan.groups(x.device):
+            update = type(self)._lora_update(_AdapterView(self, adapter_factors(self, name)), plan.take(x, rows))
+            plan.put(result, rows, update, add=True)
+        return result
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ``scaling * B A`` (of the active adapter) into the frozen weight. Merging a merged layer, or a
-        layer inside ``lora.disable_adapters``, is a no-op.
+        layer inside ``lora.disable_adapters`` or ``lora.batch_adapters``, is a no-op.
 
         Raises:
             ValueError: ``safe_merge`` is set and the merged weight would contain NaN or Inf.
         """
-        if not self.merged and not self.adapters_disabled:
+        if not self.merged and not self.adapters_disabled and self._lora_rows is None:
             lora = self._lora_view()
             snapshot = None
-            if lora.r > 0 and lora._has_lora():
-                w = self._frozen_weight()
+            if lora.r > 0 and lora.has_lora():
+                w = self.frozen_weight()
                 snapshot = _MergedUpdate(lora, self.active_adapter)
                 delta = snapshot.delta(self, w.device).to(w.dtype)
                 if self.safe_merge and not torch.isfinite(w + delta).all():
@@ -157,9 +255,9 @@ class LoRALayer():
         recovered without keeping a dense copy of the weight.
         """
         if self.merged:
-            delta = self._merged_delta()
+            delta = self.merged_delta()
             if delta is not None:
-                w = self._frozen_weight()
+                w = self.frozen_weight()
                 snapshot = self._lora_merged_update
                 if snapshot is not None and not getattr(self, "_lora_warned_stale", False) \
                         and snapshot.changed(adapter_factors(self, snapshot.adapter)):
@@ -173,23 +271,20 @@ class LoRALayer():
             self._lora_merged_update = None
             self.merged = False
 
-    def _merged_delta(self) -> Optional[torch.Tensor]:
-        """The dense update merged into the weight now (in the adapter's dtype), or None when nothing is merged."""
+    def merged_delta(self) -> Optional[torch.Tensor]:
+        """The update folded into :meth:`frozen_weight` now, which :meth:`unmerge` will subtract: the update of
+        merge time even if the adapter changed since (see :attr:`merged_is_stale`), in the adapter's dtype; None
+        when the layer is not merged or merged nothing."""
         if not self.merged:
             return None
         snapshot = self._lora_merged_update
         if snapshot is not None:
-            return snapshot.delta(self, self._frozen_weight().device)
+            return snapshot.delta(self, self.frozen_weight().device)
         # Merged by a loralib without snapshots (an old pickle): the current factors are all there is.
         lora = self._lora_view()
-        if lora.r > 0 and lora._has_lora():
-            return lora._delta_weight()
+        if lora.r > 0 and lora.has_lora():
+            return lora.delta_weight()
         return None
-
-    def _merged_is_stale(self) -> bool:
-        """True when the layer is merged and its active adapter changed since the merge."""
-        snapshot = self._lora_merged_update if self.merged else None
-        return snapshot is not None and snapshot.changed(adapter_factors(self, snapshot.adapter))
 
     def _train_merge(self, mode: bool) -> None:
         if self.merge_weights:
@@ -218,10 +313,10 @@ class _MergedUpdate:
         self.lora_B = lora.lora_B.detach().clone()
 
     def delta(self, layer, device) -> torch.Tensor:
-        """The dense update, computed by ``layer``'s own ``_delta_weight`` on these factors, on ``device``."""
+        """The dense update, computed by ``layer``'s own ``delta_weight`` on these factors, on ``device``."""
         if self.lora_A.device != device:
             self.lora_A, self.lora_B = self.lora_A.to(device), self.lora_B.to(device)
-        return _AdapterView(layer, self)._delta_weight()
+        return _AdapterView(layer, self).delta_weight()
 
     def changed(self, source) -> bool:
         """Whether ``source`` (a layer or a named adapter) no longer holds these factors and scale."""
@@ -247,7 +342,7 @@ class _AdapterView:
 
     def __getattr__(self, name):
         layer, adapter = self._layer, self._adapter
-        if name in ("active_adapter", "adapters_disabled"):
+        if name in ("active_adapter", "adapters_disabled", "_lora_rows"):
             return getattr(LoRALayer, name)  # the view itself is the default, enabled case: no recursion
         if adapter is None and name == "merged":
             return True
@@ -264,7 +359,7 @@ class _AdapterView:
 def lora_layers(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
     """(qualified name, layer) for every loralib layer in ``model`` that carries a LoRA update (r > 0)."""
     for name, m in model.named_modules():
-        if isinstance(m, LoRALayer) and m.r > 0 and m._has_lora():
+        if isinstance(m, LoRALayer) and m.r > 0 and m.has_lora():
             yield name, m
 
 
@@ -301,7 +396,7 @@ def adapter_factors(layer: LoRALayer, adapter: str):
 
 def adapter_view(layer: LoRALayer, adapter: str):
     """``layer`` computing with adapter ``adapter``: the layer itself for ``"default"``, else a view on which the
-    layer's own methods (``_delta_weight``, ``forward``, ...) use that adapter's factors.
+    layer's own methods (``delta_weight``, ``forward``, ...) use that adapter's factors.
 
     Raises:
         KeyError: the layer has no adapter ``adapter``.
@@ -423,6 +518,74 @@ def _lora_linear(layer, x: torch.Tensor, weight: torch.Tensor, lora_B: torch.Ten
     return result
 
 
+def _linear_update(layer, x: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """``scaling * drop(x) A^T B^T`` of Linear/MergedLinear in the adapter's dtype; ``lora_B`` is (out, R)."""
+    h = F.linear(_lora_input(layer.lora_dropout(x), layer.lora_A.dtype, None), layer.lora_A)
+    return F.linear(h, lora_B).mul_(layer.scaling)  # F.linear's backward does not need its output
+
+
+# --- several adapters in one batch ------------------------------------------------------------------------------
+
+class RowAdapters:
+    """Which adapter each row of a batch uses, inside ``lora.batch_adapters``: the rows grouped per adapter once,
+    when the block starts, so that a layer's forward loops over adapters, never over rows. A group of consecutive
+    rows is kept as a slice (a view of the input, updated in place), any other as an index tensor.
+
+    Args:
+        names: one entry per row (the first dimension of every LoRA layer's input): an adapter name, or None for
+            the base model.
+        layer_names: ``{id(layer): qualified name}``, for error messages.
+    """
+
+    def __init__(self, names: List[Optional[str]], layer_names):
+        self.size = len(names)
+        self.layer_names = layer_names
+        rows = {}
+        for i, name in enumerate(names):
+            rows.setdefault(name, []).append(i)
+        self._rows = rows  # name (None: the base) -> row numbers, in order of first appearance
+        self._on_device = {}
+
+    def groups(self, device, base_rows: bool = False):
+        """``[(adapter name, rows)]``, rows a slice or a LongTensor on ``device``; the base rows (name None)
+        only with ``base_rows``."""
+        key = str(device)
+        if key not in self._on_device:
+            out = []
+            for name, rows in self._rows.items():
+                if rows == list(range(rows[0], rows[-1] + 1)):
+                    out.append((name, slice(rows[0], rows[-1] + 1)))
+                else:
+                    out.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
+            self._on_device[key] = out
+        return [(n, r) for n, r in self._on_device[key] if base_rows or n is not None]
+
+    def check(self, layer, x: torch.Tensor) -> None:
+        """Raises ValueError when ``x``'s first dimension is not the number of names."""
+        if x.dim() == 0 or x.shape[0] != self.size:
+            where = self.layer_names.get(id(layer), type(layer).__name__)
+            raise ValueError(f"lora.batch_adapters got {self.size} adapter names but layer {where!r} got a batch "
+                             f"of {x.shape[0] if x.dim() else 0} rows (the first dimension of its input, "
+                             f"shape {tuple(x.shape)}); give one name (or None) per row")
+
+    @staticmethod
+    def take(x: torch.Tensor, rows) -> torch.Tensor:
+        return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+    @staticmethod
+    def put(out: torch.Tensor, rows, part: torch.Tensor, add: bool = False) -> None:
+        """``out[rows] = part``, or ``+= part`` with ``add`` (summed in the wider dtype, rounded once to out's)."""
+        if isinstance(rows, slice):
+            if add:
+                out[rows].add_(part)
+            else:
+                out[rows] = part
+            return
+        if add:
+            part = out.index_select(0, rows).add_(part)
+        out.index_copy_(0, rows, part.to(out.dtype))
+
+
 class Embedding(nn.Embedding, LoRALayer):
     """``nn.Embedding`` with a LoRA update: ``E[x] + scaling * (A^T)[x] B^T``. A: (r, num_embeddings), B: (dim, r).
 
@@ -446,7 +609,7 @@ class Embedding(nn.Embedding, LoRALayer):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
 
-    def _delta_weight(self) -> torch.Tensor:
+    def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).t() * self.scaling
 
     def train(self, mode: bool = True):
@@ -454,8 +617,16 @@ class Embedding(nn.Embedding, LoRALayer):
         self._train_merge(mode)
         return self
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Embedding.forward(self, x)
+
+    def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)
+        return (after_A @ self.lora_B.t()) * self.scaling
+
     def forward(self, x: torch.Tensor):
-        if self.active_adapter != "default" or self.adapters_disabled:
+        if self.active_adapter != "default" or self.adapters_disabled or self._lora_rows is not None:
             return self._forward_other(x)
         if self.r == 0 or self.merged:
             return nn.Embedding.forward(self, x)
@@ -497,7 +668,7 @@ class Linear(nn.Linear, LoRALayer):
     def _T(self, w: torch.Tensor) -> torch.Tensor:
         return w.t() if self.fan_in_fan_out else w
 
-    def _delta_weight(self) -> torch.Tensor:
+    def delta_weight(self) -> torch.Tensor:
         return self._T(self.lora_B @ self.lora_A) * self.scaling
 
     def train(self, mode: bool = True):
@@ -505,8 +676,14 @@ class Linear(nn.Linear, LoRALayer):
         self._train_merge(mode)
         return self
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._T(self.weight), bias=self.bias)
+
+    def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_update(self, x, self.lora_B)
+
     def forward(self, x: torch.Tensor):
-        if self.active_adapter != "default" or self.adapters_disabled:
+        if self.active_adapter != "default" or self.adapters_disabled or self._lora_rows is not None:
             return self._forward_other(x)
         if self.r == 0 or self.merged:
             return F.linear(x, self._T(self.weight), bias=self.bias)
@@ -564,8 +741,10 @@ class MergedLinear(nn.Linear, LoRALayer):
     def _T(self, w: torch.Tensor) -> torch.Tensor:
         return w.t() if self.fan_in_fan_out else w
 
-    def _expanded_B(self) -> torch.Tensor:
-        """(out_features, r * n_enabled): B's groups on the diagonal, zero rows for the disabled groups."""
+    def expanded_B(self) -> torch.Tensor:
+        """B as one (out_features, r * n_enabled) matrix: each enabled group's block of B on the diagonal, zero rows
+        for the disabled groups, so that ``expanded_B() @ lora_A`` is the unscaled update of the whole output (the
+        form PEFT stores for a fused projection)."""
         n_on, n_all = len(self._lora_groups), len(self.enable_lora)
         per_group = self.out_features // n_all
         blocks = torch.block_diag(*self.lora_B.split(per_group))  # (per_group * n_on, r * n_on)
@@ -580,9 +759,9 @@ class MergedLinear(nn.Linear, LoRALayer):
 
     def merge_AB(self) -> torch.Tensor:
         """The unscaled dense update B A in the weight's storage layout (0.1.2's helper, kept for user code)."""
-        return self._T(self._expanded_B() @ self.lora_A)
+        return self._T(self.expanded_B() @ self.lora_A)
 
-    def _delta_weight(self) -> torch.Tensor:
+    def delta_weight(self) -> torch.Tensor:
         return self.merge_AB() * self.scaling
 
     def train(self, mode: bool = True):
@@ -590,12 +769,18 @@ class MergedLinear(nn.Linear, LoRALayer):
         self._train_merge(mode)
         return self
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._T(self.weight), bias=self.bias)
+
+    def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_update(self, x, self.expanded_B())
+
     def forward(self, x: torch.Tensor):
-        if self.active_adapter != "default" or self.adapters_disabled:
+        if self.active_adapter != "default" or self.adapters_disabled or self._lora_rows is not None:
             return self._forward_other(x)
-        if self.merged or not self._has_lora():
+        if self.merged or not self.has_lora():
             return F.linear(x, self._T(self.weight), bias=self.bias)
-        return _lora_linear(self, x, self._T(self.weight), self._expanded_B())
+        return _lora_linear(self, x, self._T(self.weight), self.expanded_B())
 
 
 class ConvLoRA(nn.Module, LoRALayer):
@@ -629,10 +814,10 @@ class ConvLoRA(nn.Module, LoRALayer):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
-    def _frozen_weight(self) -> torch.Tensor:
+    def frozen_weight(self) -> torch.Tensor:
         return self.conv.weight
 
-    def _delta_weight(self) -> torch.Tensor:
+    def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
 
     def train(self, mode=True):
@@ -641,7 +826,7 @@ class ConvLoRA(nn.Module, LoRALayer):
         return self
 
     def forward(self, x):
-        if self.active_adapter != "default" or self.adapters_disabled:
+        if self.active_adapter != "default" or self.adapters_disabled or self._lora_rows is not None:
             return self._forward_other(x)
         if self.r == 0 or self.merged:
             return self.conv(x)
@@ -650,9 +835,9 @@ class ConvLoRA(nn.Module, LoRALayer):
         w = self.conv.weight
         if isinstance(self.lora_dropout, nn.Dropout) and self.training:
             # Dropout acts on the LoRA path's input only, so that path needs a convolution of its own.
-            delta = self._delta_weight().to(w.dtype)
+            delta = self.delta_weight().to(w.dtype)
             return self.conv(x) + self.conv._conv_forward(self.lora_dropout(x), delta, None)
-        return self.conv._conv_forward(x, (w + self._delta_weight()).to(w.dtype), self.conv.bias)
+        return self.conv._conv_forward(x, (w + self.delta_weight()).to(w.dtype), self.conv.bias)
 
 
 class Conv2d(ConvLoRA):
@@ -668,3 +853,9 @@ class Conv1d(ConvLoRA):
 class Conv3d(ConvLoRA):
     def __init__(self, *args, **kwargs):
         super(Conv3d, self).__init__(nn.Conv3d, *args, **kwargs)
+
+
+def handles_rows(layer: LoRALayer) -> bool:
+    """Whether ``layer``'s forward applies per-row adapters (``lora.batch_adapters``): loralib's own layer classes
+    do; a user class built on :class:`LoRALayer` with its own forward does not."""
+    return type(layer).forward in (Linear.forward, MergedLinear.forward, Embedding.forward, ConvLoRA.forward)

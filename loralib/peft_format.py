@@ -8,9 +8,9 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
-from .errors import AdapterError, is_number
+from .errors import AdapterError
 from .injection import layer_kind
-from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, adapter_factors, adapter_view
+from .layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, adapter_factors, adapter_view, check_lora_args
 from .patterns import pattern_value
 
 PEFT_PREFIX = "base_model.model."  # the prefix of every key in a PEFT adapter's weights file
@@ -46,7 +46,7 @@ def peft_export(layers: Dict[str, LoRALayer], adapter: str, task_type) -> Tuple[
                                "a convolution followed by a 1x1 convolution, which cannot hold loralib's update; "
                                "save it with format='loralib'")
         if isinstance(layer, MergedLinear):
-            B = view._expanded_B().detach().cpu()  # (out, r * n_enabled), zero rows for the disabled groups
+            B = view.expanded_B().detach().cpu()  # (out, r * n_enabled), zero rows for the disabled groups
         key = PEFT_PREFIX + name
         if isinstance(layer, Embedding):
             tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"] = A, B
@@ -84,20 +84,20 @@ def check_peft_config(config: dict, path: str) -> None:
     Raises:
         AdapterError: a field that is not what PEFT writes there, naming the field.
     """
-    if not (is_number(config.get("lora_alpha", 8)) and config.get("lora_alpha", 8) > 0):
-        raise AdapterError(f"{path}: lora_alpha={config.get('lora_alpha')!r} is not a positive number")
+    r, alpha, dropout = config.get("r", 8), config.get("lora_alpha", 8), config.get("lora_dropout", 0.0) or 0.0
     patterns = config.get("alpha_pattern") or {}
-    if not isinstance(patterns, dict) or not all(isinstance(k, str) and is_number(v) and v > 0
-                                                 for k, v in patterns.items()):
+    if not isinstance(patterns, dict) or not all(isinstance(k, str) for k in patterns):
         raise AdapterError(f"{path}: alpha_pattern must map layer patterns to positive numbers")
+    for where, a in [("", alpha)] + [(f"alpha_pattern[{k!r}]: ", v) for k, v in patterns.items()]:
+        try:
+            check_lora_args(r, a, dropout, allow_zero_rank=False, where=where)
+        except ValueError as e:
+            raise AdapterError(f"{path}: {e}") from None
     for k in patterns:
         try:
             re.compile(k)
         except re.error as e:
             raise AdapterError(f"{path}: alpha_pattern key {k!r} is not a regular expression ({e})") from None
-    dropout = config.get("lora_dropout", 0.0) or 0.0
-    if not (is_number(dropout) and 0 <= dropout < 1):
-        raise AdapterError(f"{path}: lora_dropout={dropout!r} is not a number in [0, 1)")
     if not isinstance(config.get("use_rslora", False), bool):
         raise AdapterError(f"{path}: use_rslora={config.get('use_rslora')!r} is not true or false")
 

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from typing import BinaryIO, Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -25,14 +26,15 @@ import torch.nn as nn
 
 from .adapters import DEFAULT, LoRAAdapter, adapter_state_dict, delete_adapter, list_adapters
 from .errors import AdapterError, is_number
-from .injection import inject, layer_kind, merge_and_unload
-from .layers import ConvLoRA, LoRALayer, MergedLinear, adapter_factors, lora_layers, lora_names
+from .injection import injected_base, inject, layer_kind, merge_and_unload
+from .layers import ConvLoRA, LoRALayer, MergedLinear, adapter_factors, check_lora_args, lora_layers, \
+    lora_names
 from .peft_format import check_peft_config, peft_export, peft_specs
 from .safetensors_format import load_bytes, save_bytes
 from .version import __version__
 
-__all__ = ["save_adapter", "load_adapter", "AdapterError", "base_fingerprint", "atomic_write", "safe_load",
-           "read_adapter_config"]
+__all__ = ["save_adapter", "load_adapter", "AdapterError", "base_shapes_fingerprint", "base_values_sha256",
+           "base_fingerprint", "atomic_write", "safe_load", "read_adapter_config"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -131,23 +133,11 @@ def _json_bytes(obj) -> bytes:
 
 # --- what describes an adapter -------------------------------------------------------------------------------------
 
-def base_fingerprint(model: nn.Module, values: bool = False) -> Dict[str, object]:
-    """Names and shapes of the base (non-LoRA) state-dict entries, as the un-injected model would name them, and
-    their SHA-256. By default values are not hashed: the fingerprint says which base an adapter fits, not which
-    checkpoint.
-
-    Args:
-        model: the model, with or without LoRA layers (merged or not: the state dict holds the unmerged weights).
-        values: also hash the weights' values (as float32, in name order) into ``"values_sha256"``, which tells
-            two checkpoints of the same architecture apart. It reads every base weight: compute it before casting
-            the base to a lower precision if it is to match a float32 rebuild.
-
-    Returns:
-        ``{"sha256", "num_tensors", "shapes"}``, and ``"values_sha256"`` (64 hex digits) with ``values=True``.
-    """
+def _base_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The base (non-LoRA) state-dict entries under the names the un-injected model gives them."""
     conv_layers = {n for n, m in model.named_modules() if isinstance(m, ConvLoRA)}
     lora = lora_names(model)
-    shapes, tensors = {}, {}
+    tensors = {}
     for key, t in model.state_dict().items():
         if key in lora:
             continue
@@ -155,21 +145,60 @@ def base_fingerprint(model: nn.Module, values: bool = False) -> Dict[str, object
         head, _, last = owner.rpartition(".")
         if last == "conv" and head in conv_layers:  # ConvLoRA keeps the convolution as its child `conv`
             key = f"{head}.{leaf}" if head else leaf
-        shapes[key], tensors[key] = list(t.shape), t
+        tensors[key] = t
+    return tensors
+
+
+def base_shapes_fingerprint(model: nn.Module) -> Dict[str, object]:
+    """Which base architecture an adapter fits: the names and shapes of the base (non-LoRA) state-dict entries, as
+    the un-injected model names them, and their SHA-256. Values are not read, so two checkpoints of the same
+    architecture have the same fingerprint (:func:`base_values_sha256` tells them apart). ``save_adapter`` stores
+    it as the config's ``"base_fingerprint"`` and ``load_adapter`` checks the model against it.
+
+    Args:
+        model: the model, with or without LoRA layers (merged or not: the state dict holds the unmerged weights).
+
+    Returns:
+        ``{"sha256", "num_tensors", "shapes"}``.
+    """
+    shapes = {k: list(t.shape) for k, t in _base_tensors(model).items()}
     text = "\n".join(f"{k}:{tuple(v)}" for k, v in sorted(shapes.items()))
-    out = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "num_tensors": len(shapes), "shapes": shapes}
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "num_tensors": len(shapes), "shapes": shapes}
+
+
+def base_values_sha256(model: nn.Module) -> str:
+    """Which base checkpoint: the SHA-256 of the base (non-LoRA) weights' names and values (as float32, in name
+    order). It reads every base weight: compute it before casting the base to a lower precision if it is to match
+    a float32 rebuild.
+
+    Args:
+        model: the model, with or without LoRA layers (merged or not).
+
+    Returns:
+        64 hex digits.
+    """
+    tensors = _base_tensors(model)
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_fingerprint(model: nn.Module, values: bool = False) -> Dict[str, object]:
+    """Deprecated: :func:`base_shapes_fingerprint`, plus ``"values_sha256"`` (:func:`base_values_sha256`) with
+    ``values=True``. Kept for code written before the split; warns ``DeprecationWarning``."""
+    warnings.warn("lora.serialization.base_fingerprint is deprecated: use base_shapes_fingerprint(model) (names and "
+                  "shapes) or base_values_sha256(model) (values)", DeprecationWarning, stacklevel=2)
+    out = base_shapes_fingerprint(model)
     if values:
-        h = hashlib.sha256()
-        for k in sorted(tensors):
-            h.update(k.encode())
-            h.update(tensors[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        out["values_sha256"] = h.hexdigest()
+        out["values_sha256"] = base_values_sha256(model)
     return out
 
 
 def _layer_spec(layer: LoRALayer, adapter: str) -> dict:
     src = adapter_factors(layer, adapter)
-    base = getattr(layer, "_lora_base_module", None)
+    base = injected_base(layer)
     rslora = getattr(src, "use_rslora", False)
     spec = {
         "type": type(layer).__name__,
@@ -243,7 +272,7 @@ def save_adapter(model: nn.Module, save_directory: str, adapter: str = DEFAULT, 
             "adapter_name": adapter,
             "target_modules": list(layers),
             "layers": {name: _layer_spec(layer, adapter) for name, layer in layers.items()},
-            "base_fingerprint": base_fingerprint(model),
+            "base_fingerprint": base_shapes_fingerprint(model),
         }
         if extra is not None:
             try:
@@ -311,13 +340,13 @@ def _check_specs(specs: dict, path: str) -> None:
             raise AdapterError(f"{path}: the spec of layer {name!r} is not a JSON object; the config is corrupted")
         if spec.get("type") not in types:
             bad("type", f"expected one of {list(types)}")
-        if not (isinstance(spec.get("r"), int) and not isinstance(spec.get("r"), bool) and spec["r"] > 0):
-            bad("r", "a positive integer")
-        for field in ("lora_alpha", "scaling"):
-            if not (is_number(spec.get(field)) and spec[field] > 0):
-                bad(field, "a positive finite number")
-        if not (is_number(spec.get("lora_dropout", 0.0)) and 0 <= spec.get("lora_dropout", 0.0) < 1):
-            bad("lora_dropout", "a number in [0, 1)")
+        try:
+            check_lora_args(spec.get("r"), spec.get("lora_alpha"), spec.get("lora_dropout", 0.0),
+                            allow_zero_rank=False)
+        except ValueError as e:
+            raise AdapterError(f"{path}: layer {name!r}: {e}; the config is corrupted") from None
+        if not (is_number(spec.get("scaling")) and spec["scaling"] > 0):
+            bad("scaling", "a positive finite number")
         for field in ("use_rslora", "fan_in_fan_out"):
             if not isinstance(spec.get(field, False), bool):
                 bad(field, "true or false")
@@ -461,7 +490,7 @@ def _check_base(model: nn.Module, config: dict, directory: str) -> None:
     saved = config.get("base_fingerprint")
     if not isinstance(saved, dict) or not isinstance(saved.get("shapes"), dict):
         raise AdapterError(f"{directory}/{CONFIG_NAME} has no base_fingerprint; it is corrupted")
-    mine = base_fingerprint(model)
+    mine = base_shapes_fingerprint(model)
     if mine["sha256"] == saved.get("sha256"):
         return
     theirs, ours = saved["shapes"], mine["shapes"]

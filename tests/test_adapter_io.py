@@ -88,7 +88,7 @@ def test_config_describes_the_adapter(tmp_path):
     assert fc["scaling"] == pytest.approx(8 / 2 ** 0.5) and fc["base_type"] == "Conv1D"
     assert config["layers"]["transformer.wte"]["type"] == "Embedding"
     fp = config["base_fingerprint"]
-    assert fp == lora.serialization.base_fingerprint(base)  # names and shapes as in the un-injected model
+    assert fp == lora.serialization.base_shapes_fingerprint(base)  # names and shapes as in the un-injected model
     assert fp["shapes"]["transformer.h.0.attn.c_attn.weight"] == [16, 48]
     # the weights file alone is a 0.1.2-style LoRA state dict
     sd = sf.load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -359,7 +359,7 @@ def test_library_needs_only_torch(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-# --- weights_format="bin", atomic_write, safe_load, read_adapter_config, base_fingerprint(values=True) -------------
+# --- weights_format="bin", atomic_write, safe_load, read_adapter_config, the base fingerprints ---------------------
 
 def _same(a, b):
     return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -512,16 +512,33 @@ def test_read_adapter_config(tmp_path):
         lora.serialization.read_adapter_config(str(tmp_path / "a"))
 
 
-def test_base_fingerprint_of_values():
-    """values=True tells two bases of the same shapes apart, and does not see injected LoRA layers or weights."""
+def test_base_values_sha256_and_shapes_fingerprint():
+    """The values hash tells two bases of the same shapes apart, the shapes fingerprint does not; neither sees
+    injected LoRA layers or weights."""
     base0, base1 = tiny_gpt2(seed=0), tiny_gpt2(seed=1)
-    f0, f1 = (lora.serialization.base_fingerprint(b, values=True) for b in (base0, base1))
-    assert f0["sha256"] == f1["sha256"] and f0["values_sha256"] != f1["values_sha256"]
-    assert len(f0["values_sha256"]) == 64 and "values_sha256" not in lora.serialization.base_fingerprint(base0)
+    shapes0, shapes1 = (lora.serialization.base_shapes_fingerprint(b) for b in (base0, base1))
+    v0, v1 = (lora.serialization.base_values_sha256(b) for b in (base0, base1))
+    assert shapes0 == shapes1 and set(shapes0) == {"sha256", "num_tensors", "shapes"}
+    assert v0 != v1 and len(v0) == 64 and int(v0, 16) >= 0
     model = clone(base0).train()
     lora.inject(model, ["c_attn", "c_fc", "wte"], r=4, lora_alpha=8)
     randomize_lora(model, seed=5)
-    assert lora.serialization.base_fingerprint(model, values=True) == f0
+    assert lora.serialization.base_shapes_fingerprint(model) == shapes0
+    assert lora.serialization.base_values_sha256(model) == v0
     with torch.no_grad():
         base0.lm_head.weight[0, 0] += 1e-3
-    assert lora.serialization.base_fingerprint(base0, values=True)["values_sha256"] != f0["values_sha256"]
+    assert lora.serialization.base_values_sha256(base0) != v0
+    assert lora.serialization.base_shapes_fingerprint(base0) == shapes0
+
+
+def test_base_fingerprint_is_a_deprecated_alias():
+    """The name earlier versions exported still gives what it gave (shapes, plus the values hash with
+    values=True), and warns where it is called."""
+    base = tiny_gpt2(seed=0)
+    with pytest.warns(DeprecationWarning, match="base_shapes_fingerprint.*base_values_sha256") as rec:
+        old = lora.serialization.base_fingerprint(base, values=True)
+    assert rec[0].filename == __file__
+    assert old == {**lora.serialization.base_shapes_fingerprint(base),
+                   "values_sha256": lora.serialization.base_values_sha256(base)}
+    with pytest.warns(DeprecationWarning):
+        assert lora.serialization.base_fingerprint(base) == lora.serialization.base_shapes_fingerprint(base)

@@ -79,7 +79,7 @@ def test_named_adapter_computes_what_a_layer_with_it_as_default_computes(mode):
     for name in ("emb", "lin", "qkv", "conv"):
         src, dst = getattr(m, name), getattr(ref, name)
         with torch.no_grad():
-            dst._frozen_weight().copy_(src._frozen_weight())
+            dst.frozen_weight().copy_(src.frozen_weight())
             dst.lora_A.copy_(src.lora_adapters["t"].lora_A)
             dst.lora_B.copy_(src.lora_adapters["t"].lora_B)
             if getattr(src, "bias", None) is not None:
@@ -115,7 +115,7 @@ def test_gradients_reach_only_the_active_adapter():
 
 def test_switching_while_merged_unmerges_the_old_adapter():
     m = net()
-    w0 = {n: getattr(m, n)._frozen_weight().detach().clone() for n in ("emb", "lin", "qkv", "conv")}
+    w0 = {n: getattr(m, n).frozen_weight().detach().clone() for n in ("emb", "lin", "qkv", "conv")}
     lora.add_adapter(m, "t", r=3, lora_alpha=6)
     randomize_lora(m, seed=4)
     m.train()
@@ -134,7 +134,7 @@ def test_switching_while_merged_unmerges_the_old_adapter():
     close(outputs(m), want_default)
     m.train()
     for n, w in w0.items():
-        torch.testing.assert_close(getattr(m, n)._frozen_weight(), w, rtol=0, atol=1e-5)
+        torch.testing.assert_close(getattr(m, n).frozen_weight(), w, rtol=0, atol=1e-5)
 
 
 def test_state_dict_of_a_merged_layer_with_a_named_adapter_holds_the_base_weight():
@@ -221,7 +221,7 @@ def test_errors_name_the_problem():
         lora.add_adapter(m, "default")
     with pytest.raises(ValueError, match="without dots"):
         lora.add_adapter(m, "a.b")
-    with pytest.raises(ValueError, match="positive int rank"):
+    with pytest.raises(ValueError, match="r must be a positive int"):
         lora.add_adapter(m, "z", r=0)
     assert lora.list_adapters(m) == ["default"]  # a failed add leaves nothing behind
     lora.add_adapter(m, "t")

@@ -1,4 +1,6 @@
 """Every bad argument raises a ValueError whose message names the argument and the value it got."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -102,3 +104,133 @@ def test_bad_bias_mode(fn, bias):
     assert f"bias={bias!r}" in str(info.value) and "lora_only" in str(info.value)
     assert isinstance(info.value, NotImplementedError)  # what 0.1.2 raised, so old handlers still catch it
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before  # nothing changed half-way
+
+
+# --- one rule for r / lora_alpha / lora_dropout, wherever they enter ---------------------------------------------
+# The layers, add_adapter, inject (and its rank / alpha patterns), and the loralib and PEFT adapter configs that
+# load_adapter reads all go through loralib.layers.check_lora_args: the same values are refused everywhere.
+
+HPARAMS_BAD = [  # (r, lora_alpha, lora_dropout), the text the message must hold
+    ((2, float("inf"), 0.0), "lora_alpha=inf"),
+    ((2, float("nan"), 0.0), "lora_alpha=nan"),
+    ((2, 0, 0.0), "lora_alpha=0"),
+    ((2, -4, 0.0), "lora_alpha=-4"),
+    ((2, True, 0.0), "lora_alpha=True"),
+    ((2, 10 ** 400, 0.0), "lora_alpha=1000"),  # an int no float holds is not finite
+    ((2, 4, 1.0), "lora_dropout=1.0"),
+    ((2, 4, -0.5), "lora_dropout=-0.5"),
+    ((2, 4, float("nan")), "lora_dropout=nan"),
+    ((2, 4, True), "lora_dropout=True"),
+    ((-1, 4, 0.0), "r=-1"),
+    ((2.0, 4, 0.0), "r=2.0"),
+    ((True, 4, 0.0), "r=True"),
+]
+GOOD_DROPOUT = 0.1
+
+
+def _layer(r, alpha, dropout):
+    lora.Linear(4, 6, r=r, lora_alpha=alpha, lora_dropout=dropout)
+
+
+def _add_adapter(r, alpha, dropout):
+    model = nn.Sequential(lora.Linear(4, 6, r=2))
+    try:
+        lora.add_adapter(model, "extra", r=r, lora_alpha=alpha, lora_dropout=dropout)
+    except ValueError:
+        assert lora.list_adapters(model) == ["default"]  # refused before anything was attached
+        raise
+
+
+def _inject(r, alpha, dropout):
+    model = nn.Sequential(nn.Linear(4, 6))
+    try:
+        lora.inject(model, ["0"], r=r, lora_alpha=alpha, lora_dropout=dropout)
+    except ValueError:
+        assert type(model[0]) is nn.Linear  # the model is untouched
+        raise
+
+
+def _saved(tmp_path, fmt):
+    model = nn.Sequential(nn.Linear(4, 6))
+    lora.inject(model, ["0"], r=2, lora_alpha=4, lora_dropout=GOOD_DROPOUT)
+    d = tmp_path / fmt
+    lora.save_adapter(model, str(d), format=fmt)
+    return d, json.loads((d / "adapter_config.json").read_text())
+
+
+def _load_edited(d, config):
+    (d / "adapter_config.json").write_text(json.dumps(config))  # inf / nan written as JSON's Infinity / NaN
+    model = nn.Sequential(nn.Linear(4, 6))
+    try:
+        lora.load_adapter(model, str(d))
+    except ValueError:
+        assert type(model[0]) is nn.Linear  # the model is untouched
+        raise
+
+
+def _loralib_config(tmp_path):
+    def load(r, alpha, dropout):
+        d, config = _saved(tmp_path, "loralib")
+        config["layers"]["0"].update(r=r, lora_alpha=alpha, lora_dropout=dropout)
+        _load_edited(d, config)
+    return load
+
+
+def _peft_config(tmp_path):
+    def load(r, alpha, dropout):
+        d, config = _saved(tmp_path, "peft")
+        config.update(r=r, lora_alpha=alpha, lora_dropout=dropout)
+        _load_edited(d, config)
+    return load
+
+
+ENTRY_POINTS = {"layer": lambda tmp: _layer, "add_adapter": lambda tmp: _add_adapter, "inject": lambda tmp: _inject,
+                "loralib config": _loralib_config, "PEFT config": _peft_config}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("args,text", [pytest.param(a, t, id=t[:16]) for a, t in HPARAMS_BAD + [((0, 4, 0.0), "r=0")]])
+def test_every_entry_point_refuses_the_same_hyper_parameters(tmp_path, entry, args, text):
+    call = ENTRY_POINTS[entry](tmp_path)
+    if entry == "layer" and args[0] == 0:  # a layer with r=0 is a plain layer (0.1.2); an adapter needs a rank
+        call(*args)
+        return
+    with pytest.raises(ValueError) as info:
+        call(*args)
+    message = str(info.value)
+    assert text in message and f"{text.split('=')[0]} must be" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_entry_point_accepts_valid_hyper_parameters(tmp_path, entry):
+    ENTRY_POINTS[entry](tmp_path)(2, 2.5, GOOD_DROPOUT)  # the rank the saved factors have
+
+
+def test_per_layer_patterns_are_checked_and_named():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6))
+    with pytest.raises(ValueError, match=r"layer '1': lora_alpha must be .* got lora_alpha=inf"):
+        lora.inject(model, ["0", "1"], r=2, alpha_pattern={"1": float("inf")})
+    with pytest.raises(ValueError, match=r"layer '0': r must be a positive int .* got r=0"):
+        lora.inject(model, ["0", "1"], r=2, rank_pattern={"0": 0})
+    assert all(type(m) is nn.Linear for m in model)
+    lora.inject(model, ["0", "1"], r=2)
+    with pytest.raises(ValueError, match=r"layer '1': r must be an int .* got r='4'"):
+        lora.add_adapter(model, "x", r=2, rank_pattern={"1": "4"})
+    assert lora.list_adapters(model) == ["default"]
+
+
+def test_peft_alpha_pattern_values_are_checked(tmp_path):
+    d, config = _saved(tmp_path, "peft")
+    config["alpha_pattern"] = {"0": -1}
+    with pytest.raises(lora.AdapterError, match=r"alpha_pattern\['0'\]: lora_alpha must be .* got lora_alpha=-1"):
+        _load_edited(d, config)
+
+
+def test_check_lora_args_directly():
+    from loralib.layers import check_lora_args
+    check_lora_args(0, "ignored when r is 0", 0.0)
+    check_lora_args(4, 8, 0.5, allow_zero_rank=False)
+    with pytest.raises(ValueError, match=r"^layer 'q': r must be a positive int \(an adapter needs a rank\), got r=0$"):
+        check_lora_args(0, 8, 0.0, allow_zero_rank=False, where="layer 'q': ")
+    with pytest.raises(ValueError, match=r"^lora_dropout must be a number in \[0, 1\), got lora_dropout='0.1'$"):
+        check_lora_args(0, 8, "0.1")

@@ -102,11 +102,13 @@ def test_unmatched_targets_name_the_candidates():
     (dict(target_modules=["ln_f"]), "LayerNorm, which inject cannot adapt"),
     (dict(target_modules="all-linear", exclude_modules=r".*"), "leaves no layer"),
     (dict(target_modules="all-linear", exclude_modules=3), "exclude_modules must be"),
-    (dict(target_modules=["c_attn"], r=0), "positive int"),
-    (dict(target_modules=["c_attn"], r=2.5), "positive int"),
-    (dict(target_modules=["c_attn"], rank_pattern={"c_attn": -1}), "rank for 'transformer.h.0.attn.c_attn'"),
-    (dict(target_modules=["c_attn"], lora_alpha=0), "lora_alpha"),
-    (dict(target_modules=["c_attn"], lora_dropout=1.0), "lora_dropout"),
+    (dict(target_modules=["c_attn"], r=0), "r must be a positive int .*got r=0"),
+    (dict(target_modules=["c_attn"], r=2.5), "r must be an int .*got r=2.5"),
+    (dict(target_modules=["c_attn"], rank_pattern={"c_attn": -1}), "layer 'transformer.h.0.attn.c_attn': r must be"),
+    (dict(target_modules=["c_attn"], lora_alpha=0), "lora_alpha=0"),
+    (dict(target_modules=["c_attn"], lora_alpha=float("inf")), "lora_alpha=inf"),
+    (dict(target_modules=["c_attn"], alpha_pattern={"c_attn": -2}), "layer 'transformer.h.0.attn.c_attn': lora_alpha"),
+    (dict(target_modules=["c_attn"], lora_dropout=1.0), "lora_dropout=1.0"),
     (dict(target_modules=["c_attn"], init_lora_weights="orthogonal"), "init_lora_weights"),
 ])
 def test_bad_arguments_are_refused_and_change_nothing(kwargs, msg):

@@ -276,7 +276,7 @@ def test_dropout_reproducible_under_manual_seed():
     layer.eval()  # no dropout in eval: merged output is deterministic and equals the no-dropout path
     with torch.no_grad():
         y_eval = layer(x)
-    ref = F.linear(x, layer.weight - layer._delta_weight(), layer.bias) + layer.scaling * (
+    ref = F.linear(x, layer.weight - layer.delta_weight(), layer.bias) + layer.scaling * (
         x @ layer.lora_A.t() @ layer.lora_B.t())
     torch.testing.assert_close(y_eval, ref.detach(), rtol=1e-5, atol=1e-5)
 
@@ -302,7 +302,7 @@ def test_torch_save_pickle_deepcopy(lora_dropout, merged):
         with torch.no_grad():
             torch.testing.assert_close(other(x), expected, rtol=1e-6, atol=1e-6)
         other.train()
-        torch.testing.assert_close(other[0].weight, model[0].weight - (model[0]._delta_weight() if merged else 0))
+        torch.testing.assert_close(other[0].weight, model[0].weight - (model[0].delta_weight() if merged else 0))
 
 
 @pytest.mark.parametrize("name", ["Linear", "MergedLinear", "Linear-fifo"])

@@ -71,7 +71,7 @@ def to_mixed(layer, base_dtype):
 
 def params(layer):
     """W, b, A, B of a layer as float64 (exact upcasts), W in (out, in[, kernel]) layout."""
-    w = layer._frozen_weight()
+    w = layer.frozen_weight()
     if getattr(layer, "fan_in_fan_out", False):
         w = w.t()
     b = layer.conv.bias if isinstance(layer, lora.ConvLoRA) else getattr(layer, "bias", None)
@@ -134,7 +134,7 @@ def test_outside_autocast_matches_float64(kind, base_dtype):
     y, gx, gA, gB = run(mixed, x, g)
 
     assert y.dtype == base_dtype and gA.dtype == torch.float32 and gB.dtype == torch.float32
-    assert mixed.lora_A.dtype == torch.float32 and mixed._frozen_weight().dtype == base_dtype
+    assert mixed.lora_A.dtype == torch.float32 and mixed.frozen_weight().dtype == base_dtype
     want = ref_and_grads(mixed, xd, W, b, A, B, g.double())
     absx = xd.abs() if x.is_floating_point() else xd
     mag = ref_and_grads(mixed, absx, W.abs(), None if b is None else b.abs(), A.abs(), B.abs(), g.double().abs())
@@ -214,7 +214,7 @@ def test_no_grad_and_merged_eval_match_training_forward(kind):
     with torch.no_grad():
         assert torch.equal(mixed(x), y_train)
         mixed.eval()
-        assert mixed.merged and mixed._frozen_weight().dtype == torch.bfloat16
+        assert mixed.merged and mixed.frozen_weight().dtype == torch.bfloat16
         y_merged = mixed(x)
     W, b, A, B = params(mixed.train())
     xd = x.double().abs() if x.is_floating_point() else x

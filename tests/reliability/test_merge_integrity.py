@@ -199,7 +199,7 @@ def test_named_adapter_changed_while_merged_then_set_adapter(name, tally):
         lora.set_adapter(wrapper, "default")  # unmerges "other" (as merged), merges the default one
     assert layer.merged and layer.active_adapter == "default"
     merged_default = frozen(layer).detach().clone()
-    torch.testing.assert_close(merged_default, w0 + layer._delta_weight(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(merged_default, w0 + layer.delta_weight(), rtol=1e-6, atol=1e-6)
     wrapper.train()
     assert_restored(frozen(layer).detach(), w0, [merged, merged_default], f"{name} set_adapter")
     tally.add("faults injected: adapters changed while merged")
@@ -217,7 +217,7 @@ def test_changed_while_merged_then_disable_adapters(name, tally):
             assert_restored(frozen(layer).detach(), w0, merged, f"{name} disable_adapters")
     assert layer.merged  # merged again on exit, with the current update
     merged_now = frozen(layer).detach().clone()
-    torch.testing.assert_close(merged_now, w0 + layer._delta_weight(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(merged_now, w0 + layer.delta_weight(), rtol=1e-6, atol=1e-6)
     layer.train()
     assert_restored(frozen(layer).detach(), w0, [merged, merged_now], f"{name} after disable_adapters")
     tally.add("faults injected: adapters changed while merged")
@@ -231,7 +231,7 @@ def test_changed_while_merged_then_merge_and_unload_folds_the_current_update(nam
     wrapper.eval()
     change_adapter(layer, "in_place")
     with torch.no_grad():
-        expected = w0 + layer._delta_weight()  # the plain weight plus the update the adapter holds now
+        expected = w0 + layer.delta_weight()  # the plain weight plus the update the adapter holds now
         twin = copy.deepcopy(layer)  # unmerged, it computes with the current update
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -12,11 +12,14 @@ once K hypotheses finished and the best running beam, normalised at its current 
 ``no_repeat_ngram_size`` bans n-grams repeated *within the generated text*, as Microsoft's E2E beam search does
 (the meaning representation's words are meant to reappear in the description); Hugging Face also counts the prompt.
 """
+import contextlib
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+import loralib as lora
 
 from .tokenizer import EOT_ID
 
@@ -99,22 +102,29 @@ def _ban(logprobs: torch.Tensor, histories: Sequence[Sequence[int]], n: int) -> 
     return logprobs
 
 
-def _step(model, ids, mask, pos, past):
-    out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+def _adapters(model, names: Optional[Sequence[Optional[str]]]):
+    """Row i of the batch with adapter ``names[i]`` (``lora.batch_adapters``); no names: the model as it is."""
+    return contextlib.nullcontext() if names is None else lora.batch_adapters(model, names)
+
+
+def _step(model, ids, mask, pos, past, names=None):
+    with _adapters(model, names):
+        out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
     # float32 log-probabilities: beam scores are sums of many of them, and fp16 sums would reorder beams.
     return F.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values
 
 
 @torch.no_grad()
-def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig) -> List[List[int]]:
-    """Greedy decoding of one batch (argmax at each step, ``no_repeat_ngram_size`` respected).
+def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, names=None) -> List[List[int]]:
+    """Greedy decoding of one batch (argmax at each step, ``no_repeat_ngram_size`` respected); ``names``: each
+    prompt's adapter (``generate``'s ``adapter_names``).
 
     Returns:
         Per prompt, the generated tokens, without the closing end-of-text.
     """
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(prompts, cfg.pad_id))
-    logprobs, past = _step(model, ids, mask, pos, None)
+    logprobs, past = _step(model, ids, mask, pos, None, names)
     out: List[List[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     next_pos = pos[:, -1:] + 1
@@ -133,14 +143,15 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig) -> 
             break
         tok = torch.where(torch.tensor(done, device=device), torch.full_like(tok, cfg.pad_id), tok)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logprobs, past = _step(model, tok[:, None], mask, next_pos, past)
+        logprobs, past = _step(model, tok[:, None], mask, next_pos, past, names)
         next_pos = next_pos + 1
     return out
 
 
 @torch.no_grad()
-def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig) -> List[List[int]]:
-    """Beam search over one batch: ``len(prompts) * beam_size`` rows run through the model at each step.
+def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, names=None) -> List[List[int]]:
+    """Beam search over one batch: ``len(prompts) * beam_size`` rows run through the model at each step;
+    ``names``: each prompt's adapter, which its K beams keep (beams are only ever reordered within one prompt).
 
     Returns:
         Per prompt, the best finished hypothesis's tokens, without the closing end-of-text.
@@ -149,8 +160,9 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(prompts, cfg.pad_id))
     B = len(prompts)
-    logprobs, past = _step(model, ids, mask, pos, None)  # the prompt once per input, then copied to its K beams
+    logprobs, past = _step(model, ids, mask, pos, None, names)  # the prompt once per input, then to its K beams
     rows = torch.arange(B, device=device).repeat_interleave(K)
+    beam_names = None if names is None else [names[b] for b in rows.tolist()]
     logprobs = logprobs[rows]
     past = [(k[rows], v[rows]) for k, v in past]
     mask, next_pos = mask[rows], pos[rows, -1:] + 1
@@ -197,7 +209,7 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig
         scores = torch.tensor(new_scores, device=device).view(B, K)
         tok = torch.tensor([bm[-1] for bm in beams], device=device)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logprobs, past = _step(model, tok[:, None], mask, next_pos, past)
+        logprobs, past = _step(model, tok[:, None], mask, next_pos, past, beam_names)
         next_pos = next_pos + 1
     return [fin[0][1] if fin else [] for fin in finished]
 
@@ -210,7 +222,8 @@ def _add_finished(fin: List[Tuple[float, List[int]]], K: int, score: float, seq:
     del fin[K:]
 
 
-def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_size: int = 16) -> List[List[int]]:
+def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_size: int = 16,
+             adapter_names: Optional[Sequence[Optional[str]]] = None) -> List[List[int]]:
     """Decode every prompt, ``batch_size`` at a time (greedy when ``cfg.beam_size == 1``, else beam search).
 
     Args:
@@ -218,15 +231,22 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_s
         prompts: token lists, each non-empty; its length plus ``max_new_tokens`` must fit ``max_positions``.
         cfg: the decoding settings.
         batch_size: prompts per forward pass (beam search runs ``batch_size * beam_size`` rows).
+        adapter_names: per prompt, the adapter that generates it (None: the base model), mixed in one batch
+            through ``lora.batch_adapters``; each prompt's tokens are those its adapter gives alone. Keep the
+            model unmerged (``merge_weights=False``), or every batch unmerges and re-merges it.
 
     Returns:
         Per prompt, in order, the generated token ids without the closing end-of-text.
 
     Raises:
-        ValueError: an empty prompt, or a prompt too long for the model's positions.
+        ValueError: an empty prompt, a prompt too long for the model's positions, or ``adapter_names`` of
+            another length than ``prompts`` or naming an adapter the model lacks.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for {len(prompts)} prompts; give one "
+                         "adapter name (or None) per prompt")
     limit = model.config.max_positions
     for p in prompts:
         if len(p) + cfg.max_new_tokens > limit:
@@ -235,5 +255,7 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_s
     fn = greedy_batch if cfg.beam_size == 1 else beam_search_batch
     out: List[List[int]] = []
     for i in range(0, len(prompts), batch_size):
-        out.extend(fn(model, prompts[i:i + batch_size], cfg))
+        names = None if adapter_names is None else list(adapter_names[i:i + batch_size])
+        with _adapters(model, names):  # a merged model is unmerged once per batch, not at every step
+            out.extend(fn(model, prompts[i:i + batch_size], cfg, names))
     return out

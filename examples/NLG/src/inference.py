@@ -1,15 +1,17 @@
 """Inference pieces run_inference.py is made of: checking meaning representations, loading one base with several
-adapters, swapping adapters bit-exactly, and timing generation.
+named adapters, generating with one adapter or with all of them in mixed batches, and timing it.
 """
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 import loralib as lora
 
-from .adapter_io import AdapterError, load_adapter_weights, load_model_from_adapter_dir, read_adapter_config, \
+from loralib.serialization import read_adapter_config as read_loralib_config
+
+from .adapter_io import LEGACY_FORMAT, AdapterError, load_model_from_adapter_dir, read_adapter_config, \
     read_adapter_weights, weights_path
 from .data import delexicalize, format_prompt, relexicalize
 from .generate import DecodeConfig, generate
@@ -71,46 +73,67 @@ def read_mr_file(path: str) -> List[str]:
 
 @dataclass
 class Adapter:
-    """One adapter directory, read and checked against the shared base."""
+    """One adapter directory, read and checked against the shared base, held in the model as adapter ``name``."""
     path: str
     config: dict
-    state: Dict[str, torch.Tensor]
-
-
-def _lora_layers(model) -> List[lora.LoRALayer]:
-    return [m for m in model.modules() if isinstance(m, lora.LoRALayer) and getattr(m, "r", 0) > 0]
+    name: str = "default"
 
 
 class MultiAdapterModel:
-    """One base model, several adapters: only the LoRA weights change when switching.
-
-    Merging folds ``B A`` into the frozen weight, and unmerging subtracts it back, which is not exact in floating
-    point; so the unmerged base weights are kept once and restored before each merge, and an adapter used again
-    gives bit-identical outputs.
-    """
+    """One base model holding several adapters as loralib's named adapters: the first directory's is the layers'
+    own (``"default"``), the others ``adapter1``, ``adapter2``, ... (``lora.load_adapter(model, dir, adapter=...)``).
+    One is active at a time (:meth:`use`), or each row of a batch runs its own (:meth:`mixed` and ``generate``'s
+    ``adapter_names``)."""
 
     def __init__(self, model, adapters: Sequence[Adapter]):
         self.model = model
         self.adapters = list(adapters)
-        model.train()  # unmerged: the weights are the base's
-        self._layers = _lora_layers(model)
-        self._base = [m.weight.detach().clone() for m in self._layers]
+        self.names = [a.name for a in self.adapters]
+
+    def _ready(self, merged: bool):
+        self.model.train()  # unmerges whatever is merged
+        for _, layer in lora.layers.lora_layers(self.model):
+            layer.merge_weights = merged
+        return self.model.eval()
 
     def use(self, index: int, merged: bool = True):
-        """Put adapter ``index`` in the model, in eval mode, merged (``model.eval()``) or not.
+        """Make adapter ``index`` the active one, in eval mode, merged (``model.eval()``) or not.
 
         Returns:
             the model, ready for generation.
         """
-        a = self.adapters[index]
         self.model.train()
-        with torch.no_grad():
-            for m, w in zip(self._layers, self._base):
-                m.weight.copy_(w)
-        load_adapter_weights(self.model, a.state, source=weights_path(a.path))
-        for m in self._layers:
-            m.merge_weights = merged
-        return self.model.eval()
+        lora.set_adapter(self.model, self.names[index])
+        return self._ready(merged)
+
+    def mixed(self):
+        """The model in eval mode and unmerged, for batches whose rows use different adapters
+        (``lora.batch_adapters``, or ``generate(..., adapter_names=...)``)."""
+        return self._ready(False)
+
+
+def _load_named(model, adapter_dir: str, name: str) -> None:
+    """Load ``adapter_dir`` into ``model`` as the added adapter ``name``; a directory of the previous release (no
+    loralib config) is read by key and copied into an adapter of the same rank and alpha."""
+    if read_loralib_config(adapter_dir, validate=False).get("format") != LEGACY_FORMAT:
+        lora.load_adapter(model, adapter_dir, adapter=name)
+        return
+    cfg = read_adapter_config(adapter_dir)["model_config"]
+    lora.add_adapter(model, name, r=cfg["lora_dim"], lora_alpha=cfg["lora_alpha"], init_lora_weights="zeros")
+    state, target = read_adapter_weights(adapter_dir), lora.adapters.adapter_state_dict(model, name)
+    source = weights_path(adapter_dir)
+    if state.keys() != target.keys():
+        lora.delete_adapter(model, name)
+        raise AdapterError(f"{source} holds other LoRA layers than the first adapter's, e.g. "
+                           f"{sorted(state.keys() ^ target.keys())[:3]}")
+    for k, t in target.items():
+        if t.shape != state[k].shape:
+            lora.delete_adapter(model, name)
+            raise AdapterError(f"{source}: {k} has shape {tuple(state[k].shape)} but the model expects "
+                               f"{tuple(t.shape)}")
+    with torch.no_grad():
+        for k, t in target.items():
+            t.copy_(state[k])
 
 
 def _same_base(first: dict, other: dict, path: str, first_path: str) -> None:
@@ -126,7 +149,8 @@ def _same_base(first: dict, other: dict, path: str, first_path: str) -> None:
 
 def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Optional[str] = None,
                   precision: str = "fp32") -> MultiAdapterModel:
-    """Build the base once (from the first adapter's config) and read every adapter, checking it fits.
+    """Build the base once (from the first adapter's config) and load every adapter into it as a named adapter,
+    checking it fits.
 
     Args:
         adapter_dirs: adapter directories written by run_training.py; the first decides the model.
@@ -141,17 +165,15 @@ def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Op
     if not adapter_dirs:
         raise AdapterError("no --adapter_dir given")
     model, config = load_model_from_adapter_dir(adapter_dirs[0], device="cpu", init_checkpoint=init_checkpoint)
-    adapters = [Adapter(adapter_dirs[0], config, read_adapter_weights(adapter_dirs[0]))]
-    for d in adapter_dirs[1:]:
+    adapters = [Adapter(adapter_dirs[0], config)]
+    for i, d in enumerate(adapter_dirs[1:], 1):
         cfg = read_adapter_config(d)
         _same_base(config, cfg, d, adapter_dirs[0])
-        adapters.append(Adapter(d, cfg, read_adapter_weights(d)))
+        _load_named(model, d, f"adapter{i}")  # every shape and key checked now, before any generation
+        adapters.append(Adapter(d, cfg, f"adapter{i}"))
     lora.mark_only_lora_as_trainable(model)
     cast_frozen(model, precision)
-    multi = MultiAdapterModel(model.to(device), adapters)
-    for i in range(1, len(adapters)):  # every shape and key checked now, before any generation
-        multi.use(i)
-    return multi
+    return MultiAdapterModel(model.to(device), adapters)
 
 
 def prompts_for(mrs: Sequence[str], delex: Sequence[str] = ()) -> List[List[int]]:
@@ -165,6 +187,14 @@ def adapter_delex(config: dict) -> List[str]:
     return list(config.get("data", {}).get("delexicalize", []))
 
 
+def _texts(mrs: Sequence[str], delexes, out: List[List[int]], seconds: float, cfg: DecodeConfig):
+    """Decoded texts (placeholders filled back in from each MR) and the speed of one timed generation."""
+    enc = get_tokenizer()
+    n = sum(len(o) + (len(o) < cfg.max_new_tokens) for o in out)  # + the end-of-text each finished one produced
+    texts = [relexicalize(enc.decode(o).strip(), delexicalize(mr, None, d)[2]) for mr, d, o in zip(mrs, delexes, out)]
+    return texts, {"tokens": n, "seconds": seconds, "tokens_per_second": n / max(seconds, 1e-9)}
+
+
 def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
              delex: Sequence[str] = ()) -> Tuple[List[str], dict]:
     """Generate one description per MR and time it. With ``delex`` (what the adapter was trained with), the
@@ -174,11 +204,29 @@ def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
         (texts, stats) with stats ``{"tokens": generated tokens (end-of-text included when produced),
         "seconds": wall time, "tokens_per_second": ...}``, measured in this call.
     """
-    enc = get_tokenizer()
     prompts = prompts_for(mrs, delex)
     t0 = time.perf_counter()
     out = generate(model, prompts, cfg, batch_size=batch_size)
-    seconds = time.perf_counter() - t0
-    n = sum(len(o) + (len(o) < cfg.max_new_tokens) for o in out)  # + the end-of-text each finished one produced
-    texts = [relexicalize(enc.decode(o).strip(), delexicalize(mr, None, delex)[2]) for mr, o in zip(mrs, out)]
-    return texts, {"tokens": n, "seconds": seconds, "tokens_per_second": n / max(seconds, 1e-9)}
+    return _texts(mrs, [delex] * len(mrs), out, time.perf_counter() - t0, cfg)
+
+
+def describe_mixed(multi: MultiAdapterModel, mrs: Sequence[str], cfg: DecodeConfig,
+                   batch_size: int = 16) -> Tuple[List[List[str]], dict]:
+    """Every adapter's description of every MR, generated in mixed batches: the requests go in MR by MR, each
+    MR's for every adapter in turn, so a batch holds several adapters, each row generated by its own
+    (``generate``'s ``adapter_names``). The model is left unmerged.
+
+    Returns:
+        (texts per adapter, in ``multi.adapters``' order, each a list per MR; stats of the whole run, as
+        :func:`describe`'s).
+    """
+    requests = [(mr, i) for mr in mrs for i in range(len(multi.adapters))]
+    delexes = [adapter_delex(a.config) for a in multi.adapters]
+    prompts = [prompts_for([mr], delexes[i])[0] for mr, i in requests]
+    model = multi.mixed()
+    t0 = time.perf_counter()
+    out = generate(model, prompts, cfg, batch_size=batch_size,
+                   adapter_names=[multi.names[i] for _, i in requests])
+    texts, stats = _texts([mr for mr, _ in requests], [delexes[i] for _, i in requests], out,
+                          time.perf_counter() - t0, cfg)
+    return [texts[i::len(multi.adapters)] for i in range(len(multi.adapters))], stats

@@ -271,6 +271,6 @@ def base_state_dict(model: nn.Module) -> dict:
 
 def base_fingerprint(model: nn.Module) -> str:
     """Which frozen base weights ``model`` has: the first 16 hex digits of loralib's hash of the base's names and
-    values (``lora.serialization.base_fingerprint(model, values=True)``), the form adapter configs record (the
+    values (``lora.serialization.base_values_sha256(model)``), the form adapter configs record (the
     previous release's configs too: it hashed the same bytes)."""
-    return lora.serialization.base_fingerprint(model, values=True)["values_sha256"][:16]
+    return lora.serialization.base_values_sha256(model)[:16]
