@@ -519,6 +519,9 @@ class RowAdapters:
             else:
                 out[rows] = part
             return
+        if add and part.dtype == out.dtype:
+            out.index_add_(0, rows, part)  # one gather-add-scatter (the rows are distinct)
+            return
         if add:
             part = out.index_select(0, rows).add_(part)
         out.index_copy_(0, rows, part.to(out.dtype))
