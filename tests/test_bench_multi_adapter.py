@@ -34,7 +34,8 @@ def test_tiny_run_prints_every_figure(capsys):
     peft_rows = re.findall(rf"^\| (4x1|3x5) \| ({NUM}) \| ({NUM}) \| ({NUM}) \| (\S+) \| (\S+) \|$", out, re.M)
     assert [r[0] for r in peft_rows] == ["4x1", "3x5"]
     for _, ours, theirs, ratio, diff, effect in peft_rows:
-        assert abs(float(ratio) - float(ours) / float(theirs)) < 2e-3 + 0.01 * float(ratio)
+        o, t = float(ours), float(theirs)  # ms printed to 0.1, the ratio to 0.001
+        assert (o - 0.05) / (t + 0.05) - 6e-4 <= float(ratio) <= (o + 0.05) / max(t - 0.05, 1e-9) + 6e-4
         assert float(diff) <= 1e-5 and float(effect) > 1e-3  # equal to PEFT, and the adapters do change the logits
 
 
