@@ -96,7 +96,8 @@ def build_stream(args):
     lora.mark_only_lora_as_trainable(model)
     enc = get_tokenizer()
     mrs = synthetic_mrs(args.requests * len(names), seed=2)
-    requests = [(enc.encode_ordinary(format_prompt(mr)), names[i % len(names)]) for i, mr in enumerate(mrs)]
+    cut = args.prompt_tokens or None  # the prompt's first tokens only: a run where decoding dominates
+    requests = [(enc.encode_ordinary(format_prompt(mr))[:cut], names[i % len(names)]) for i, mr in enumerate(mrs)]
     random.Random(3).shuffle(requests)
     return model.eval(), requests
 
@@ -158,7 +159,8 @@ def render_stream(res, args):
     lines = [f"Part 1: {res['requests']} requests ({', '.join(f'{n} {k}' for n, k in res['per_adapter'].items())}; "
              f"ranks {args.ranks}) in one shuffled stream, batches of {args.batch_size} in arrival order "
              f"({res['batches']} batches), greedy, {args.max_new_tokens} new tokens at most, unmerged, "
-             f"GPT-2 shape {args.layers} layers x {args.width}",
+             + (f"prompts cut to their first {args.prompt_tokens} tokens, " if args.prompt_tokens else "")
+             + f"GPT-2 shape {args.layers} layers x {args.width}",
              "", "| server | round | tokens | seconds | tokens/s |", "|---|---|---|---|---|"]
     for run in res["runs"]:
         lines.append(f"| {run['server']} | {run['round'] + 1} | {run['tokens']} | {run['seconds']:.2f} | "
@@ -283,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=16, help="the server's batch size (the example's default)")
     p.add_argument("--max_new_tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2, help="rounds of part 1; the order alternates")
+    p.add_argument("--prompt_tokens", type=int, default=0,
+                   help="part 1: keep only each prompt's first N tokens (0: whole prompts), so decoding dominates")
     p.add_argument("--shapes", nargs="+", default=["16x1", "8x32"], help="part 2's rows x tokens")
     p.add_argument("--reps", type=int, default=10, help="part 2's repetitions per method and shape")
     p.add_argument("--parts", default="stream,peft", help="which parts to run")

@@ -191,34 +191,38 @@ class LoRALayer():
         view = _AdapterView(self, None if self.adapters_disabled else self.lora_adapters[self.active_adapter])
         return type(self).forward(view, x)
 
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen layer alone (the layer is never merged while this is used)."""
-        return type(self).forward(_AdapterView(self, None), x)
-
     def _lora_update(self, x: torch.Tensor) -> torch.Tensor:
-        """``scaling * B A drop(x)`` alone, for layers whose update adds to the base output (not convolutions)."""
+        """``scaling * B A drop(x)`` alone, for layers whose update adds to the base output (not convolutions);
+        those also define ``_base_forward(x)``, the frozen layer alone."""
         raise NotImplementedError
 
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Inside ``lora.batch_adapters``: row ``i`` of ``x`` (its first dimension) gets the update of adapter
-        ``names[i]``, or none for ``None``. Rows are grouped per adapter when the block starts, so this loops
-        over adapters, never over rows."""
+        ``names[i]``, or none for ``None``; see :class:`RowAdapters` for how rows are grouped."""
         plan = self._lora_rows
         plan.check(self, x)
+        order = plan.order(x.device)
+        xs = x if order is None else x.index_select(0, order[0])  # (B, ...) in adapter order
+        views = [(name, rows, _AdapterView(self, None if name is None else adapter_factors(self, name)))
+                 for name, rows in plan.slices]
         if type(self)._lora_update is LoRALayer._lora_update:
             # A convolution's update is a kernel: each row group runs one convolution with its own W + delta,
             # which costs what the base convolution costs, instead of the base for all rows plus a delta conv.
-            parts = [(rows, type(self).forward(_AdapterView(self, None if name is None else
-                                                            adapter_factors(self, name)), plan.take(x, rows)))
-                     for name, rows in plan.groups(x.device, base_rows=True)]
-            out = parts[0][1].new_empty((plan.size, *parts[0][1].shape[1:]))
-            for rows, part in parts:
-                plan.put(out, rows, part)
-            return out
+            out = torch.cat([type(self).forward(view, xs[rows]) for _, rows, view in views])
+            return out if order is None else out.index_select(0, order[1])
         result = self._base_forward(x)  # the frozen layer once for the whole batch
-        for name, rows in plan.groups(x.device):
-            update = type(self)._lora_update(_AdapterView(self, adapter_factors(self, name)), plan.take(x, rows))
-            plan.put(result, rows, update, add=True)
+        updates = [(rows, None if name is None else type(self)._lora_update(view, xs[rows]))
+                   for name, rows, view in views]
+        if order is None:
+            for rows, update in updates:
+                if update is not None:
+                    result[rows].add_(update)  # summed in the wider dtype, rounded once to the result's
+            return result
+        like = next((u for _, u in updates if u is not None), None)
+        if like is not None:  # base rows get zeros, so that one gather puts every row back in place
+            parts = [u if u is not None else like.new_zeros((rows.stop - rows.start, *like.shape[1:]))
+                     for rows, u in updates]
+            result.add_(torch.cat(parts).index_select(0, order[1]))
         return result
 
     @torch.no_grad()
@@ -528,8 +532,11 @@ def _linear_update(layer, x: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor
 
 class RowAdapters:
     """Which adapter each row of a batch uses, inside ``lora.batch_adapters``: the rows grouped per adapter once,
-    when the block starts, so that a layer's forward loops over adapters, never over rows. A group of consecutive
-    rows is kept as a slice (a view of the input, updated in place), any other as an index tensor.
+    when the block starts, so that a layer's forward loops over adapters, never over rows.
+
+    When each adapter's rows are consecutive, every group is a slice of the batch (views, updated in place).
+    Otherwise a layer gathers its input once into adapter order (``perm``), where every group is a slice again,
+    and gathers the updates back once (``inv``): two copies per layer, however many adapters.
 
     Args:
         names: one entry per row (the first dimension of every LoRA layer's input): an adapter name, or None for
@@ -542,23 +549,26 @@ class RowAdapters:
         self.layer_names = layer_names
         rows = {}
         for i, name in enumerate(names):
-            rows.setdefault(name, []).append(i)
-        self._rows = rows  # name (None: the base) -> row numbers, in order of first appearance
+            rows.setdefault(name, []).append(i)  # name (None: the base) -> its rows, in order of first appearance
+        order = [i for group in rows.values() for i in group]
+        self.slices, start = [], 0  # (name, slice of the batch in adapter order)
+        for name, group in rows.items():
+            self.slices.append((name, slice(start, start + len(group))))
+            start += len(group)
+        self._order = None if order == list(range(self.size)) else order
         self._on_device = {}
 
-    def groups(self, device, base_rows: bool = False):
-        """``[(adapter name, rows)]``, rows a slice or a LongTensor on ``device``; the base rows (name None)
-        only with ``base_rows``."""
+    def order(self, device):
+        """``(perm, inv)`` LongTensors on ``device``: ``x[perm]`` is the batch in adapter order and ``u[inv]``
+        puts rows in adapter order back; None when the rows already are in adapter order."""
+        if self._order is None:
+            return None
         key = str(device)
         if key not in self._on_device:
-            out = []
-            for name, rows in self._rows.items():
-                if rows == list(range(rows[0], rows[-1] + 1)):
-                    out.append((name, slice(rows[0], rows[-1] + 1)))
-                else:
-                    out.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
-            self._on_device[key] = out
-        return [(n, r) for n, r in self._on_device[key] if base_rows or n is not None]
+            perm = torch.tensor(self._order, dtype=torch.long, device=device)
+            self._on_device[key] = (perm, torch.empty_like(perm).scatter_(0, perm, torch.arange(
+                self.size, device=device)))
+        return self._on_device[key]
 
     def check(self, layer, x: torch.Tensor) -> None:
         """Raises ValueError when ``x``'s first dimension is not the number of names."""
@@ -567,23 +577,6 @@ class RowAdapters:
             raise ValueError(f"lora.batch_adapters got {self.size} adapter names but layer {where!r} got a batch "
                              f"of {x.shape[0] if x.dim() else 0} rows (the first dimension of its input, "
                              f"shape {tuple(x.shape)}); give one name (or None) per row")
-
-    @staticmethod
-    def take(x: torch.Tensor, rows) -> torch.Tensor:
-        return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-
-    @staticmethod
-    def put(out: torch.Tensor, rows, part: torch.Tensor, add: bool = False) -> None:
-        """``out[rows] = part``, or ``+= part`` with ``add`` (summed in the wider dtype, rounded once to out's)."""
-        if isinstance(rows, slice):
-            if add:
-                out[rows].add_(part)
-            else:
-                out[rows] = part
-            return
-        if add:
-            part = out.index_select(0, rows).add_(part)
-        out.index_copy_(0, rows, part.to(out.dtype))
 
 
 class Embedding(nn.Embedding, LoRALayer):
