@@ -75,7 +75,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="inputs decoded together (x beam_size rows), taken in order of prompt length")
     g.add_argument("--no_unmerged", action="store_true",
-                   help="skip the unmerged run (it shows the tokens equal the merged model's and times it)")
+                   help="skip the unmerged run (it shows the tokens equal the merged model's and times it); "
+                        "--eval skips it unless --unmerged_check is given")
+    g.add_argument("--unmerged_check", action="store_true",
+                   help="with --eval, also decode every MR with the unmerged model (twice the time)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true",
                    help="generate for each unique MR of --split and score BLEU, NIST, METEOR, ROUGE-L, CIDEr")
@@ -168,6 +171,12 @@ def print_header(args, multi, device, decode: DecodeConfig, recipe) -> None:
           + (f" (recipe {recipe})" if recipe and recipe != "none" else ""))
 
 
+def skip_unmerged(args) -> bool:
+    """The unmerged run (a check that merging changes no token, and its speed) costs a second decoding of every MR:
+    on by default for the samples, off under --eval unless --unmerged_check asks for it."""
+    return args.no_unmerged or (args.eval and not args.unmerged_check)
+
+
 def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precision: str) -> dict:
     """Adapter ``i``'s texts, merged and (unless ``--no_unmerged``) unmerged; prints them with their slot checks
     (without ``--eval``) and the speed line. Returns the result without scores."""
@@ -175,7 +184,7 @@ def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precis
     n_lora = adapter.config.get("lora_params")
     print(f"\n== adapter {adapter.path}" + (f" ({n_lora:,} LoRA parameters)" if isinstance(n_lora, int) else ""))
     runs = {}
-    for merged in ([True] if args.no_unmerged else [False, True]):
+    for merged in ([True] if skip_unmerged(args) else [False, True]):
         model = multi.use(i, merged=merged)
         with U.autocast(device, precision):
             texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
@@ -183,11 +192,13 @@ def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precis
         runs["merged" if merged else "unmerged"] = (texts, stats)
     texts, stats = runs["merged"]
     speed = {k: round(s["tokens_per_second"], 1) for k, (_, s) in runs.items()}
-    same = None if args.no_unmerged else runs["unmerged"][0] == texts
+    same = None if skip_unmerged(args) else runs["unmerged"][0] == texts
     line = f"generated {stats['tokens']} tokens for {len(mrs)} MRs: merged {speed['merged']} tokens/s"
-    if not args.no_unmerged:
+    if not skip_unmerged(args):
         line += (f", unmerged {speed['unmerged']} tokens/s; merged and unmerged texts "
                  + ("identical" if same else "DIFFER"))
+    elif args.eval and not args.no_unmerged:
+        line += " (the unmerged check is off under --eval: --unmerged_check runs it)"
     if not args.eval:
         for mr, text in zip(mrs, texts):
             problems = S.check(mr, text).problems()

@@ -87,6 +87,12 @@ def test_eval_writes_predictions_references_scores(adapters, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| BLEU | NIST | METEOR | ROUGE-L | CIDEr |" in printed and "NIST: python variant" in printed
     assert "test: all 4 unique MRs" in printed and "SUBSET" not in printed and s["subset"] is None
+    # --eval decodes once: the merged-vs-unmerged check doubles the time, and runs when asked for
+    assert out["results"][0]["merged_equals_unmerged"] is None and "--unmerged_check runs it" in printed
+    checked = _run(["--adapter_dir", a, "--eval", "--split", "test", "--data_dir", data, "--output_dir",
+                    str(tmp_path), "--meteor", "nltk", "--unmerged_check"])
+    assert checked["results"][0]["merged_equals_unmerged"] is True
+    assert checked["results"][0]["texts"] == out["results"][0]["texts"]
 
 
 def test_eval_on_fewer_mrs_says_subset_everywhere(adapters, tmp_path, capsys):
