@@ -216,3 +216,32 @@ def test_bf16_workers_and_their_targets():
     context = [line for line in md.splitlines() if line.startswith("| ") and "(context" in line.split(" | ")[0]]
     assert len(context) == 4 and all(line.endswith("| (context, no target) |") for line in context), context
     assert "| this loralib (bf16) | 0.1 |" in md and "| peft (bf16) | 0.1 |" in md
+
+
+def test_bench_generate_table(tmp_path, capsys):
+    """Both methods on the same tiny GPT-2 and the same prompts: a row per decoding and batch, tokens/s of each,
+    greedy token ids identical to transformers' (no timing assertions)."""
+    import bench_generate
+
+    out = tmp_path / "gen.md"
+    assert bench_generate.main(["--layers", "2", "--hidden", "32", "--heads", "4", "--vocab", "300", "--quick",
+                                "--threads", "1", "--batch", "4", "--batches", "1,4",
+                                "--data_dir", str(tmp_path / "none"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text().strip() in printed and "the 5 sample MRs of run_inference.py, repeated" in printed
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| greedy") or
+            line.startswith("| beam 5")]
+    assert [(r[0][2:], r[1], r[2]) for r in rows] == [("greedy", "1", "2"), ("greedy", "4", "4"),
+                                                      ("beam 5, no-repeat 4-grams", "1", "2"),
+                                                      ("beam 5, no-repeat 4-grams", "4", "4")]
+    for r in rows:
+        assert float(r[3]) > 0 and float(r[4]) > 0
+    assert [r[-1].strip(" |") for r in rows[:2]] == ["2 of 2", "4 of 4"]
+
+
+def test_bench_generate_counts_tokens_as_generated():
+    import bench_generate
+
+    assert bench_generate.n_tokens([[1, 2, 3], [4], []], new_tokens=3) == 3 + 2 + 1  # + each end-of-text
+    with pytest.raises(SystemExit, match="--modes"):
+        bench_generate.main(["--modes", "sampling"])

@@ -2,7 +2,8 @@
 
     python examples/NLG/run_inference.py                                  # sample MRs, adapter in lora_model/
     python examples/NLG/run_inference.py --input "name : The Eagle | Type : pub | area : riverside"
-    python examples/NLG/run_inference.py --eval --split test --max_examples 50
+    python examples/NLG/run_inference.py --eval --split test                   # every test MR, scored
+    python examples/NLG/run_inference.py --eval --split valid --max_examples 50  # a quick check on a subset
     python examples/NLG/run_inference.py --recipe paper          # Microsoft's E2E decoding: beam 10, penalty 0.8, ...
 
 The model is rebuilt from adapter_config.json alone (base: the recorded --init_checkpoint, or the random base drawn
@@ -21,7 +22,7 @@ from src import metrics as M  # noqa: E402
 from src import slots as S  # noqa: E402
 from src import train_utils as U  # noqa: E402
 from src.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
-from src.generate import DecodeConfig  # noqa: E402
+from src.generate import DEFAULT_BATCH_SIZE, DecodeConfig  # noqa: E402
 from src.hf_checkpoint import CheckpointError  # noqa: E402
 from src.inference import MRError, adapter_delex, check_mr, describe, describe_mixed, load_adapters, \
     read_mr_file  # noqa: E402
@@ -73,14 +74,20 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_new_tokens", type=int, default=64, help="stop after this many tokens without end-of-text")
     g.add_argument("--stop_token_ids", type=int, nargs="*", default=[],
                    help="token ids that end a text besides <|endoftext|> (recipe paper: 628, '\\n\\n')")
-    g.add_argument("--batch_size", type=int, default=16, help="inputs decoded together (x beam_size rows)")
+    g.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="inputs decoded together (x beam_size rows), taken in order of prompt length")
     g.add_argument("--no_unmerged", action="store_true",
-                   help="skip the unmerged run (it shows the tokens equal the merged model's and times it)")
+                   help="skip the unmerged run (it shows the tokens equal the merged model's and times it); "
+                        "--eval skips it unless --unmerged_check is given")
+    g.add_argument("--unmerged_check", action="store_true",
+                   help="with --eval, also decode every MR with the unmerged model (twice the time)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true",
                    help="generate for each unique MR of --split and score BLEU, NIST, METEOR, ROUGE-L, CIDEr")
     g.add_argument("--split", default="test", choices=["test", "valid"], help="split to evaluate")
-    g.add_argument("--max_examples", type=int, default=0, help="evaluate the first N unique MRs only (0: all)")
+    g.add_argument("--max_examples", type=int, default=0,
+                   help="a quick check: score the first N unique MRs only, labelled a subset wherever printed or "
+                        "saved (0: all of them, what the E2E challenge and the paper report)")
     g.add_argument("--data_dir", default=None,
                    help=f"directory with test.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
     g.add_argument("--no_download", action="store_true",
@@ -112,15 +119,20 @@ def write_lines(path: str, lines) -> None:
 
 
 def read_inputs(args):
-    """The MRs to describe and, with ``--eval``, their references (else None)."""
+    """The MRs to describe and, with ``--eval``, their references (else None). With ``--eval --max_examples N``
+    below the split's size, sets ``args.subset`` to the label every printed and saved score carries."""
+    args.subset = None
     if args.eval:
         D.ensure_data(args.data_dir, (args.split,), download=not args.no_download)
         groups = D.load_references(args.split, args.data_dir)
-        n_lines = sum(len(r) for _, r in groups)
-        if args.max_examples:
+        n_lines, n_mrs = sum(len(r) for _, r in groups), len(groups)
+        if args.max_examples and args.max_examples < n_mrs:
             groups = groups[:args.max_examples]
+            args.subset = f"SUBSET: the first {len(groups)} of the {n_mrs} unique {args.split} MRs"
         mrs, refs = [mr for mr, _ in groups], [r for _, r in groups]
-        print(f"{args.split}: {len(mrs)} unique MRs ({n_lines} lines in the file), {sum(map(len, refs))} references")
+        print(f"{args.split}: " + (f"{args.subset} (not comparable with whole-set scores)" if args.subset else
+                                   f"all {n_mrs} unique MRs") +
+              f", {sum(map(len, refs))} references ({n_lines} lines in the file)")
         return mrs, refs
     mrs = [check_mr(x) for x in args.input or []]
     if args.input_file:
@@ -161,6 +173,12 @@ def print_header(args, multi, device, decode: DecodeConfig, recipe) -> None:
           + (f" (recipe {recipe})" if recipe and recipe != "none" else ""))
 
 
+def skip_unmerged(args) -> bool:
+    """The unmerged run (a check that merging changes no token, and its speed) costs a second decoding of every MR:
+    on by default for the samples, off under --eval unless --unmerged_check asks for it."""
+    return args.no_unmerged or (args.eval and not args.unmerged_check)
+
+
 def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precision: str) -> dict:
     """Adapter ``i``'s texts, merged and (unless ``--no_unmerged``) unmerged; prints them with their slot checks
     (without ``--eval``) and the speed line. Returns the result without scores."""
@@ -168,7 +186,7 @@ def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precis
     n_lora = adapter.config.get("lora_params")
     print(f"\n== adapter {adapter.path}" + (f" ({n_lora:,} LoRA parameters)" if isinstance(n_lora, int) else ""))
     runs = {}
-    for merged in ([True] if args.no_unmerged else [False, True]):
+    for merged in ([True] if skip_unmerged(args) else [False, True]):
         model = multi.use(i, merged=merged)
         with U.autocast(device, precision):
             texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
@@ -176,11 +194,13 @@ def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precis
         runs["merged" if merged else "unmerged"] = (texts, stats)
     texts, stats = runs["merged"]
     speed = {k: round(s["tokens_per_second"], 1) for k, (_, s) in runs.items()}
-    same = None if args.no_unmerged else runs["unmerged"][0] == texts
+    same = None if skip_unmerged(args) else runs["unmerged"][0] == texts
     line = f"generated {stats['tokens']} tokens for {len(mrs)} MRs: merged {speed['merged']} tokens/s"
-    if not args.no_unmerged:
+    if not skip_unmerged(args):
         line += (f", unmerged {speed['unmerged']} tokens/s; merged and unmerged texts "
                  + ("identical" if same else "DIFFER"))
+    elif args.eval and not args.no_unmerged:
+        line += " (the unmerged check is off under --eval: --unmerged_check runs it)"
     if not args.eval:
         for mr, text in zip(mrs, texts):
             problems = S.check(mr, text).problems()
@@ -191,23 +211,39 @@ def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precis
             "merged_equals_unmerged": same, "generated_tokens": stats["tokens"]}
 
 
-def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, recipe, precision: str) -> dict:
-    """``--eval``: writes predictions.txt, references.txt and scores.json to ``out_dir`` and prints the table.
-    Returns the scores."""
+def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, recipe, precision: str,
+          jar=None) -> dict:
+    """``--eval``: writes predictions.txt, references.txt and scores.json to ``out_dir`` and prints the table
+    (``jar``: a started ``MeteorJar``). Returns the scores."""
     texts = result["texts"]
     os.makedirs(out_dir, exist_ok=True)
     write_lines(os.path.join(out_dir, "predictions.txt"), texts)
     # The official script's multi-reference format: each MR's references, then a blank line.
     write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
-    scores = M.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist)
+    scores = M.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist, meteor_jar=jar)
     scores["slots"] = S.slot_scores(mrs, texts)
-    scores.update({"split": args.split, "decoding": vars(decode), "recipe": recipe, "precision": precision,
-                   "adapter_dir": result["adapter_dir"], "tokens_per_second": result["tokens_per_second"]})
+    scores.update({"split": args.split, "subset": args.subset, "decoding": vars(decode), "recipe": recipe,
+                   "precision": precision, "adapter_dir": result["adapter_dir"],
+                   "tokens_per_second": result["tokens_per_second"]})
     atomic_json(os.path.join(out_dir, "scores.json"), scores)
+    if args.subset:
+        print(f"{args.subset}:")
     print(M.format_report(scores))
     print(S.format_slot_line(scores["slots"]))
-    print(f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/")
+    print(f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/" +
+          (f" ({args.subset})" if args.subset else ""))
     return scores
+
+
+def start_meteor(args):
+    """``--eval`` with the METEOR jar: start its JVM now, so that it loads while the model generates (seconds
+    saved). None where the jar will not be used or cannot start (scoring then reports it or falls back)."""
+    if not args.eval or args.meteor == "nltk" or M.meteor_jar_path() is None:
+        return None
+    try:
+        return M.MeteorJar()
+    except M.MetricError:
+        return None
 
 
 def run(args) -> dict:
@@ -217,8 +253,16 @@ def run(args) -> dict:
     device = U.select_device(args.device)
     mrs, refs = read_inputs(args)
     decode, recipe = decoding(args, dirs[0])
+    jar = start_meteor(args)
+    try:
+        return run_adapters(args, dirs, device, mrs, refs, decode, recipe, jar)
+    finally:
+        if jar is not None:
+            jar.close()
 
-    # The base once, then each adapter on it
+
+def run_adapters(args, dirs, device, mrs, refs, decode: DecodeConfig, recipe, jar) -> dict:
+    """Load the base once, then generate (and with ``--eval`` score) with each adapter in turn."""
     precision, why = U.resolve_precision(args.precision, device)
     multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint, precision=precision)
     if precision != "fp32":
@@ -242,7 +286,7 @@ def run(args) -> dict:
             out_dir = args.output_dir or dirs[0]
             if len(dirs) > 1:
                 out_dir = os.path.join(out_dir, f"adapter{i}_{os.path.basename(os.path.normpath(adapter.path))}")
-            result.update(scores=score(args, result, out_dir, mrs, refs, decode, recipe, precision),
+            result.update(scores=score(args, result, out_dir, mrs, refs, decode, recipe, precision, jar),
                           output_dir=out_dir)
         results.append(result)
     return {"mrs": mrs, "results": results}

@@ -94,6 +94,28 @@ def test_eval_writes_predictions_references_scores(adapters, tmp_path, capsys):
     assert s["nist_variant"] == "python" and run_inference.get_parser().parse_args([]).nist == "perl"
     printed = capsys.readouterr().out
     assert "| BLEU | NIST | METEOR | ROUGE-L | CIDEr |" in printed and "NIST: python variant" in printed
+    assert "test: all 4 unique MRs" in printed and "SUBSET" not in printed and s["subset"] is None
+    # --eval decodes once: the merged-vs-unmerged check doubles the time, and runs when asked for
+    assert out["results"][0]["merged_equals_unmerged"] is None and "--unmerged_check runs it" in printed
+    checked = _run(["--adapter_dir", a, "--eval", "--split", "test", "--data_dir", data, "--output_dir",
+                    str(tmp_path), "--meteor", "nltk", "--unmerged_check"])
+    assert checked["results"][0]["merged_equals_unmerged"] is True
+    assert checked["results"][0]["texts"] == out["results"][0]["texts"]
+
+
+def test_eval_on_fewer_mrs_says_subset_everywhere(adapters, tmp_path, capsys):
+    data, a, _ = adapters
+    out = _run(["--adapter_dir", a, "--eval", "--split", "test", "--data_dir", data, "--output_dir",
+                str(tmp_path), "--meteor", "nltk", "--max_examples", "3", "--no_unmerged"])
+    assert len(out["mrs"]) == 3 and len((tmp_path / "predictions.txt").read_text().splitlines()) == 3
+    label = "SUBSET: the first 3 of the 4 unique test MRs"
+    assert json.loads((tmp_path / "scores.json").read_text())["subset"] == label
+    printed = capsys.readouterr().out
+    assert f"test: {label} (not comparable with whole-set scores)" in printed
+    assert f"{label}:\n| BLEU |" in printed and f"scores.json to {tmp_path}/ ({label})" in printed
+    _run(["--adapter_dir", a, "--eval", "--split", "test", "--data_dir", data, "--output_dir", str(tmp_path),
+          "--meteor", "nltk", "--max_examples", "4", "--no_unmerged"])  # N = all of them: no subset
+    assert json.loads((tmp_path / "scores.json").read_text())["subset"] is None
 
 
 def test_check_mr():

@@ -53,11 +53,18 @@ def test_coco_tokens_and_errors():
 
 @pytest.mark.skipif(M.meteor_jar_path() is None, reason="no java / meteor-1.5.jar")
 def test_meteor_jar_hand_cases():
-    """One JVM for all cases (starting it costs seconds): identical scores 1, disjoint 0."""
-    corpus, seg = M.meteor_jar(["one two three four five six", "a b c"], [["one two three four five six"],
-                                                                          ["x y z"]])
-    assert seg == [pytest.approx(1.0), 0.0]
-    assert 0 < corpus < 1
+    """One JVM for all cases (starting it costs seconds): identical scores 1, disjoint 0; the same JVM scores
+    another corpus through score_all (as run_inference.py's --eval does with each adapter), then is closed."""
+    hyps, refs = ["one two three four five six", "a b c"], [["one two three four five six"], ["x y z"]]
+    with M.MeteorJar() as jar:
+        corpus, seg = jar.score(hyps, refs)
+        assert seg == [pytest.approx(1.0), 0.0]
+        assert 0 < corpus < 1
+        half = M.score_all(hyps[:1] * 2, refs[:1] + [["one two three"]], meteor_jar=jar)
+        assert half["METEOR"] == pytest.approx(jar.score(hyps[:1] * 2, refs[:1] + [["one two three"]])[0])
+        assert 0 < half["METEOR"] < 1 and half["METEOR"] != corpus and "jar" in half["implementations"]["METEOR"]
+    with pytest.raises(M.MetricError, match="closed"):
+        jar.score(hyps, refs)
 
 
 def test_human_reference_near_official_figures(real_e2e_dir):

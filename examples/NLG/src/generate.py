@@ -11,8 +11,14 @@ the same tokens): 2K candidates per step, only the K best-ranked may finish, a f
 once K hypotheses finished and the best running beam, normalised at its current length, cannot beat the worst.
 ``no_repeat_ngram_size`` bans n-grams repeated *within the generated text*, as Microsoft's E2E beam search does
 (the meaning representation's words are meant to reappear in the description); Hugging Face also counts the prompt.
+
+Speed: :func:`generate` decodes prompts sorted by length (similar prompts give similar output lengths, so a batch
+pads little and its rows finish together), the beams' bookkeeping and the n-gram bans are tensor operations over
+all rows at once, and an input (greedy: a row) that is done leaves the batch, so the model never runs rows whose
+result is already decided. None of this changes a token: each row computes what it would alone.
 """
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,6 +28,8 @@ import torch.nn.functional as F
 import loralib as lora
 
 from .tokenizer import EOT_ID
+
+DEFAULT_BATCH_SIZE = 64  # prompts per batch; beam search runs batch_size * beam_size rows (benchmarks/RESULTS.md)
 
 
 @dataclass
@@ -74,7 +82,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tenso
 
 
 def banned_tokens(generated: Sequence[int], n: int) -> List[int]:
-    """Tokens that would complete an n-gram already present in ``generated``.
+    """Tokens that would complete an n-gram already present in ``generated`` (the reference for :func:`ban_ngrams`).
 
     Args:
         generated: the tokens generated so far (the prompt excluded).
@@ -92,13 +100,26 @@ def banned_tokens(generated: Sequence[int], n: int) -> List[int]:
             if tuple(generated[i:i + n - 1]) == prefix]
 
 
-def _ban(logprobs: torch.Tensor, histories: Sequence[Sequence[int]], n: int) -> torch.Tensor:
-    if n <= 0:
+def ban_ngrams(logprobs: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
+    """Set to -inf, in place, every token that would repeat an n-gram of its row's history: all rows at once.
+
+    Args:
+        logprobs: (R, V) next-token scores.
+        history: (R, t) the tokens generated so far, one row per row of ``logprobs``.
+        n: the n-gram size; 0 bans nothing.
+
+    Returns:
+        ``logprobs``.
+    """
+    R, t = history.shape
+    if n <= 0 or t < n:
         return logprobs
-    for row, hist in enumerate(histories):
-        bad = banned_tokens(hist, n)
-        if bad:
-            logprobs[row, bad] = float("-inf")
+    if n == 1:
+        return logprobs.scatter_(1, history, float("-inf"))
+    windows = history.unfold(1, n - 1, 1)[:, :t - n + 1]  # (R, t-n+1, n-1): the (n-1)-grams that have a successor
+    hit = (windows == history[:, None, t - n + 1:]).all(-1)  # (R, t-n+1): equal to the last n-1 tokens
+    rows, cols = hit.nonzero(as_tuple=True)
+    logprobs[rows, history[:, n - 1:][rows, cols]] = float("-inf")
     return logprobs
 
 
@@ -107,17 +128,37 @@ def _adapters(model, names: Optional[Sequence[Optional[str]]]):
     return contextlib.nullcontext() if names is None else lora.batch_adapters(model, names)
 
 
+def _row_names(names, live: torch.Tensor, K: int = 1):
+    """The adapter of each row still running: ``K`` rows per input in ``live`` (None when there are no names)."""
+    return None if names is None else [names[i] for i in live.tolist() for _ in range(K)]
+
+
 def _step(model, ids, mask, pos, past, names=None):
+    # Only the last position's logits: a model that takes transformers' logits_to_keep skips the output layer at the
+    # prompt's other positions; another is called as before and its last position is used.
+    keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     with _adapters(model, names):
-        out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True, **keep)
     # float32 log-probabilities: beam scores are sums of many of them, and fp16 sums would reorder beams.
     return F.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values
+
+
+def _takes_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _select(past, mask, pos, idx: torch.Tensor):
+    """The cache, attention mask and next positions of the rows ``idx`` (in that order)."""
+    return [(k[idx], v[idx]) for k, v in past], mask[idx], pos[idx]
 
 
 @torch.no_grad()
 def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, names=None) -> List[List[int]]:
     """Greedy decoding of one batch (argmax at each step, ``no_repeat_ngram_size`` respected); ``names``: each
-    prompt's adapter (``generate``'s ``adapter_names``).
+    prompt's adapter (``generate``'s ``adapter_names``), which follows its row as finished rows leave the batch.
 
     Returns:
         Per prompt, the generated tokens, without the closing end-of-text.
@@ -125,33 +166,33 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, nam
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(prompts, cfg.pad_id))
     logprobs, past = _step(model, ids, mask, pos, None, names)
+    stops = torch.tensor(sorted({cfg.eos_id, *cfg.stop_ids}), device=device)
+    live = torch.arange(len(prompts), device=device)  # the prompts still running, one row each
+    history = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
     out: List[List[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
     next_pos = pos[:, -1:] + 1
-    stops = {cfg.eos_id, *cfg.stop_ids}
     for t in range(cfg.max_new_tokens):
-        logprobs = _ban(logprobs, out, cfg.no_repeat_ngram_size)
-        tok = logprobs.argmax(-1)
-        for i, k in enumerate(tok.tolist()):
-            if done[i]:
-                continue
-            if k in stops:
-                done[i] = True
-            else:
-                out[i].append(k)
-        if all(done) or t + 1 == cfg.max_new_tokens:
+        tok = ban_ngrams(logprobs, history, cfg.no_repeat_ngram_size).argmax(-1)  # (R,)
+        go = ~torch.isin(tok, stops)
+        for i, k in zip(live[go].tolist(), tok[go].tolist()):
+            out[i].append(k)
+        if not bool(go.any()) or t + 1 == cfg.max_new_tokens:
             break
-        tok = torch.where(torch.tensor(done, device=device), torch.full_like(tok, cfg.pad_id), tok)
+        if not bool(go.all()):  # rows that stopped leave the batch
+            keep = go.nonzero().squeeze(1)
+            live, tok, history = live[keep], tok[keep], history[keep]
+            past, mask, next_pos = _select(past, mask, next_pos, keep)
+        history = torch.cat([history, tok[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logprobs, past = _step(model, tok[:, None], mask, next_pos, past, names)
+        logprobs, past = _step(model, tok[:, None], mask, next_pos, past, _row_names(names, live))
         next_pos = next_pos + 1
     return out
 
 
 @torch.no_grad()
 def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, names=None) -> List[List[int]]:
-    """Beam search over one batch: ``len(prompts) * beam_size`` rows run through the model at each step;
-    ``names``: each prompt's adapter, which its K beams keep (beams are only ever reordered within one prompt).
+    """Beam search over one batch: ``K = beam_size`` rows per input still running go through the model each step;
+    ``names``: each prompt's adapter, which its K beams keep (beams are only ever reordered within one input).
 
     Returns:
         Per prompt, the best finished hypothesis's tokens, without the closing end-of-text.
@@ -159,59 +200,63 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig
     K, lp, n_gram = cfg.beam_size, cfg.length_penalty, cfg.no_repeat_ngram_size
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(prompts, cfg.pad_id))
-    B = len(prompts)
     logprobs, past = _step(model, ids, mask, pos, None, names)  # the prompt once per input, then to its K beams
-    rows = torch.arange(B, device=device).repeat_interleave(K)
-    beam_names = None if names is None else [names[b] for b in rows.tolist()]
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(K)
+    past, mask, next_pos = _select(past, mask, pos[:, -1:] + 1, rows)
     logprobs = logprobs[rows]
-    past = [(k[rows], v[rows]) for k, v in past]
-    mask, next_pos = mask[rows], pos[rows, -1:] + 1
-    beams: List[List[int]] = [[] for _ in range(B * K)]  # generated tokens of beam (b, j) at row b*K + j
-    scores = torch.full((B, K), float("-inf"), device=device)
+    live = torch.arange(len(prompts), device=device)  # the inputs still running, K rows each (row b*K + j)
+    history = torch.empty((len(rows), 0), dtype=torch.long, device=device)  # (B*K, t) each beam's tokens
+    scores = torch.full((len(prompts), K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # at the first step all K beams are the same prompt: expand only one of them
-    finished: List[List[Tuple[float, List[int]]]] = [[] for _ in range(B)]  # best K, sorted by score, descending
-    done = [False] * B
-    stops = {cfg.eos_id, *cfg.stop_ids}
+    finished: List[List[Tuple[float, List[int]]]] = [[] for _ in prompts]  # best K, sorted by score, descending
+    stops = torch.tensor(sorted({cfg.eos_id, *cfg.stop_ids}), device=device)
+    rank = torch.arange(2 * K, device=device)
     for t in range(cfg.max_new_tokens):
-        new_len = t + 1
-        logprobs = _ban(logprobs, beams, n_gram)
-        cand = (scores[:, :, None] + logprobs.view(B, K, -1)).view(B, -1)
-        top_val, top_idx = cand.topk(2 * K, dim=1)
-        V = logprobs.shape[-1]
-        src_beam, token = (top_idx // V).tolist(), (top_idx % V).tolist()
-        top_val = top_val.tolist()
+        new_len, B, V = t + 1, len(live), logprobs.shape[-1]
+        ban_ngrams(logprobs, history, n_gram)
+        top_val, top_idx = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, -1).topk(2 * K, dim=1)  # (B, 2K)
+        src, tok = top_idx // V, top_idx % V
         last = new_len == cfg.max_new_tokens
-        new_rows, new_scores, new_beams = [], [], []
-        for b in range(B):
-            keep = []
-            for r in range(2 * K):
-                j, k, s = src_beam[b][r], token[b][r], top_val[b][r]
-                if k in stops or last:
-                    if r < K and not done[b] and s > float("-inf"):
-                        seq = beams[b * K + j] + ([] if k in stops else [k])
-                        _add_finished(finished[b], K, s / new_len ** lp, seq)
-                elif len(keep) < K:
-                    keep.append((j, k, s))
-            while len(keep) < K:  # fewer than K live continuations (e.g. all banned): dead beams fill the rest
-                keep.append((0, cfg.pad_id, float("-inf")))
-            for j, k, s in keep:
-                new_rows.append(b * K + j)
-                new_scores.append(s)
-                new_beams.append(beams[b * K + j] + [k])
-            if not done[b] and len(finished[b]) == K:
-                best_running = keep[0][2] / new_len ** lp
-                done[b] = best_running <= finished[b][-1][0]
-        if last or all(done):
+        stopped = torch.isin(tok, stops)
+        ends = torch.ones_like(stopped) if last else stopped
+        # Hypotheses that end here: only among the K best-ranked, and never a dead (-inf) beam.
+        fin = ends & (rank < K) & (top_val > float("-inf"))
+        if bool(fin.any()):
+            _finish(finished, live, history, fin, src, tok, top_val, stopped, K, new_len ** lp)
+        # The K best continuations that do not end; fewer than K (e.g. all banned): dead beams fill the rest.
+        order = torch.where(ends, rank + 2 * K, rank).argsort(dim=1)[:, :K]  # (B, K)
+        ok = ~ends.gather(1, order)
+        src = torch.where(ok, src.gather(1, order), 0)
+        tok = torch.where(ok, tok.gather(1, order), cfg.pad_id)
+        scores = torch.where(ok, top_val.gather(1, order), float("-inf"))
+        going = _still_running(finished, live.tolist(), scores[:, 0].tolist(), K, new_len ** lp)
+        if last or not any(going):
             break
-        idx = torch.tensor(new_rows, device=device)
-        past = [(k[idx], v[idx]) for k, v in past]
-        beams = new_beams
-        scores = torch.tensor(new_scores, device=device).view(B, K)
-        tok = torch.tensor([bm[-1] for bm in beams], device=device)
+        keep = torch.tensor([b for b, g in enumerate(going) if g], device=device)  # inputs still running
+        src_rows = (keep[:, None] * K + src[keep]).view(-1)  # (B'*K,) the row each new beam continues
+        live, scores, tok = live[keep], scores[keep], tok[keep].view(-1)
+        history = torch.cat([history[src_rows], tok[:, None]], dim=1)
+        past, mask, next_pos = _select(past, mask, next_pos, src_rows)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logprobs, past = _step(model, tok[:, None], mask, next_pos, past, beam_names)
+        logprobs, past = _step(model, tok[:, None], mask, next_pos, past, _row_names(names, live, K))
         next_pos = next_pos + 1
     return [fin[0][1] if fin else [] for fin in finished]
+
+
+def _finish(finished, live, history, fin, src, tok, top_val, stopped, K: int, norm: float) -> None:
+    """Add the hypotheses ``fin`` (B, 2K) marks (the few that end this step) to their inputs' finished lists; a
+    hypothesis cut by ``max_new_tokens`` keeps its last token, one that stopped does not."""
+    b_idx, r_idx = fin.nonzero(as_tuple=True)
+    beams = history[b_idx * K + src[b_idx, r_idx]].tolist()
+    for i, seq, k, s, stop in zip(live[b_idx].tolist(), beams, tok[b_idx, r_idx].tolist(),
+                                  top_val[b_idx, r_idx].tolist(), stopped[b_idx, r_idx].tolist()):
+        _add_finished(finished[i], K, s / norm, seq if stop else seq + [k])
+
+
+def _still_running(finished, live: List[int], best: List[float], K: int, norm: float) -> List[bool]:
+    """Per live input: False once K hypotheses finished and its best running beam (score ``best``), normalised at
+    the current length, cannot beat the worst of them."""
+    return [len(finished[i]) < K or b / norm > finished[i][-1][0] for i, b in zip(live, best)]
 
 
 def _add_finished(fin: List[Tuple[float, List[int]]], K: int, score: float, seq: List[int]) -> None:
@@ -222,9 +267,12 @@ def _add_finished(fin: List[Tuple[float, List[int]]], K: int, score: float, seq:
     del fin[K:]
 
 
-def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_size: int = 16,
+def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_size: int = DEFAULT_BATCH_SIZE,
              adapter_names: Optional[Sequence[Optional[str]]] = None) -> List[List[int]]:
     """Decode every prompt, ``batch_size`` at a time (greedy when ``cfg.beam_size == 1``, else beam search).
+
+    Prompts are decoded in order of length (a stable sort, so equal lengths keep their order) and returned in
+    the caller's order: a row's tokens do not depend on the rows batched with it.
 
     Args:
         model: a ``SimpleGPT2WithLoRA`` (put it in eval mode first; ``eval()`` also merges LoRA).
@@ -253,9 +301,12 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_s
             raise ValueError(f"a prompt of {len(p)} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the "
                              f"model's {limit} positions")
     fn = greedy_batch if cfg.beam_size == 1 else beam_search_batch
-    out: List[List[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        names = None if adapter_names is None else list(adapter_names[i:i + batch_size])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: List[List[int]] = [[] for _ in prompts]
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        names = None if adapter_names is None else [adapter_names[i] for i in chunk]
         with _adapters(model, names):  # a merged model is unmerged once per batch, not at every step
-            out.extend(fn(model, prompts[i:i + batch_size], cfg, names))
+            for i, tokens in zip(chunk, fn(model, [prompts[i] for i in chunk], cfg, names)):
+                out[i] = tokens
     return out

@@ -267,41 +267,75 @@ def meteor_jar_corpora(corpora: Sequence[Tuple[Sequence[str], Sequence[Sequence[
     Returns:
         Per corpus, ``(corpus score, per-MR scores)``.
 
-    Talks to the jar's ``-stdio`` protocol itself (one ``SCORE`` line per MR, then one ``EVAL`` line per corpus)
-    and stops the JVM before returning.
+    Starts a :class:`MeteorJar`, scores, and stops the JVM before returning.
 
     Raises:
         ValueError: as :func:`bleu`, for any corpus. MetricError: no Java or jar, or the jar failed.
     """
     for hyps, refs in corpora:
         _check(hyps, refs)
-    jar = meteor_jar_path()
-    if jar is None:
-        raise MetricError("METEOR jar needs java and pycocoevalcap's meteor-1.5.jar")
+    with MeteorJar() as jar:
+        return [jar.score(hyps, refs) for hyps, refs in corpora]
 
-    def clean(s: str) -> str:
-        return " ".join(coco_tokens(s).replace("|||", "").split())
 
-    cmd = ["java", "-Xmx2G", "-jar", jar, "-", "-", "-stdio", "-l", "en", "-norm"]
-    try:
-        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, cwd=os.path.dirname(jar))
-    except OSError as e:
-        raise MetricError(f"METEOR jar did not start: {e}") from e
-    results = []
-    try:
-        for hyps, refs in corpora:
+class MeteorJar:
+    """One running METEOR 1.5 JVM (``-l en -norm``, the jar's ``-stdio`` protocol), to score any number of corpora.
+
+    The JVM takes seconds to start and load its paraphrase table: start it once, early (it loads while the caller
+    does other work, e.g. generates), score each corpus with :meth:`score`, and :meth:`close` it (or use ``with``).
+
+    Raises:
+        MetricError: no Java or jar, or the JVM did not start.
+    """
+
+    def __init__(self):
+        jar = meteor_jar_path()
+        if jar is None:
+            raise MetricError("METEOR jar needs java and pycocoevalcap's meteor-1.5.jar")
+        cmd = ["java", "-Xmx2G", "-jar", jar, "-", "-", "-stdio", "-l", "en", "-norm"]
+        try:
+            self._p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL, text=True, cwd=os.path.dirname(jar))
+        except OSError as e:
+            raise MetricError(f"METEOR jar did not start: {e}") from e
+
+    def score(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[float, List[float]]:
+        """``(corpus score, per-MR scores)`` of one corpus, statistics summed over it, in 0..1.
+
+        Raises:
+            ValueError: as :func:`bleu`. MetricError: the jar stopped answering or was closed.
+        """
+        _check(hyps, refs)
+        p = self._p
+        if p is None:
+            raise MetricError("METEOR jar already closed")
+
+        def clean(s: str) -> str:
+            return " ".join(coco_tokens(s).replace("|||", "").split())
+
+        try:
             # The jar answers each SCORE line with a statistics line, which the EVAL line must quote: the dialogue
             # goes line by line.
             stats = [_ask(p, " ||| ".join(["SCORE", *[clean(r) for r in rs], clean(h)])) for h, rs in zip(hyps, refs)]
             p.stdin.write("EVAL ||| " + " ||| ".join(stats) + "\n")
             p.stdin.flush()
-            out = [_read(p) for _ in range(len(hyps) + 1)]
-            results.append((float(out[-1]), [float(x) for x in out[:-1]]))  # the corpus score follows the segments'
-    finally:
-        p.kill()
-        p.wait()
-    return results
+        except OSError as e:  # a broken pipe: the JVM died
+            raise MetricError(f"METEOR jar stopped answering (exit status {p.poll()})") from e
+        out = [_read(p) for _ in range(len(hyps) + 1)]
+        return float(out[-1]), [float(x) for x in out[:-1]]  # the corpus score follows the segments'
+
+    def close(self) -> None:
+        """Stop the JVM (idempotent)."""
+        if self._p is not None:
+            self._p.kill()
+            self._p.wait()
+            self._p = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _read(p) -> str:
@@ -346,11 +380,13 @@ def meteor_nltk(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     return total / len(hyps)
 
 
-def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]], impl: str = "auto") -> Dict[str, object]:
+def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]], impl: str = "auto",
+           jar: Optional[MeteorJar] = None) -> Dict[str, object]:
     """METEOR with the best implementation available.
 
     Args:
         impl: ``"jar"`` (fail without Java), ``"nltk"``, or ``"auto"`` (the jar when Java runs it, else nltk).
+        jar: a :class:`MeteorJar` already started (it stays open), else one is started and stopped here.
 
     Returns:
         ``{"score": float, "implementation": str}``.
@@ -362,7 +398,8 @@ def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]], impl: str = "auto
         raise ValueError(f"unknown METEOR implementation {impl!r}; use auto, jar or nltk")
     if impl in ("auto", "jar") and (impl == "jar" or meteor_jar_path()):
         try:
-            return {"score": meteor_jar(hyps, refs)[0], "implementation": "meteor-1.5.jar (official, Java)"}
+            score = jar.score(hyps, refs)[0] if jar is not None else meteor_jar(hyps, refs)[0]
+            return {"score": score, "implementation": "meteor-1.5.jar (official, Java)"}
         except MetricError:
             if impl == "jar":
                 raise
@@ -378,7 +415,7 @@ IMPLEMENTATIONS = {
 
 
 def score_all(hyps: Sequence[str], refs: Sequence[Sequence[str]], meteor_impl: str = "auto",
-              nist_variant: str = "perl") -> Dict[str, object]:
+              nist_variant: str = "perl", meteor_jar: Optional[MeteorJar] = None) -> Dict[str, object]:
     """All five metrics, on the official script's scales, and which implementation produced each.
 
     Args:
@@ -386,6 +423,7 @@ def score_all(hyps: Sequence[str], refs: Sequence[Sequence[str]], meteor_impl: s
         refs: per MR, all its references.
         meteor_impl: see :func:`meteor`.
         nist_variant: see :func:`nist`.
+        meteor_jar: a started :class:`MeteorJar` to use (see :func:`meteor`).
 
     Returns:
         ``{"BLEU": .., "NIST": .., "METEOR": .., "ROUGE_L": .., "CIDEr": .., "implementations": {metric: str},
@@ -398,7 +436,7 @@ def score_all(hyps: Sequence[str], refs: Sequence[Sequence[str]], meteor_impl: s
     if nist_variant not in NIST_VARIANTS:
         raise ValueError(f"unknown NIST variant {nist_variant!r}; use perl or python")
     _check(hyps, refs)
-    m = meteor(hyps, refs, meteor_impl)
+    m = meteor(hyps, refs, meteor_impl, jar=meteor_jar)
     return {"BLEU": bleu(hyps, refs), "NIST": nist(hyps, refs, nist_variant), "METEOR": m["score"],
             "ROUGE_L": rouge_l(hyps, refs), "CIDEr": cider(hyps, refs),
             "implementations": {**IMPLEMENTATIONS, "METEOR": m["implementation"],

@@ -214,13 +214,17 @@ class SimpleGPT2WithLoRA(nn.Module):
         return self.transformer.ln_f(x), presents
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache: bool = False, label_smoothing: float = 0.0) -> GPTOutput:
+                use_cache: bool = False, label_smoothing: float = 0.0, logits_to_keep: int = 0) -> GPTOutput:
         """Logits, or the next-token loss when ``labels`` (aligned with ``input_ids``, -100 = ignore) are given.
 
         With labels, logits are not returned: the output layer runs only on the positions the loss uses.
+        ``logits_to_keep=n > 0`` (transformers' argument of that name): logits (B, n, V) of the last n positions
+        only; generation's prefill needs one, and the output layer is most of a small model's cost.
         """
         if labels is None:
             h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
+            if logits_to_keep > 0:
+                h = h[:, -logits_to_keep:]  # (B, n, C)
             return GPTOutput(self.lm_head(h), None, presents if use_cache else None)
         targets = labels[:, 1:]
         keep = targets != -100  # (B, T-1): the position t predicts the token t + 1
