@@ -23,6 +23,7 @@ from src import train_utils as U  # noqa: E402
 from src.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
 from src.generate import DecodeConfig  # noqa: E402
 from src.hf_checkpoint import CheckpointError  # noqa: E402
+from src.family import tokenizer_for  # noqa: E402
 from src.inference import MRError, adapter_delex, check_mr, describe, load_adapters, read_mr_file  # noqa: E402
 from src.measure import param_counts  # noqa: E402
 from src.adapter_io import read_adapter_config  # noqa: E402
@@ -45,8 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="adapter directory written by run_training.py (default: lora_model). Repeat it to load "
                         "the base once and generate with each adapter in turn (only the LoRA weights swap)")
     g.add_argument("--init_checkpoint", default=None,
-                   help="base checkpoint (local path or Hugging Face Hub name) to use instead of the one recorded "
-                        "in adapter_config.json; it must be the same weights (checked by fingerprint)")
+                   help="base checkpoint (smollm2, a .gguf file, a local GPT-2 path or Hugging Face Hub name) to use "
+                        "instead of the one recorded in adapter_config.json; it must be the same weights (checked "
+                        "by fingerprint, and a GGUF file by its sha256)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
     g.add_argument("--precision", default="fp32", choices=U.PRECISIONS,
                    help="dtype of the frozen base while generating, as run_training.py's flag (auto: bf16 where "
@@ -170,7 +172,7 @@ def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precis
         model = multi.use(i, merged=merged)
         with U.autocast(device, precision):
             texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
-                                    delex=adapter_delex(adapter.config))
+                                    delex=adapter_delex(adapter.config), tokenizer=tokenizer_for(adapter.config))
         runs["merged" if merged else "unmerged"] = (texts, stats)
     texts, stats = runs["merged"]
     speed = {k: round(s["tokens_per_second"], 1) for k, (_, s) in runs.items()}

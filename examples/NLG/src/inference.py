@@ -1,6 +1,7 @@
 """Inference pieces run_inference.py is made of: checking meaning representations, loading one base with several
 adapters, swapping adapters bit-exactly, and timing generation.
 """
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -9,11 +10,12 @@ import torch
 
 import loralib as lora
 
-from .adapter_io import AdapterError, load_adapter_weights, load_model_from_adapter_dir, read_adapter_config, \
+from .adapter_io import AdapterError, load_adapter_weights, read_adapter_config, \
     read_adapter_weights, weights_path
+from .family import load_model_from_adapter_dir
 from .data import delexicalize, format_prompt, relexicalize
 from .generate import DecodeConfig, generate
-from .tokenizer import get_tokenizer
+from .tokenizer import Tokenizer, gpt2_tokenizer
 from .train_utils import cast_frozen
 
 
@@ -154,9 +156,11 @@ def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Op
     return multi
 
 
-def prompts_for(mrs: Sequence[str], delex: Sequence[str] = ()) -> List[List[int]]:
-    """Token ids of ``format_prompt(mr, delex)`` for each MR: what training conditioned on."""
-    enc = get_tokenizer()
+def prompts_for(mrs: Sequence[str], delex: Sequence[str] = (), tokenizer: Optional[Tokenizer] = None
+                ) -> List[List[int]]:
+    """Token ids of ``format_prompt(mr, delex)`` for each MR: what training conditioned on (``tokenizer``: the
+    model family's, default GPT-2's)."""
+    enc = (tokenizer or gpt2_tokenizer()).enc
     return [enc.encode_ordinary(format_prompt(mr, delex)) for mr in mrs]
 
 
@@ -166,16 +170,20 @@ def adapter_delex(config: dict) -> List[str]:
 
 
 def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
-             delex: Sequence[str] = ()) -> Tuple[List[str], dict]:
+             delex: Sequence[str] = (), tokenizer: Optional[Tokenizer] = None) -> Tuple[List[str], dict]:
     """Generate one description per MR and time it. With ``delex`` (what the adapter was trained with), the
-    prompts carry placeholders and the MR's values are put back into the generated texts.
+    prompts carry placeholders and the MR's values are put back into the generated texts. ``tokenizer``: the
+    model family's (``family.tokenizer_for``; default GPT-2's), whose end and padding ids decoding uses.
 
     Returns:
         (texts, stats) with stats ``{"tokens": generated tokens (end-of-text included when produced),
         "seconds": wall time, "tokens_per_second": ...}``, measured in this call.
     """
-    enc = get_tokenizer()
-    prompts = prompts_for(mrs, delex)
+    tok = tokenizer or gpt2_tokenizer()
+    enc = tok.enc
+    if tokenizer is not None:
+        cfg = dataclasses.replace(cfg, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    prompts = prompts_for(mrs, delex, tok)
     t0 = time.perf_counter()
     out = generate(model, prompts, cfg, batch_size=batch_size)
     seconds = time.perf_counter() - t0
