@@ -91,13 +91,6 @@ class Base:
                          "sha256": self.sha256, "fingerprint": fingerprint, "base_seed": None,
                          "init_revision": None}}
 
-    @property
-    def recorded(self) -> Optional[str]:
-        """The base as adapter_config.json names it (a Hub name, an absolute path, ``smollm2``), None if random."""
-        if self.family == "llama":
-            return self.describe()["base"]["init_checkpoint"]
-        return self.gpt2_source.recorded if self.gpt2_source is not None else None
-
 
 def resolve(init_checkpoint: Optional[str], revision: Optional[str] = None) -> Base:
     """Find ``--init_checkpoint``'s files and tokenizer (the weights are read by :meth:`Base.build`).
