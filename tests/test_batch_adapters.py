@@ -3,14 +3,13 @@
 The reference for a row is the same batch run with that row's adapter active (``set_adapter``; None: inside
 ``disable_adapters``), then the row taken: the same matmul shapes, so float32 agrees within 1e-5.
 """
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
 import loralib as lora
-from inject_helpers import conv_net, ids, randomize_lora, tiny_gpt2, tokens
+from inject_helpers import conv_net, ids, randomize_lora, tiny_gpt2
 
 # Row orders: grouped (each adapter's rows consecutive: slices) and interleaved (index tensors), None rows in both.
 ORDERS = {

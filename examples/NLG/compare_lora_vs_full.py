@@ -43,7 +43,8 @@ from src import distributed as Dist  # noqa: E402
 from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
 from src.data import DataError, ensure_data, iterate_batches, load_tokenized, select_indices  # noqa: E402
-from src.model import GPTConfig, base_fingerprint, base_state_dict, build_model  # noqa: E402
+from src.family import family_of, resolve  # noqa: E402
+from src.model import GPTConfig, base_fingerprint, base_state_dict  # noqa: E402
 from src.train_config import TrainConfig  # noqa: E402
 from src.train_utils import (PRECISIONS, DeviceError, autocast, cast_frozen, evaluate, precision_dtype,  # noqa: E402
                              resolve_precision, select_device)
@@ -76,6 +77,10 @@ def parse_args(argv=None):
     m.add_argument("--lora_alpha", type=int, default=GPTConfig.lora_alpha,
                    help="LoRA scaling = lora_alpha / lora_dim")
     m.add_argument("--lora_dropout", type=float, default=GPTConfig.lora_dropout, help="dropout on the LoRA path")
+    m.add_argument("--init_checkpoint", default=None,
+                   help="the base both modes start from, as run_training.py's flag: smollm2, a Llama .gguf file, or "
+                        "a GPT-2 checkpoint (its sizes replace the four above; LoRA on q_proj and v_proj for a "
+                        "Llama); default: the random GPT-2 drawn from --seed")
     t = p.add_argument_group("training and measurement")
     t.add_argument("--steps", type=int, default=8, help="training steps per mode, warm-up included")
     t.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time median")
@@ -124,22 +129,20 @@ def train_config(args) -> TrainConfig:
                        lora_dropout=args.lora_dropout, batch_size=args.batch_size, seq_len=args.max_len, lr=args.lr,
                        weight_decay=args.weight_decay, val_examples=args.val_examples, seed=args.seed,
                        device=args.device, precision=args.precision, data_dir=args.data_dir,
-                       no_download=args.no_download)
-
-
-def model_config(args, lora_dim: int) -> GPTConfig:
-    return train_config(args).model_config(lora_dim)
+                       no_download=args.no_download, init_checkpoint=args.init_checkpoint,
+                       recipe="none")  # this script's flags, not a model family's recipe, set the comparison
 
 
 # --- one mode, in its own process --------------------------------------------------------------------------------
 
 def build_for_mode(args, mode: str, device: torch.device):
     """The model for ``mode``, on ``device``, in float32, with the base weights both modes share."""
-    lora_model = build_model(model_config(args, args.lora_dim), base_seed=args.seed)
+    base, cfg = resolve(args.init_checkpoint), train_config(args)
+    lora_model = base.build(cfg)
     if mode == "lora":
         lora.mark_only_lora_as_trainable(lora_model)
         return lora_model.to(device)
-    plain = build_model(model_config(args, 0), base_seed=args.seed)
+    plain = base.build(cfg, lora_dim=0)
     # A plain model's random draw differs (LoRA's A matrices take numbers from the RNG first): copy the base.
     plain.load_state_dict(base_state_dict(lora_model), strict=True)
     del lora_model
@@ -171,8 +174,9 @@ def to_device(batches, device):
 
 def load_batches(args, device) -> tuple:
     """The training batches (``--steps`` of them) and the validation batches, on ``device``."""
-    train = load_tokenized("train", args.data_dir)
-    valid = load_tokenized("valid", args.data_dir)
+    tokenizer = resolve(args.init_checkpoint).tokenizer
+    train = load_tokenized("train", args.data_dir, tokenizer=tokenizer)
+    valid = load_tokenized("valid", args.data_dir, tokenizer=tokenizer)
     train_idx = select_indices(len(train), args.steps * args.batch_size, args.seed)
     train_batches = to_device(iterate_batches(train, train_idx, args.batch_size, args.max_len, shuffle=True,
                                               seed=args.seed), device)
@@ -212,7 +216,7 @@ def run_mode(args, mode: str) -> dict:
     phases.done("val_before")
     out = {"mode": mode, "device": str(device), "precision": precision, "precision_why": why,
            "param_dtypes": dtypes, "base_fingerprint": fingerprint, "params": counts,
-           "param_bytes": measure.param_bytes(model)}
+           "param_bytes": measure.param_bytes(model), "model_config": model.config.to_dict()}
     out.update(train_measured(args, model, train_batches, device, precision))
     log(f"{len(out['step_times_s'])} steps, median step {out['median_step_s'] * 1e3:.1f} ms, "
         f"train loss {out['train_losses'][0]:.3f} -> {out['train_losses'][-1]:.3f}")
@@ -323,7 +327,7 @@ def inference_latency(args, lora_model, input_ids, device, precision: str = "fp3
     its update is merged into the weights, against the plain model (``lora_dim=0``) holding the same base
     weights in the same dtype, both under ``precision``'s autocast."""
     lora_model.eval()  # merges B A into the weights
-    plain = build_model(model_config(args, 0), base_seed=args.seed)
+    plain = resolve(args.init_checkpoint).build(train_config(args), lora_dim=0)
     # The LoRA model's state dict carries its unmerged base weights (loralib's save hook).
     plain.load_state_dict(base_state_dict(lora_model), strict=True)
     plain.to(device, precision_dtype(precision)).eval()
@@ -372,6 +376,8 @@ def ratio(a, b):
 def summarize(args, res: dict, wall_s: float) -> dict:
     lo, fu = res["lora"], res["full"]
     inf = lo.pop("inference")
+    model_config = lo.pop("model_config")  # the LoRA model's; full fine-tuning's is the same with lora_dim 0
+    fu.pop("model_config")
     summary = {
         "command": " ".join([os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:]),
         "loralib_version": lora.__version__,
@@ -381,7 +387,8 @@ def summarize(args, res: dict, wall_s: float) -> dict:
                       "autocast_dtype": None if lo["precision"] == "fp32" else
                       str(precision_dtype(lo["precision"])).replace("torch.", "")},
         "cpu_threads": torch.get_num_threads(),
-        "model_config": model_config(args, args.lora_dim).to_dict(),
+        "model": {"gpt2": "GPT-2", "llama": "Llama"}[family_of(args.init_checkpoint)],
+        "model_config": model_config,
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "same_base_weights": lo["base_fingerprint"] == fu["base_fingerprint"],
         "same_precision": lo["precision"] == fu["precision"],
@@ -517,7 +524,7 @@ def plot(s: dict, path: str) -> None:
         if b:
             ax.set_xlabel(f"ratio {fmt_ratio(a / b)}", fontsize=9)
     cfg = s["model_config"]
-    fig.suptitle(f"LoRA (r={cfg['lora_dim']}) vs full fine-tuning: GPT-2 {cfg['num_layers']} layers, "
+    fig.suptitle(f"LoRA (r={cfg['lora_dim']}) vs full fine-tuning: {s['model']} {cfg['num_layers']} layers, "
                  f"d={cfg['hidden_dim']}, batch {s['args']['batch_size']}, {len(lo['step_times_s'])} steps, "
                  f"{s['precision']['name']}, on {s['device']} (all measured)", fontsize=12)
     fig.tight_layout()

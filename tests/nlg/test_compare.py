@@ -317,3 +317,27 @@ def test_more_steps_than_data_is_a_clear_error(e2e_dir, capsys):
         cmp.main(["--data_dir", e2e_dir, "--steps", "30", "--batch_size", "2"])
     assert e.value.code == 2
     assert "more than the 48 training examples" in capsys.readouterr().err
+
+
+def test_llama_gguf_base_lora_vs_full(tmp_path, e2e_dir):
+    """--init_checkpoint with a Llama GGUF: both modes hold its weights, LoRA trains q_proj and v_proj only, full
+    trains everything, and both take steps on real batches of the file's tokenizer."""
+    from gguf_fixtures import write_tiny_llama
+
+    path = str(tmp_path / "tiny.gguf")
+    cfg, _ = write_tiny_llama(path)
+    args, _ = cmp.parse_args(["--init_checkpoint", path, "--lora_dim", "2", "--steps", "2", "--warmup", "1",
+                              "--max_len", "48", "--batch_size", "2", "--val_examples", "2", "--data_dir", e2e_dir])
+    cpu = torch.device("cpu")
+    models = {m: cmp.build_for_mode(args, m, cpu) for m in cmp.MODES}
+    C, L, kv = cfg["n_embd"], cfg["n_layer"], cfg["n_kv_head"] * cfg["head_dim"]
+    lora_n = L * (2 * C + C * 2 + 2 * C + kv * 2)  # r = 2: q_proj A (r, C), B (C, r); v_proj A (r, C), B (kv, r)
+    assert measure.param_counts(models["lora"])["trainable"] == lora_n
+    full = measure.param_counts(models["full"])
+    assert full["trainable"] == full["total"] == measure.param_counts(models["lora"])["total"] - lora_n
+    assert base_fingerprint(models["lora"]) == base_fingerprint(models["full"])
+    train_batches, _ = cmp.load_batches(args, cpu)
+    assert int(max(b["input_ids"].max() for b in train_batches)) < cfg["vocab_size"]
+    for mode, model in models.items():
+        out = cmp.train_measured(args, model, train_batches, cpu, "fp32")
+        assert len(out["train_losses"]) == 2 and all(0 < x < 10 for x in out["train_losses"])

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .tokenizer import EOT_ID, get_tokenizer
+from .tokenizer import EOT_ID, Tokenizer, gpt2_tokenizer
 
 SPLITS = ("train", "valid", "test")
 ENV_VAR = "E2E_DATA_DIR"
@@ -257,6 +257,7 @@ class TokenizedSplit:
     prompt_lens: torch.Tensor  # int32 (n,)
     sha256: str
     faithful: torch.Tensor  # bool (n,): the reference realises every attribute of its MR (src/slots.py)
+    pad_id: int = EOT_ID  # the tokenizer's padding id, which batches are padded with
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -265,14 +266,15 @@ class TokenizedSplit:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]].tolist(), int(self.prompt_lens[i])
 
 
-def tokenize_pairs(pairs: Sequence[Tuple[str, str]], delex: Sequence[str] = ()
+def tokenize_pairs(pairs: Sequence[Tuple[str, str]], delex: Sequence[str] = (), tokenizer: Optional[Tokenizer] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    enc = get_tokenizer()
+    tok = tokenizer or gpt2_tokenizer()
+    enc = tok.enc
     if delex:
         pairs = [delexicalize(mr, ref, delex)[:2] for mr, ref in pairs]
     prompts = enc.encode_ordinary_batch([format_prompt(mr) for mr, _ in pairs])
     comps = enc.encode_ordinary_batch([format_completion(ref) for _, ref in pairs])
-    seqs = [p + c + [EOT_ID] for p, c in zip(prompts, comps)]
+    seqs = [p + c + [tok.eos_id] for p, c in zip(prompts, comps)]
     lens = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
     offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(lens, 0)
@@ -281,26 +283,29 @@ def tokenize_pairs(pairs: Sequence[Tuple[str, str]], delex: Sequence[str] = ()
 
 
 def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool = True,
-                   write_cache: bool = True, delex: Sequence[str] = ()) -> TokenizedSplit:
+                   write_cache: bool = True, delex: Sequence[str] = (), tokenizer: Optional[Tokenizer] = None
+                   ) -> TokenizedSplit:
     """Parse and tokenise a split, caching the result under :func:`cache_dir` keyed by the file's sha256.
     ``write_cache=False`` reads a cache entry but never writes one (data-parallel ranks other than 0).
     ``delex``: attributes whose values become placeholders in MR and reference (:func:`delexicalize`).
+    ``tokenizer``: the model family's (default GPT-2's); its name is part of the cache key.
 
     Raises:
         DataError: as :func:`find_data_dir` and :func:`read_e2e`.
     """
     path = split_path(split, data_dir)
     digest = sha256_file(path)
-    tag = "-d" + "+".join(delex) if delex else ""
+    tok = tokenizer or gpt2_tokenizer()
+    tag = ("-d" + "+".join(delex) if delex else "") + ("" if tok.name == "gpt2" else f"-t{tok.name}")
     cpath = os.path.join(cache_dir(), f"e2e-{split}-{digest[:32]}-p{PROMPT_FORMAT_VERSION}{tag}.pt")
     if use_cache and os.path.isfile(cpath):
         try:
             d = torch.load(cpath, map_location="cpu", weights_only=True)
-            return TokenizedSplit(d["tokens"], d["offsets"], d["prompt_lens"], digest, d["faithful"])
+            return TokenizedSplit(d["tokens"], d["offsets"], d["prompt_lens"], digest, d["faithful"], tok.pad_id)
         except Exception:
             pass  # a damaged cache entry is rebuilt below
     pairs = read_e2e(path)
-    tokens, offsets, prompt_lens = tokenize_pairs(pairs, delex)
+    tokens, offsets, prompt_lens = tokenize_pairs(pairs, delex, tok)
     faithful = torch.tensor([_faithful(mr, ref) for mr, ref in pairs], dtype=torch.bool)
     if use_cache and write_cache:
         try:
@@ -310,7 +315,7 @@ def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool =
                 {"tokens": tokens, "offsets": offsets, "prompt_lens": prompt_lens, "faithful": faithful}, f))
         except OSError:
             pass  # a read-only cache location only costs the next run a re-tokenisation
-    return TokenizedSplit(tokens, offsets, prompt_lens, digest, faithful)
+    return TokenizedSplit(tokens, offsets, prompt_lens, digest, faithful, tok.pad_id)
 
 
 def _faithful(mr: str, ref: str) -> bool:
@@ -333,14 +338,15 @@ def make_example(tokens: List[int], prompt_len: int, max_len: Optional[int] = No
     return tokens, labels
 
 
-def collate(examples: Sequence[Tuple[List[int], List[int]]]) -> Dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example: input_ids padded with <|endoftext|>, labels with IGNORE_INDEX.
+def collate(examples: Sequence[Tuple[List[int], List[int]]], pad_id: int = EOT_ID) -> Dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example: input_ids with ``pad_id`` (GPT-2's <|endoftext|>), labels with
+    IGNORE_INDEX.
 
     Right padding needs no attention mask for training: causal attention never looks forward, so real tokens never
     see the padding, and padding positions carry no loss.
     """
     T = max(len(x) for x, _ in examples)
-    ids = torch.full((len(examples), T), EOT_ID, dtype=torch.long)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for i, (x, y) in enumerate(examples):
         ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
@@ -369,7 +375,7 @@ def iterate_batches(split: TokenizedSplit, indices: Sequence[int], batch_size: i
     n_batches = len(order) // batch_size if shuffle else -(-len(order) // batch_size)  # drop the ragged last
     for b in range(rank, n_batches, world_size):
         chunk = order[b * batch_size:(b + 1) * batch_size]
-        yield collate([make_example(*split.example(i), max_len=max_len) for i in chunk])
+        yield collate([make_example(*split.example(i), max_len=max_len) for i in chunk], split.pad_id)
 
 
 def num_batches(n_examples: int, batch_size: int, shuffle: bool, world_size: int = 1) -> int:

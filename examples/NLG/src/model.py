@@ -7,7 +7,7 @@ Weights are stored in ``nn.Linear`` layout (out, in); GPT-2's ``Conv1D`` (in, ou
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import ClassVar, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,33 @@ LORA_TARGETS = ("attn", "attn_k", "attn_proj", "mlp", "lm_head")
 DEFAULT_TARGETS = ("attn", "mlp", "lm_head")
 
 
+class ModelConfigJSON:
+    """What the model families' config dataclasses share: ``lora_targets`` checked against the class's
+    ``TARGETS``, and the round trip through adapter_config.json."""
+    TARGETS: ClassVar[Tuple[str, ...]] = ()
+
+    def _check_targets(self) -> None:
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)  # a JSON list in adapter_config.json
+            bad = [t for t in self.lora_targets if t not in self.TARGETS]
+            if bad or not self.lora_targets:
+                raise ValueError(f"lora_targets must be a non-empty subset of {self.TARGETS}, got "
+                                 f"{list(self.lora_targets)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["lora_targets"] is not None:
+            d["lora_targets"] = list(d["lora_targets"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfigJSON):
     vocab_size: int = 50257  # GPT-2 BPE vocabulary; 50256 is <|endoftext|>
     max_positions: int = 1024  # learned position embeddings (GPT-2: n_positions)
     hidden_dim: int = 768  # GPT-2 small: n_embd
@@ -37,14 +62,10 @@ class GPTConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA path's input
     # Which modules get LoRA, from LORA_TARGETS; None: DEFAULT_TARGETS.
     lora_targets: Optional[Sequence[str]] = None
+    TARGETS: ClassVar[Tuple[str, ...]] = LORA_TARGETS
 
     def __post_init__(self):
-        if self.lora_targets is not None:
-            self.lora_targets = tuple(self.lora_targets)  # a JSON list in adapter_config.json
-            bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
-            if bad or not self.lora_targets:
-                raise ValueError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}, got "
-                                 f"{list(self.lora_targets)}")
+        self._check_targets()
         if self.hidden_dim % self.num_heads != 0:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
         for name in ("vocab_size", "max_positions", "hidden_dim", "num_layers", "num_heads"):
@@ -55,17 +76,6 @@ class GPTConfig:
         """The LoRA rank of ``target`` (one of LORA_TARGETS): ``lora_dim`` where LoRA is placed, else 0."""
         return self.lora_dim if target in (self.lora_targets or DEFAULT_TARGETS) else 0
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["lora_targets"] is not None:
-            d["lora_targets"] = list(d["lora_targets"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
 
 KVCache = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, each (B, nh, T_past, hs)
 
@@ -74,6 +84,19 @@ class GPTOutput(NamedTuple):
     logits: Optional[torch.Tensor]  # (B, T, V), or None when only the loss was asked for
     loss: Optional[torch.Tensor]
     past_key_values: Optional[KVCache]
+
+
+def causal_padding_mask(attention_mask, B: int, T: int, t_past: int, device, cached: bool) -> Optional[torch.Tensor]:
+    """The boolean attention mask (B or 1, 1, T, T_past + T) of T new tokens after ``t_past`` cached ones: causal,
+    and never attending to padding (``attention_mask`` (B, T_past + T), 0 on padding); None when there is neither
+    padding nor a cache (plain causal attention then)."""
+    if attention_mask is None and not cached:
+        return None
+    causal = torch.ones(T, t_past + T, dtype=torch.bool, device=device).tril(t_past)
+    attn_mask = causal.view(1, 1, T, t_past + T)
+    if attention_mask is not None:
+        attn_mask = attn_mask & attention_mask.bool().view(B, 1, 1, t_past + T)
+    return attn_mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -148,7 +171,53 @@ class Block(nn.Module):
         return x, present
 
 
-class SimpleGPT2WithLoRA(nn.Module):
+class LabelPositionLM:
+    """The training and decoding forward of a causal LM that has ``hidden_states(input_ids, attention_mask,
+    position_ids, past_key_values, q_index=None)`` and ``lm_head(h)``: with labels, the output layer (and the
+    last block's attention output and MLP) run only at the positions the loss uses. GPT-2 and Llama share it.
+    """
+
+    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache: bool = False, label_smoothing: float = 0.0, logits_to_keep: int = 0) -> GPTOutput:
+        """Logits, or the next-token loss when ``labels`` (aligned with ``input_ids``, -100 = ignore) are given.
+
+        With labels, logits are not returned: the output layer runs only on the positions the loss uses.
+        ``logits_to_keep=n > 0`` (transformers' argument of that name): logits (B, n, V) of the last n positions
+        only; generation's prefill needs one, and the output layer is most of a small model's cost.
+        """
+        if labels is None:
+            h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
+            if logits_to_keep > 0:
+                h = h[:, -logits_to_keep:]  # (B, n, C)
+            return GPTOutput(self.lm_head(h), None, presents if use_cache else None)
+        targets = labels[:, 1:]
+        keep = targets != -100  # (B, T-1): the position t predicts the token t + 1
+        if attention_mask is None and past_key_values is None and not use_cache and bool(keep.any()):
+            h = self._hidden_at(input_ids, keep, position_ids)  # (N_kept, C)
+            presents = None
+        else:
+            h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
+            h = h[:, :-1][keep]  # (N_kept, C)
+        logits = self.lm_head(h)  # (N_kept, V)
+        # At least float32 (a half-precision head's logits), never lower than they are (float64 in tests).
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits, targets[keep], label_smoothing=label_smoothing)
+        return GPTOutput(None, loss, presents if use_cache else None)
+
+    def _hidden_at(self, input_ids, keep, position_ids=None):
+        """Final hidden states at the positions ``keep`` (B, T-1) marks, (N_kept, C), in the order of
+        ``h[:, :-1][keep]``; the last block computes only those rows (what the loss uses)."""
+        B, T = input_ids.shape
+        n = keep.sum(1)  # (B,)
+        pos = torch.arange(T - 1, device=input_ids.device).expand(B, -1)
+        # Each row's kept positions in order, then its others (padding queries, dropped below): (B, Tq)
+        q_index = torch.where(keep, pos, pos + T).argsort(dim=1)[:, :int(n.max())]
+        valid = torch.arange(q_index.shape[1], device=input_ids.device) < n.unsqueeze(1)  # (B, Tq)
+        h, _ = self.hidden_states(input_ids, position_ids=position_ids, q_index=q_index)  # (B, Tq, C)
+        return h[valid]
+
+
+class SimpleGPT2WithLoRA(LabelPositionLM, nn.Module):
     """GPT-2 with LoRA. ``forward(input_ids, labels=...)`` computes the 50,257-way output layer only at the
     positions whose label is not -100, which is where a fine-tuning step on CPU spends most of its time; the last
     block, too, computes its attention output and MLP only there (earlier positions still give it keys and values).
@@ -197,13 +266,7 @@ class SimpleGPT2WithLoRA(nn.Module):
             raise ValueError(f"sequence of {t_past + T} tokens exceeds max_positions={self.config.max_positions}")
         if position_ids is None:
             position_ids = torch.arange(t_past, t_past + T, device=input_ids.device).unsqueeze(0)
-        attn_mask = None
-        if attention_mask is not None or past_key_values is not None:
-            # Boolean (B, 1, T, T_past + T): causal, and never attend to padding.
-            causal = torch.ones(T, t_past + T, dtype=torch.bool, device=input_ids.device).tril(t_past)
-            attn_mask = causal.view(1, 1, T, t_past + T)
-            if attention_mask is not None:
-                attn_mask = attn_mask & attention_mask.bool().view(B, 1, 1, t_past + T)
+        attn_mask = causal_padding_mask(attention_mask, B, T, t_past, input_ids.device, past_key_values is not None)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
         presents = []
         last = len(self.transformer.h) - 1
@@ -212,45 +275,6 @@ class SimpleGPT2WithLoRA(nn.Module):
                                q_index if i == last else None)
             presents.append(present)
         return self.transformer.ln_f(x), presents
-
-    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache: bool = False, label_smoothing: float = 0.0, logits_to_keep: int = 0) -> GPTOutput:
-        """Logits, or the next-token loss when ``labels`` (aligned with ``input_ids``, -100 = ignore) are given.
-
-        With labels, logits are not returned: the output layer runs only on the positions the loss uses.
-        ``logits_to_keep=n > 0`` (transformers' argument of that name): logits (B, n, V) of the last n positions
-        only; generation's prefill needs one, and the output layer is most of a small model's cost.
-        """
-        if labels is None:
-            h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
-            if logits_to_keep > 0:
-                h = h[:, -logits_to_keep:]  # (B, n, C)
-            return GPTOutput(self.lm_head(h), None, presents if use_cache else None)
-        targets = labels[:, 1:]
-        keep = targets != -100  # (B, T-1): the position t predicts the token t + 1
-        if attention_mask is None and past_key_values is None and not use_cache and bool(keep.any()):
-            h = self._hidden_at(input_ids, keep, position_ids)  # (N_kept, C)
-            presents = None
-        else:
-            h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
-            h = h[:, :-1][keep]  # (N_kept, C)
-        logits = self.lm_head(h)  # (N_kept, V)
-        # At least float32 (a half-precision head's logits), never lower than they are (float64 in tests).
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits, targets[keep], label_smoothing=label_smoothing)
-        return GPTOutput(None, loss, presents if use_cache else None)
-
-    def _hidden_at(self, input_ids, keep, position_ids=None):
-        """Final hidden states at the positions ``keep`` (B, T-1) marks, (N_kept, C), in the order of
-        ``h[:, :-1][keep]``; the last block computes only those rows (what the loss uses)."""
-        B, T = input_ids.shape
-        n = keep.sum(1)  # (B,)
-        pos = torch.arange(T - 1, device=input_ids.device).expand(B, -1)
-        # Each row's kept positions in order, then its others (padding queries, dropped below): (B, Tq)
-        q_index = torch.where(keep, pos, pos + T).argsort(dim=1)[:, :int(n.max())]
-        valid = torch.arange(q_index.shape[1], device=input_ids.device) < n.unsqueeze(1)  # (B, Tq)
-        h, _ = self.hidden_states(input_ids, position_ids=position_ids, q_index=q_index)  # (B, Tq, C)
-        return h[valid]
 
 
 def build_model(cfg: GPTConfig, base_seed: int = 0) -> SimpleGPT2WithLoRA:

