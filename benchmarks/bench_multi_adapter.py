@@ -105,8 +105,12 @@ def build_stream(args):
 def serve_mixed(model, requests, cfg, batch_size):
     from src.generate import generate
 
-    return generate(model, [p for p, _ in requests], cfg, batch_size=batch_size,
-                    adapter_names=[n for _, n in requests])
+    out = []
+    for start in range(0, len(requests), batch_size):  # the batches as they arrive (generate alone would sort)
+        batch = requests[start:start + batch_size]
+        out.extend(generate(model, [p for p, _ in batch], cfg, batch_size=batch_size,
+                            adapter_names=[n for _, n in batch]))
+    return out
 
 
 def serve_one_adapter_at_a_time(model, requests, cfg, batch_size):
