@@ -43,7 +43,7 @@ from src import distributed as Dist  # noqa: E402
 from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
 from src.data import DataError, ensure_data, iterate_batches, load_tokenized, select_indices  # noqa: E402
-from src.family import family_of, resolve  # noqa: E402
+from src.family import DISPLAY_NAMES, family_of, resolve  # noqa: E402
 from src.model import GPTConfig, base_fingerprint, base_state_dict  # noqa: E402
 from src.train_config import TrainConfig  # noqa: E402
 from src.train_utils import (PRECISIONS, DeviceError, autocast, cast_frozen, evaluate, precision_dtype,  # noqa: E402
@@ -387,7 +387,7 @@ def summarize(args, res: dict, wall_s: float) -> dict:
                       "autocast_dtype": None if lo["precision"] == "fp32" else
                       str(precision_dtype(lo["precision"])).replace("torch.", "")},
         "cpu_threads": torch.get_num_threads(),
-        "model": {"gpt2": "GPT-2", "llama": "Llama"}[family_of(args.init_checkpoint)],
+        "model": DISPLAY_NAMES[family_of(args.init_checkpoint)],
         "model_config": model_config,
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "same_base_weights": lo["base_fingerprint"] == fu["base_fingerprint"],

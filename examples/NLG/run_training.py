@@ -26,7 +26,8 @@ from src import distributed as Dist  # noqa: E402
 from src import train_utils as U  # noqa: E402
 from src.adapter_io import (AdapterError, WEIGHTS_FILES, load_adapter_weights, read_adapter_weights,  # noqa: E402
                             save_adapter_dir, weights_path)
-from src.family import LORA_TARGET_CHOICES, Base, base_fingerprint, recipe_for, resolve  # noqa: E402
+from src.family import LORA_TARGET_CHOICES, Base, recipe_for, resolve  # noqa: E402
+from src.model import base_fingerprint  # noqa: E402
 from src.hf_checkpoint import CheckpointError  # noqa: E402
 from src.measure import param_counts  # noqa: E402
 from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402

