@@ -95,3 +95,41 @@ def test_dropout_and_too_long_input():
     long = torch.zeros(1, model.config.max_positions + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="exceeds max_positions"):
         model(long, labels=long)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kv_cache_buffers_equal_concatenated_pairs(family):
+    """The preallocated KVCache (written in place, rows reordered into its spare buffers) gives the logits the
+    (keys, values) pairs give, bitwise, through a prefill, steps, a beam-like reorder and rows leaving."""
+    from src.model import KVCache
+    if family == "gpt2":
+        model = _model(2).eval()
+    else:
+        from src.llama import LlamaConfig, build_model as build_llama
+        model = build_llama(LlamaConfig(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                        intermediate_dim=48, max_positions=64), 0).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (3, 7), generator=g)
+    cache = KVCache(rows=6, capacity=12)
+    with torch.no_grad():
+        a = model(ids, use_cache=True)
+        b = model(ids, past_key_values=cache, use_cache=True)
+        assert b.past_key_values is cache and cache.length == 7
+        torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+        pairs = a.past_key_values
+        for step, rows in enumerate([[0, 0, 1, 2, 2, 1], [5, 4, 3], [1]]):
+            idx = torch.tensor(rows)
+            pairs = [(k[idx], v[idx]) for k, v in pairs]
+            cache.select(idx)
+            tok = torch.randint(0, 97, (len(rows), 1), generator=g)
+            a = model(tok, past_key_values=pairs, use_cache=True)
+            b = model(tok, past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+            pairs = a.past_key_values
+            for (k1, v1), (k2, v2) in zip(pairs, [cache[i] for i in range(len(cache))]):
+                assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        assert cache.length == 10
+        with pytest.raises(ValueError, match="12 positions; 1 rows need 13"):
+            model(torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="holds 6 rows; cannot select 7"):
+            cache.select(torch.zeros(7, dtype=torch.long))

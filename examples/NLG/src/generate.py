@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import loralib as lora
 
+from .model import KVCache, LabelPositionLM
 from .tokenizer import EOT_ID
 
 DEFAULT_BATCH_SIZE = 64  # prompts per batch; beam search runs batch_size * beam_size rows (benchmarks/RESULTS.md)
@@ -139,8 +140,10 @@ def _step(model, ids, mask, pos, past, names=None):
     keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     with _adapters(model, names):
         out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True, **keep)
-    # float32 log-probabilities: beam scores are sums of many of them, and fp16 sums would reorder beams.
-    return F.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values
+    # float32 log-probabilities: beam scores are sums of many of them, and fp16 sums would reorder beams. In place:
+    # with beams the (R, V) logits are tens of MB per step, and a fresh block that size is page-faulted in anew.
+    logits = out.logits[:, -1].float()  # (R, V)
+    return torch.log_softmax(logits, dim=-1, out=logits), out.past_key_values
 
 
 def _takes_logits_to_keep(model) -> bool:
@@ -152,7 +155,15 @@ def _takes_logits_to_keep(model) -> bool:
 
 def _select(past, mask, pos, idx: torch.Tensor):
     """The cache, attention mask and next positions of the rows ``idx`` (in that order)."""
+    if isinstance(past, KVCache):
+        past.select(idx)  # in place, into the cache's spare buffers
+        return past, mask[idx], pos[idx]
     return [(k[idx], v[idx]) for k, v in past], mask[idx], pos[idx]
+
+
+def _new_cache(model, rows: int, prompt_len: int, cfg: DecodeConfig) -> Optional[KVCache]:
+    """A cache with room for the whole decoding (this example's models); None lets another model build its own."""
+    return KVCache(rows, prompt_len + cfg.max_new_tokens) if isinstance(model, LabelPositionLM) else None
 
 
 @torch.no_grad()
@@ -165,7 +176,7 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, nam
     """
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(prompts, cfg.pad_id))
-    logprobs, past = _step(model, ids, mask, pos, None, names)
+    logprobs, past = _step(model, ids, mask, pos, _new_cache(model, len(prompts), ids.shape[1], cfg), names)
     stops = torch.tensor(sorted({cfg.eos_id, *cfg.stop_ids}), device=device)
     live = torch.arange(len(prompts), device=device)  # the prompts still running, one row each
     history = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
@@ -200,7 +211,8 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig
     K, lp, n_gram = cfg.beam_size, cfg.length_penalty, cfg.no_repeat_ngram_size
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(prompts, cfg.pad_id))
-    logprobs, past = _step(model, ids, mask, pos, None, names)  # the prompt once per input, then to its K beams
+    cache = _new_cache(model, len(prompts) * K, ids.shape[1], cfg)
+    logprobs, past = _step(model, ids, mask, pos, cache, names)  # the prompt once per input, then to its K beams
     rows = torch.arange(len(prompts), device=device).repeat_interleave(K)
     past, mask, next_pos = _select(past, mask, pos[:, -1:] + 1, rows)
     logprobs = logprobs[rows]
@@ -214,7 +226,8 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig
     for t in range(cfg.max_new_tokens):
         new_len, B, V = t + 1, len(live), logprobs.shape[-1]
         ban_ngrams(logprobs, history, n_gram)
-        top_val, top_idx = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, -1).topk(2 * K, dim=1)  # (B, 2K)
+        cand = logprobs.view(B, K, V).add_(scores[:, :, None])  # (B, K, V) each continuation's score, in place
+        top_val, top_idx = cand.view(B, -1).topk(2 * K, dim=1)  # (B, 2K)
         src, tok = top_idx // V, top_idx % V
         last = new_len == cfg.max_new_tokens
         stopped = torch.isin(tok, stops)

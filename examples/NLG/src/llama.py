@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import loralib as lora
 
-from .model import KVCache, LabelPositionLM, ModelConfigJSON, causal_padding_mask
+from .model import KVPairs, LabelPositionLM, ModelConfigJSON, advance, causal_padding_mask, extend_kv, past_length
 
 # The projections LoRA can sit on, by their Hugging Face names; DEFAULT_TARGETS: the paper's query and value.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -107,18 +107,22 @@ class Attention(nn.Module):
         k = rope(self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, nkv, T_past + T, hs)
-            v = torch.cat([past[1], v], dim=2)
+            k, v = extend_kv(*past, k, v)  # (B, nkv, T_past + T, hs)
         present = (k, v)
-        rep = self.nh // self.nkv  # each key/value head serves rep query heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T_all, hs)
+        # Each key/value head serves nh / nkv query heads. enable_gqa reads it for each of them (the same outputs
+        # as copying it nh / nkv times, without copying the whole cache at every decoding step); with gradients,
+        # the copies: enable_gqa's backward sums the heads' gradients in another order, and training stays bitwise
+        # what it was when this example's adapters were trained.
+        if torch.is_grad_enabled():
+            rep = self.nh // self.nkv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T_all, hs)
         if q_index is not None:
             causal = torch.arange(T, device=x.device).view(1, 1, T) <= q_index.unsqueeze(-1)  # (B, Tq, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.unsqueeze(1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.unsqueeze(1), enable_gqa=True)
         elif attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, Tq, self.nh * self.hs)
         return self.o_proj(y), present
 
@@ -182,7 +186,7 @@ class LlamaWithLoRA(LabelPositionLM, nn.Module):
         """Final hidden states (B, T, C) and the per-layer key/value cache; arguments as GPT-2's
         (``SimpleGPT2WithLoRA.hidden_states``)."""
         B, T = input_ids.shape
-        t_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        t_past = past_length(past_key_values)
         if t_past + T > self.config.max_positions:
             raise ValueError(f"sequence of {t_past + T} tokens exceeds max_positions={self.config.max_positions}")
         if position_ids is None:
@@ -192,13 +196,13 @@ class LlamaWithLoRA(LabelPositionLM, nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # RoPE and the residual stream in autocast's dtype
         cos, sin = self._rope_angles(position_ids.expand(B, -1), x.dtype)
-        presents: KVCache = []
+        presents: KVPairs = []
         last = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
-            x, present = block(x, cos, sin, attn_mask, None if past_key_values is None else past_key_values[i],
+            x, present = block(x, cos, sin, attn_mask, None if past_key_values is None else (past_key_values, i),
                                q_index if i == last else None)
             presents.append(present)
-        return self.model.norm(x), presents
+        return self.model.norm(x), advance(past_key_values, presents, T)
 
 
 def build_model(cfg: LlamaConfig, base_seed: int = 0) -> LlamaWithLoRA:

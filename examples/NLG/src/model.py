@@ -7,7 +7,7 @@ Weights are stored in ``nn.Linear`` layout (out, in); GPT-2's ``Conv1D`` (in, ou
 """
 import math
 from dataclasses import asdict, dataclass
-from typing import ClassVar, List, NamedTuple, Optional, Sequence, Tuple
+from typing import ClassVar, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -77,13 +77,92 @@ class GPTConfig(ModelConfigJSON):
         return self.lora_dim if target in (self.lora_targets or DEFAULT_TARGETS) else 0
 
 
-KVCache = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, each (B, nh, T_past, hs)
+KVPairs = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, each (B, nh, T_past, hs)
+
+
+class KVCache:
+    """Every layer's keys and values for incremental decoding, in buffers allocated once for ``rows`` rows and
+    ``capacity`` positions: a step writes its keys and values in place, where concatenating would allocate and
+    copy the whole cache at every step and layer. Buffers are time-major, (capacity, rows, nh, hs), so that
+    :meth:`select` (beam search's reordering, finished rows leaving) copies whole contiguous blocks into a second
+    buffer rather than allocating a new cache. ``cache[i]`` is layer i's ``(keys, values)``, each (B, nh, T, hs).
+    """
+
+    def __init__(self, rows: int, capacity: int):
+        self.rows, self.capacity = rows, capacity
+        self.length = 0  # positions filled; a forward pass advances it once all layers have written
+        self.batch = 0  # rows in use
+        self._bufs: List[List[torch.Tensor]] = []  # per layer: keys, values, spare keys, spare values (flat)
+        self._kv: List[Tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (capacity, batch, nh, hs) views
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._kv[i]
+        return k[:self.length].permute(1, 2, 0, 3), v[:self.length].permute(1, 2, 0, 3)
+
+    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write layer ``i``'s new keys and values (B, nh, T, hs) after the cached ones; return all of them,
+        (B, nh, T_past + T, hs) views of the buffers."""
+        B, nh, T, hs = k.shape
+        end = self.length + T
+        if end > self.capacity or B > self.rows:
+            raise ValueError(f"KVCache holds {self.rows} rows and {self.capacity} positions; {B} rows need "
+                             f"{end}: build it with more room")
+        if i == len(self._kv):  # first pass: this layer's buffers
+            self._bufs.append([k.new_empty(self.capacity * self.rows * nh * hs) for _ in range(4)])
+            self._kv.append(tuple(b[:self.capacity * B * nh * hs].view(self.capacity, B, nh, hs)
+                                  for b in self._bufs[i][:2]))
+            self.batch = B
+        kb, vb = self._kv[i]
+        kb[self.length:end] = k.permute(2, 0, 1, 3)  # (T, B, nh, hs)
+        vb[self.length:end] = v.permute(2, 0, 1, 3)
+        return kb[:end].permute(1, 2, 0, 3), vb[:end].permute(1, 2, 0, 3)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep the rows ``idx`` (B',), in that order (repeats allowed): beams reordered, finished rows gone."""
+        n, L = len(idx), self.length
+        if n > self.rows:
+            raise ValueError(f"KVCache holds {self.rows} rows; cannot select {n}")
+        for i, (kb, vb) in enumerate(self._kv):
+            bufs = self._bufs[i]
+            new = tuple(b[:self.capacity * n * kb.shape[2] * kb.shape[3]].view(self.capacity, n, *kb.shape[2:])
+                        for b in bufs[2:])
+            torch.index_select(kb[:L], 1, idx, out=new[0][:L])
+            torch.index_select(vb[:L], 1, idx, out=new[1][:L])
+            self._kv[i] = new
+            bufs[:] = bufs[2:] + bufs[:2]  # the old buffers are the next spare ones
+        self.batch = n
+
+
+def extend_kv(past, i: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``i``'s keys and values (B, nh, T_past + T, hs): the cached ones then the new (B, nh, T, hs) ones.
+    ``past`` is a :class:`KVCache` (written in place) or the ``(keys, values)`` pairs a previous call returned."""
+    if isinstance(past, KVCache):
+        return past.append(i, k, v)
+    return torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
+
+
+def advance(past, presents: KVPairs, T: int):
+    """The cache a forward pass returns: a :class:`KVCache` it wrote T positions into, else the new pairs."""
+    if isinstance(past, KVCache):
+        past.length += T
+        return past
+    return presents
+
+
+def past_length(past) -> int:
+    """Positions already in ``past`` (None, a :class:`KVCache` or (keys, values) pairs)."""
+    if past is None:
+        return 0
+    return past.length if isinstance(past, KVCache) else past[0][0].shape[2]
 
 
 class GPTOutput(NamedTuple):
     logits: Optional[torch.Tensor]  # (B, T, V), or None when only the loss was asked for
     loss: Optional[torch.Tensor]
-    past_key_values: Optional[KVCache]
+    past_key_values: Optional[Union[KVPairs, KVCache]]
 
 
 def causal_padding_mask(attention_mask, B: int, T: int, t_past: int, device, cached: bool) -> Optional[torch.Tensor]:
@@ -125,8 +204,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, T_past + T, hs)
-            v = torch.cat([past[1], v], dim=2)
+            k, v = extend_kv(*past, k, v)  # (B, nh, T_past + T, hs)
         p = self.dropout if self.training else 0.0
         if q_index is not None:
             # Causal for the chosen queries: the query at position t sees keys 0..t.
@@ -261,7 +339,7 @@ class SimpleGPT2WithLoRA(LabelPositionLM, nn.Module):
                 Only without ``attention_mask`` and ``past_key_values``.
         """
         B, T = input_ids.shape
-        t_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        t_past = past_length(past_key_values)
         if t_past + T > self.config.max_positions:
             raise ValueError(f"sequence of {t_past + T} tokens exceeds max_positions={self.config.max_positions}")
         if position_ids is None:
@@ -271,10 +349,10 @@ class SimpleGPT2WithLoRA(LabelPositionLM, nn.Module):
         presents = []
         last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            x, present = block(x, attn_mask, None if past_key_values is None else past_key_values[i],
+            x, present = block(x, attn_mask, None if past_key_values is None else (past_key_values, i),
                                q_index if i == last else None)
             presents.append(present)
-        return self.transformer.ln_f(x), presents
+        return self.transformer.ln_f(x), advance(past_key_values, presents, T)
 
 
 def build_model(cfg: GPTConfig, base_seed: int = 0) -> SimpleGPT2WithLoRA:
