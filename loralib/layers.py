@@ -202,27 +202,28 @@ class LoRALayer():
         plan = self._lora_rows
         plan.check(self, x)
         order = plan.order(x.device)
-        xs = x if order is None else x.index_select(0, order[0])  # (B, ...) in adapter order
-        views = [(name, rows, _AdapterView(self, None if name is None else adapter_factors(self, name)))
-                 for name, rows in plan.slices]
+        views = plan.views(self)
         if type(self)._lora_update is LoRALayer._lora_update:
             # A convolution's update is a kernel: each row group runs one convolution with its own W + delta,
             # which costs what the base convolution costs, instead of the base for all rows plus a delta conv.
+            xs = x if order is None else x.index_select(0, order[0])  # (B, ...) in adapter order
             out = torch.cat([type(self).forward(view, xs[rows]) for _, rows, view in views])
             return out if order is None else out.index_select(0, order[1])
         result = self._base_forward(x)  # the frozen layer once for the whole batch
-        updates = [(rows, None if name is None else type(self)._lora_update(view, xs[rows]))
-                   for name, rows, view in views]
         if order is None:
-            for rows, update in updates:
-                if update is not None:
-                    result[rows].add_(update)  # summed in the wider dtype, rounded once to the result's
+            for name, rows, view in views:
+                if name is not None:
+                    result[rows].add_(type(self)._lora_update(view, x[rows]))  # in the wider dtype, rounded once
             return result
-        like = next((u for _, u in updates if u is not None), None)
-        if like is not None:  # base rows get zeros, so that one gather puts every row back in place
-            parts = [u if u is not None else like.new_zeros((rows.stop - rows.start, *like.shape[1:]))
-                     for rows, u in updates]
-            result.add_(torch.cat(parts).index_select(0, order[1]))
+        # Interleaved rows: each adapter gathers its own rows and adds its update back to them in place.
+        for name, rows, view in views:
+            if name is not None:
+                idx = order[0][rows]  # (n,) the batch rows of this adapter
+                update = type(self)._lora_update(view, x.index_select(0, idx))
+                if update.dtype == result.dtype:
+                    result.index_add_(0, idx, update)
+                else:  # e.g. float32 factors on a bf16 base: sum in the wider dtype, round once to the result's
+                    result.index_copy_(0, idx, (result.index_select(0, idx) + update).to(result.dtype))
         return result
 
     @torch.no_grad()
@@ -557,6 +558,17 @@ class RowAdapters:
             start += len(group)
         self._order = None if order == list(range(self.size)) else order
         self._on_device = {}
+        self._views = {}  # id(layer) -> [(name, rows, view)], built at the layer's first forward in the block
+
+    def views(self, layer) -> List[Tuple[Optional[str], slice, "_AdapterView"]]:
+        """Per adapter group: its name, its slice of the batch in adapter order, and ``layer`` computing with it
+        (built once per layer and block: a generation step reuses them)."""
+        views = self._views.get(id(layer))
+        if views is None:
+            views = [(name, rows, _AdapterView(layer, None if name is None else adapter_factors(layer, name)))
+                     for name, rows in self.slices]
+            self._views[id(layer)] = views
+        return views
 
     def order(self, device):
         """``(perm, inv)`` LongTensors on ``device``: ``x[perm]`` is the batch in adapter order and ``u[inv]``
