@@ -24,16 +24,17 @@ PAPER_DECODE = {
 }
 # SmolLM2-135M (--init_checkpoint smollm2): LoRA on query and value as the paper, names as placeholders as the GPT-2
 # example; lr as the probe, and as many steps as fit the 10-minute budget on a quiet 2-core CPU (330: 534 s
-# for the whole command). Not yet compared with other recipes on valid.txt (README, "SmolLM2").
+# for the whole command). Decoding chosen on valid.txt: on its first 150 MRs beam 5 gave BLEU 0.6696 and a slot
+# error rate of 5.9% against greedy's 0.6543 and 12.4% (README, "SmolLM2").
 SMOLLM2_TRAIN = {
     "lora_dim": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_targets": ["q_proj", "v_proj"],
     "lr": 1e-3, "warmup_steps": 15, "batch_size": 8, "max_steps": 330, "val_examples": 50,
 }
-SMOLLM2_DECODE = {"beam_size": 1, "no_repeat_ngram_size": 4, "max_new_tokens": 64}  # greedy: see README, "SmolLM2"
+SMOLLM2_DECODE = {"beam_size": 5, "no_repeat_ngram_size": 4, "max_new_tokens": 64}
 RECIPES: Dict[str, Dict[str, dict]] = {
     "paper": {"train": PAPER_TRAIN, "decode": PAPER_DECODE},
     "smollm2": {"train": SMOLLM2_TRAIN, "decode": SMOLLM2_DECODE,
-                "source": "this repository's recipe for SmolLM2-135M, not yet tuned (README.md, SmolLM2)"},
+                "source": "this repository's recipe for SmolLM2-135M (README.md, SmolLM2)"},
 }
 SOURCE = "github.com/microsoft/LoRA examples/NLG README, GPT-2 M on E2E (train: gpt2_ft.py, decode: gpt2_beam.py)"
 
