@@ -137,7 +137,7 @@ def _row_names(names, live: torch.Tensor, K: int = 1):
     return None if names is None else [names[i] for i in live.tolist() for _ in range(K)]
 
 
-def _step(model, ids, mask, pos, past, names=None):
+def _step(model, ids, mask, pos, past, names=None, log_probs: bool = True):
     # Only the last position's logits: a model that takes transformers' logits_to_keep skips the output layer at the
     # prompt's other positions; another is called as before and its last position is used.
     keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
@@ -146,6 +146,8 @@ def _step(model, ids, mask, pos, past, names=None):
     # float32 log-probabilities: beam scores are sums of many of them, and fp16 sums would reorder beams. In place:
     # with beams the (R, V) logits are tens of MB per step, and a fresh block that size is page-faulted in anew.
     logits = out.logits[:, -1].float()  # (R, V)
+    if not log_probs:  # greedy takes the argmax, which normalising cannot move (but could tie by rounding)
+        return logits, out.past_key_values
     return torch.log_softmax(logits, dim=-1, out=logits), out.past_key_values
 
 
@@ -179,14 +181,15 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, nam
     """
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(prompts, cfg.pad_id))
-    logprobs, past = _step(model, ids, mask, pos, _new_cache(model, len(prompts), ids.shape[1], cfg), names)
+    cache = _new_cache(model, len(prompts), ids.shape[1], cfg)
+    logits, past = _step(model, ids, mask, pos, cache, names, log_probs=False)
     stops = torch.tensor(sorted({cfg.eos_id, *cfg.stop_ids}), device=device)
     live = torch.arange(len(prompts), device=device)  # the prompts still running, one row each
     history = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
     out: List[List[int]] = [[] for _ in prompts]
     next_pos = pos[:, -1:] + 1
     for t in range(cfg.max_new_tokens):
-        tok = ban_ngrams(logprobs, history, cfg.no_repeat_ngram_size).argmax(-1)  # (R,)
+        tok = ban_ngrams(logits, history, cfg.no_repeat_ngram_size).argmax(-1)  # (R,)
         go = ~torch.isin(tok, stops)
         for i, k in zip(live[go].tolist(), tok[go].tolist()):
             out[i].append(k)
@@ -198,7 +201,7 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, nam
             past, mask, next_pos = _select(past, mask, next_pos, keep)
         history = torch.cat([history, tok[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logprobs, past = _step(model, tok[:, None], mask, next_pos, past, _row_names(names, live))
+        logits, past = _step(model, tok[:, None], mask, next_pos, past, _row_names(names, live), log_probs=False)
         next_pos = next_pos + 1
     return out
 
