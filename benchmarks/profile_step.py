@@ -20,21 +20,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_peers as BP  # noqa: E402  (also puts the repo and examples/NLG on sys.path)
+import bench_peers  # noqa: E402  (also puts the repo and examples/NLG on sys.path)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="ours,peft", help="comma-separated, from " + ",".join(BP.METHODS))
+    p.add_argument("--methods", default="ours,peft", help="comma-separated, from " + ",".join(bench_peers.METHODS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.1)
-    BP.add_model_args(p)
+    bench_peers.add_model_args(p)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed, alternating steps per method")
     p.add_argument("--profile_steps", type=int, default=2, help="profiled steps per method (after the timed ones)")
     p.add_argument("--top", type=int, default=15, help="rows per operator table")
-    p.add_argument("--ms_wheel", default=str(BP.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl"))
+    p.add_argument("--ms_wheel", default=str(bench_peers.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl"))
     args = p.parse_args(argv)
 
     import torch
@@ -46,9 +46,9 @@ def main(argv=None):
     runs = {}
     for method in args.methods.split(","):
         a = argparse.Namespace(**vars(args), method=method)
-        model = BP.build_base(a)
+        model = bench_peers.build_base(a)
         model.train()
-        m = BP.apply_method(model, a)
+        m = bench_peers.apply_method(model, a)
         model = m["model"]
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
 
@@ -72,7 +72,7 @@ def main(argv=None):
           f"{args.threads} threads; {args.steps} alternating timed steps per method after {args.warmup} warm-up")
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
-        print(f"  {BP.LABELS[k]:32s} median {med[k] * 1e3:8.1f} ms   (min {min(v) * 1e3:.1f}, max {max(v) * 1e3:.1f})")
+        print(f"  {bench_peers.LABELS[k]:32s} median {med[k] * 1e3:8.1f} ms   (min {min(v) * 1e3:.1f}, max {max(v) * 1e3:.1f})")
     names = list(runs)
     for k in names[1:]:
         print(f"  ratio {names[0]} / {k}: {med[names[0]] / med[k]:.3f}")
@@ -83,7 +83,7 @@ def main(argv=None):
             for _ in range(args.profile_steps):
                 step()
         ev = prof.key_averages()
-        print(f"\n== {BP.LABELS[k]}: top {args.top} operators by self CPU time over {args.profile_steps} steps ==")
+        print(f"\n== {bench_peers.LABELS[k]}: top {args.top} operators by self CPU time over {args.profile_steps} steps ==")
         print(ev.table(sort_by="self_cpu_time_total", row_limit=args.top))
         totals[k] = {e.key: (e.self_cpu_time_total / args.profile_steps, e.count // args.profile_steps) for e in ev}
     if len(names) >= 2:

@@ -12,7 +12,7 @@ import loralib as lora
 
 from .adapter_io import AdapterError, load_adapter, read_adapter_config
 from .family import load_model_from_adapter_dir
-from .data import delexicalize, format_prompt, relexicalize
+from .data import delexicalize, format_prompt, mr_fields, relexicalize
 from .generate import DecodeConfig, generate
 from .tokenizer import Tokenizer, gpt2_tokenizer
 from .train_utils import cast_frozen
@@ -42,10 +42,9 @@ def check_mr(mr: str, source: str = "--input") -> str:
         raise MRError(f"{source}: a meaning representation is one line")
     if "||" in text:
         raise MRError(f"{source}: '||' separates the MR from its text in the prompt; it cannot be in the MR: {text!r}")
-    for field in text.split("|"):
-        key, sep, value = field.partition(":")
-        if not sep or not key.strip() or not value.strip():
-            raise MRError(f"{source}: malformed field {field.strip()!r} in {text!r}; expected "
+    for field, key, value in mr_fields(text):
+        if not key or not value:
+            raise MRError(f"{source}: malformed field {field!r} in {text!r}; expected "
                           "'key : value' fields separated by '|', e.g. 'name : The Eagle | Type : pub'")
     return text
 

@@ -50,11 +50,30 @@ def _check(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
             raise ValueError(f"reference group {i} is empty")
 
 
-def tokens_13a(text: str) -> List[str]:
-    """Lowercased MTEval v13a tokens (sacrebleu's tokenizer): what BLEU and NIST see."""
+@functools.lru_cache(maxsize=1)
+def _tokenizer_13a():
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    return Tokenizer13a()(text.strip().lower()).split()
+    return Tokenizer13a()
+
+
+def tokens_13a(text: str, variant: Optional[str] = None) -> List[str]:
+    """MTEval v13a tokens of one text (sacrebleu's tokenizer), lowercased as its reader does.
+
+    Args:
+        text: a hypothesis or a reference.
+        variant: None (lowercased first, what :func:`coco_tokens` starts from), or the NIST variant that reads
+            it: ``"perl"`` (ASCII-only lowercasing, an empty text has no tokens) or ``"python"`` (Unicode
+            lowercasing; an empty text is one empty token, as the port's ``split(' ')`` leaves it).
+
+    Returns:
+        The tokens.
+    """
+    if variant is None:
+        return _tokenizer_13a()(text.strip().lower()).split()
+    if variant == "perl":
+        return _tokenizer_13a()(text.translate(_ASCII_LOWER)).split()
+    return _tokenizer_13a()(text).lower().split() or [""]
 
 
 def coco_tokens(text: str) -> str:
@@ -90,29 +109,6 @@ NIST_MAX_N = 5
 NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2
 # mteval's Perl lowercases with tr/A-Z/a-z/ (ASCII only); the Python port uses str.lower().
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer_13a():
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
-    return Tokenizer13a()
-
-
-def nist_tokens(text: str, variant: str = "perl") -> List[str]:
-    """MTEval v13a tokens of one text as the given NIST variant sees them.
-
-    Args:
-        text: a hypothesis or a reference.
-        variant: ``"perl"`` (ASCII-only lowercasing, an empty text has no tokens) or ``"python"`` (Unicode
-            lowercasing; an empty text is one empty token, as the port's ``split(' ')`` leaves it).
-
-    Returns:
-        The tokens.
-    """
-    if variant == "perl":
-        return _tokenizer_13a()(text.translate(_ASCII_LOWER)).split()
-    return _tokenizer_13a()(text).lower().split() or [""]
 
 
 def _ngram_counts(tokens: Sequence[str], n: int) -> Counter:
@@ -170,8 +166,8 @@ def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "per
         raise ValueError(f"unknown NIST variant {variant!r}; use perl or python")
     _check(hyps, refs)
     perl = variant == "perl"
-    hyp_toks = [nist_tokens(h, variant) for h in hyps]
-    ref_toks = [[nist_tokens(r, variant) for r in rs] for rs in refs]
+    hyp_toks = [tokens_13a(h, variant) for h in hyps]
+    ref_toks = [[tokens_13a(r, variant) for r in rs] for rs in refs]
 
     counts: Counter = Counter()
     ref_words = 0
