@@ -59,7 +59,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="a meaning representation 'key : value | key : value ...' (repeatable); default: "
                         f"{len(SAMPLE_MRS)} built-in samples")
     g.add_argument("--input_file", default=None, help="a file with one meaning representation per line")
-    g = p.add_argument_group("decoding")
+    _add_decoding_flags(p.add_argument_group("decoding"))
+    _add_evaluation_flags(p.add_argument_group("evaluation"))
+    return p
+
+
+def _add_decoding_flags(g) -> None:
     g.add_argument("--recipe", default="auto", choices=["auto", "none", *sorted(RECIPES)],
                    help="decoding settings by name: auto = the recipe the (first) adapter was trained with, if any; "
                         "paper = beam 10, length penalty 0.8, no-repeat 4-grams, at most 64 new tokens, stop at "
@@ -80,7 +85,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "--eval skips it unless --unmerged_check is given")
     g.add_argument("--unmerged_check", action="store_true",
                    help="with --eval, also decode every MR with the unmerged model (twice the time)")
-    g = p.add_argument_group("evaluation")
+
+
+def _add_evaluation_flags(g) -> None:
     g.add_argument("--eval", action="store_true",
                    help="generate for each unique MR of --split and score BLEU, NIST, METEOR, ROUGE-L, CIDEr")
     g.add_argument("--split", default="test", choices=["test", "valid"], help="split to evaluate")
@@ -100,7 +107,6 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default=None,
                    help="where predictions.txt, references.txt, scores.json go (default: the first adapter dir; "
                         "with several adapters, one subdirectory per adapter)")
-    return p
 
 
 def check_args(args) -> None:

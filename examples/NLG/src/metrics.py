@@ -25,7 +25,7 @@ import shutil
 import string
 import subprocess
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 SCALES = "BLEU, METEOR, ROUGE_L in 0..1; NIST and CIDEr raw (as the official script)"
@@ -128,6 +128,47 @@ def nist_length_penalty(ratio: float) -> float:
     return math.exp(-NIST_BETA * math.log(ratio) ** 2)
 
 
+def _nist_weights(ref_toks: List[List[List[str]]], perl: bool) -> Tuple[Callable[[tuple], float], int]:
+    """NIST's information weight of an n-gram, counted over every reference of the scored set, and the number of
+    reference words (see :func:`nist`)."""
+    counts: Counter = Counter()
+    ref_words = 0
+    for rs in ref_toks:
+        for r in rs:
+            ref_words += len(r)
+            for n in range(1, NIST_MAX_N + 1):
+                counts.update(_ngram_counts(r, n))
+    if ref_words == 0:
+        raise ValueError("the references have no words: NIST has no information weights; check the reference file")
+
+    def info(ngram: tuple) -> float:
+        prefix = ngram[:-1]
+        if not prefix or (perl and prefix == ("0",)):
+            return math.log2(ref_words / counts[ngram])
+        return math.log2(counts[prefix] / counts[ngram])
+
+    return info, ref_words
+
+
+def _nist_matches(hyp_toks: List[List[str]], ref_toks: List[List[List[str]]], info: Callable[[tuple], float],
+                  perl: bool) -> Tuple[List[float], List[int]]:
+    """Per order n (index n): the information of the hypothesis n-grams matched in their MR's references (each
+    clipped to its largest count in one reference), and the number of hypothesis n-grams as the variant counts."""
+    matched_info = [0.0] * (NIST_MAX_N + 1)
+    hyp_ngrams = [0] * (NIST_MAX_N + 1)
+    for h, rs in zip(hyp_toks, ref_toks):
+        for n in range(1, NIST_MAX_N + 1):
+            hyp_ngrams[n] += max(0, len(h) - n + 1) if perl else len(h) - n + 1
+            best: Counter = Counter()
+            for r in rs:
+                for g, c in _ngram_counts(r, n).items():
+                    best[g] = max(best[g], c)
+            for g, c in _ngram_counts(h, n).items():
+                if g in best:
+                    matched_info[n] += info(g) * min(c, best[g])
+    return matched_info, hyp_ngrams
+
+
 def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "perl") -> float:
     """Corpus NIST-5 as the official E2E script computes it (MTEval v13a), in either of its two variants.
 
@@ -169,35 +210,8 @@ def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "per
     hyp_toks = [tokens_13a(h, variant) for h in hyps]
     ref_toks = [[tokens_13a(r, variant) for r in rs] for rs in refs]
 
-    counts: Counter = Counter()
-    ref_words = 0
-    for rs in ref_toks:
-        for r in rs:
-            ref_words += len(r)
-            for n in range(1, NIST_MAX_N + 1):
-                counts.update(_ngram_counts(r, n))
-    if ref_words == 0:
-        raise ValueError("the references have no words: NIST has no information weights; check the reference file")
-
-    def info(ngram: tuple) -> float:
-        prefix = ngram[:-1]
-        if not prefix or (perl and prefix == ("0",)):
-            return math.log2(ref_words / counts[ngram])
-        return math.log2(counts[prefix] / counts[ngram])
-
-    matched_info = [0.0] * (NIST_MAX_N + 1)
-    hyp_ngrams = [0] * (NIST_MAX_N + 1)
-    for h, rs in zip(hyp_toks, ref_toks):
-        for n in range(1, NIST_MAX_N + 1):
-            hyp_ngrams[n] += max(0, len(h) - n + 1) if perl else len(h) - n + 1
-            best: Counter = Counter()
-            for r in rs:
-                for g, c in _ngram_counts(r, n).items():
-                    best[g] = max(best[g], c)
-            for g, c in _ngram_counts(h, n).items():
-                if g in best:
-                    matched_info[n] += info(g) * min(c, best[g])
-
+    info, ref_words = _nist_weights(ref_toks, perl)
+    matched_info, hyp_ngrams = _nist_matches(hyp_toks, ref_toks, info, perl)
     if perl:
         score = sum(matched_info[n] / max(hyp_ngrams[n], 1) for n in range(1, NIST_MAX_N + 1))
         refs_per_mr = sum(len([r for r in rs if r]) for rs in ref_toks) / len(ref_toks)
