@@ -180,3 +180,28 @@ def test_real_data_counts(real_e2e_dir, tmp_path, monkeypatch):
     assert len(test) == 630
     assert test[0][0] == "name : Blue Spice | Type : coffee shop | area : city centre"
     assert test[0][1][0] == "A coffee shop in the city centre area called Blue Spice ."
+
+
+def test_mr_fields_is_the_one_reading_of_an_mr():
+    """Fields stripped, a field without ':' has no value; delexicalize, slots.parse_mr and check_mr agree with it."""
+    from src import slots
+    from src.inference import MRError, check_mr
+
+    assert data.mr_fields(" name : The Eagle |Type: pub | near:  A:B ") == [
+        ("name : The Eagle", "name", "The Eagle"), ("Type: pub", "Type", "pub"), ("near:  A:B", "near", "A:B")]
+    assert data.mr_fields("name : X | oops") == [("name : X", "name", "X"), ("oops", "oops", None)]
+    assert slots.parse_mr("name : X | food :  Thai ") == {"name": "X", "food": "Thai"}
+    with pytest.raises(ValueError, match="MR field 'oops' is not 'key : value'"):
+        slots.parse_mr("name : X | oops")
+    with pytest.raises(MRError, match="malformed field 'food :'"):
+        check_mr("name : X | food :")
+    # a malformed field is kept as written by delexicalize (no value to replace)
+    assert data.delexicalize("name : X | oops | near : Y")[0] == "name : [name] | oops | near : [near]"
+
+
+def test_target_count_and_median():
+    from src import measure
+
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    assert data.target_count(labels) == 3  # position 0 predicts nothing; -100 is skipped
+    assert measure.median([3.0, None, 1.0, 2.0]) == 2.0 and measure.median([None]) is None

@@ -297,7 +297,7 @@ def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool =
     """
     path = split_path(split, data_dir)
     with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.sha256(f.read()).hexdigest()
     tok = tokenizer or gpt2_tokenizer()
     tag = ("-d" + "+".join(delex) if delex else "") + ("" if tok.name == "gpt2" else f"-t{tok.name}")
     cpath = os.path.join(cache_dir(), f"e2e-{split}-{digest[:32]}-p{PROMPT_FORMAT_VERSION}{tag}.pt")
