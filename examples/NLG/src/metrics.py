@@ -255,37 +255,18 @@ def meteor_jar_path() -> Optional[str]:
 
 
 def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[float, List[float]]:
-    """METEOR 1.5 (the official jar, ``-l en -norm``), statistics summed over the corpus, in 0..1.
+    """METEOR 1.5 (the official jar, ``-l en -norm``), statistics summed over the corpus, in 0..1, in a JVM started
+    and stopped for it (:class:`MeteorJar` scores several corpora in one).
 
     Returns:
         ``(corpus score, per-MR scores)``.
 
     Raises:
-        MetricError: no Java or jar, or the jar failed.
+        ValueError: as :func:`bleu`. MetricError: no Java or jar, or the jar failed.
     """
-    return meteor_jar_corpora([(hyps, refs)])[0]
-
-
-def meteor_jar_corpora(corpora: Sequence[Tuple[Sequence[str], Sequence[Sequence[str]]]]
-                       ) -> List[Tuple[float, List[float]]]:
-    """:func:`meteor_jar` for several corpora in one JVM (starting it and loading its paraphrase table takes
-    seconds), each scored on its own.
-
-    Args:
-        corpora: ``(hyps, refs)`` pairs.
-
-    Returns:
-        Per corpus, ``(corpus score, per-MR scores)``.
-
-    Starts a :class:`MeteorJar`, scores, and stops the JVM before returning.
-
-    Raises:
-        ValueError: as :func:`bleu`, for any corpus. MetricError: no Java or jar, or the jar failed.
-    """
-    for hyps, refs in corpora:
-        _check(hyps, refs)
+    _check(hyps, refs)
     with MeteorJar() as jar:
-        return [jar.score(hyps, refs) for hyps, refs in corpora]
+        return jar.score(hyps, refs)
 
 
 class MeteorJar:
