@@ -70,14 +70,14 @@ def build_pair(args, workdir: str):
 
 def load_prompts(args, n: int):
     """``n`` token lists: the first unique test MRs as the example prompts them (literal names), or the samples."""
-    import run_inference as R
-    from src import data as D
+    import run_inference
+    from src import data
     from src.inference import prompts_for
 
     try:
-        mrs, source = [mr for mr, _ in D.load_references("test", args.data_dir)], "E2E test MRs"
-    except (D.DataError, OSError):
-        mrs, source = list(R.SAMPLE_MRS), "the 5 sample MRs of run_inference.py, repeated"
+        mrs, source = [mr for mr, _ in data.load_references("test", args.data_dir)], "E2E test MRs"
+    except (data.DataError, OSError):
+        mrs, source = list(run_inference.SAMPLE_MRS), "the 5 sample MRs of run_inference.py, repeated"
     mrs = (mrs * (n // len(mrs) + 1))[:n]
     return [[t % args.vocab for t in p] for p in prompts_for(mrs)], source  # the ids of a smaller test vocabulary
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_peers as BP  # noqa: E402  (also puts the repo on sys.path)
+import bench_peers  # noqa: E402  (also puts the repo on sys.path)
 
 
 def build_layers(args):
@@ -88,7 +88,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=100)
-    p.add_argument("--ms_wheel", default=str(BP.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl"))
+    p.add_argument("--ms_wheel", default=str(bench_peers.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl"))
     args = p.parse_args(argv)
     unknown = set(args.methods.split(",")) - {"ours", "peft", "ms"}
     if unknown:
@@ -121,7 +121,7 @@ def main(argv=None):
     print()
     print("| layer | ms (median) | ms (p10–p90) | over base ms | / base | / this loralib |")
     print("|---|---|---|---|---|---|")
-    labels = dict(BP.LABELS, base="frozen base layer (no LoRA)")
+    labels = dict(bench_peers.LABELS, base="frozen base layer (no LoRA)")
     for k in names:
         v = sorted(times[k])
         p10, p90 = v[len(v) // 10], v[(len(v) * 9) // 10]

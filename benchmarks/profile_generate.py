@@ -36,15 +36,15 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from src import data as D
+    from src import data
     from src.generate import DecodeConfig, generate
-    from src.inference import adapter_delex, load_adapters, prompts_for
+    from src.inference import adapter_delex, load_adapters, prompts_for, ready
 
-    multi = load_adapters([args.adapter_dir])
-    model = multi.use(0, merged=True)
-    mrs = [mr for mr, _ in D.load_references(args.split, args.data_dir)]
+    model, adapters = load_adapters([args.adapter_dir])
+    model = ready(model)
+    mrs = [mr for mr, _ in data.load_references(args.split, args.data_dir)]
     mrs = mrs[:args.max_examples] if args.max_examples else mrs
-    prompts = prompts_for(mrs, adapter_delex(multi.adapters[0].config))
+    prompts = prompts_for(mrs, adapter_delex(adapters[0].config))
     cfg = DecodeConfig(max_new_tokens=64, beam_size=5, no_repeat_ngram_size=4)
     kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
     generate(model, prompts[:2], cfg, **kw)  # warm-up

@@ -20,36 +20,36 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_peers as BP  # noqa: E402  (also puts the repo and examples/NLG on sys.path)
+import bench_peers  # noqa: E402  (also puts the repo and examples/NLG on sys.path)
 
 
-def main(argv=None):
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="ours,peft", help="comma-separated, from " + ",".join(BP.METHODS))
+    p.add_argument("--methods", default="ours,peft", help="comma-separated, from " + ",".join(bench_peers.METHODS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.1)
-    BP.add_model_args(p)
+    bench_peers.add_model_args(p)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed, alternating steps per method")
     p.add_argument("--profile_steps", type=int, default=2, help="profiled steps per method (after the timed ones)")
     p.add_argument("--top", type=int, default=15, help="rows per operator table")
-    p.add_argument("--ms_wheel", default=str(BP.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl"))
-    args = p.parse_args(argv)
+    p.add_argument("--ms_wheel", default=str(bench_peers.REPO / ".cache" / "loralib-0.1.2-py3-none-any.whl"))
+    return p
 
+
+def build_steps(args) -> dict:
+    """One training step (forward, backward, AdamW) per method, each on its own model, all on the same batch."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     runs = {}
     for method in args.methods.split(","):
         a = argparse.Namespace(**vars(args), method=method)
-        model = BP.build_base(a)
+        model = bench_peers.build_base(a)
         model.train()
-        m = BP.apply_method(model, a)
-        model = m["model"]
+        model = bench_peers.apply_method(model, a)["model"]
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
 
         def step(model=model, opt=opt):
@@ -59,6 +59,11 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
 
         runs[method] = step
+    return runs
+
+
+def time_steps(runs: dict, args) -> None:
+    """Warm up, then time the methods' steps alternately (the order rotates) and print medians and ratios."""
     for _ in range(args.warmup):
         for step in runs.values():
             step()
@@ -72,10 +77,15 @@ def main(argv=None):
           f"{args.threads} threads; {args.steps} alternating timed steps per method after {args.warmup} warm-up")
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
-        print(f"  {BP.LABELS[k]:32s} median {med[k] * 1e3:8.1f} ms   (min {min(v) * 1e3:.1f}, max {max(v) * 1e3:.1f})")
+        print(f"  {bench_peers.LABELS[k]:32s} median {med[k] * 1e3:8.1f} ms   (min {min(v) * 1e3:.1f}, max {max(v) * 1e3:.1f})")
     names = list(runs)
     for k in names[1:]:
         print(f"  ratio {names[0]} / {k}: {med[names[0]] / med[k]:.3f}")
+
+
+def profile_steps(runs: dict, args) -> None:
+    """Profile each method's steps; print its top operators, then the largest differences between the first two."""
+    from torch.profiler import ProfilerActivity, profile
 
     totals = {}
     for k, step in runs.items():
@@ -83,9 +93,10 @@ def main(argv=None):
             for _ in range(args.profile_steps):
                 step()
         ev = prof.key_averages()
-        print(f"\n== {BP.LABELS[k]}: top {args.top} operators by self CPU time over {args.profile_steps} steps ==")
+        print(f"\n== {bench_peers.LABELS[k]}: top {args.top} operators by self CPU time over {args.profile_steps} steps ==")
         print(ev.table(sort_by="self_cpu_time_total", row_limit=args.top))
         totals[k] = {e.key: (e.self_cpu_time_total / args.profile_steps, e.count // args.profile_steps) for e in ev}
+    names = list(runs)
     if len(names) >= 2:
         a, b = names[0], names[1]
         keys = set(totals[a]) | set(totals[b])
@@ -96,6 +107,16 @@ def main(argv=None):
             ta, ca = totals[a].get(n, (0, 0))
             tb, cb = totals[b].get(n, (0, 0))
             print(f"{n[:48]:48s} {ta / 1e3:10.2f} {ca:6d} {tb / 1e3:10.2f} {cb:6d}")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    runs = build_steps(args)
+    time_steps(runs, args)
+    profile_steps(runs, args)
     return 0
 
 

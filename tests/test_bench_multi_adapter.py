@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_multi_adapter as B  # noqa: E402
+import bench_multi_adapter  # noqa: E402
 
 NUM = r"[0-9][0-9,]*(?:\.[0-9]+)?"
 
@@ -16,7 +16,7 @@ def test_tiny_run_prints_every_figure(capsys):
     pytest.importorskip("peft")
     argv = ["--layers", "1", "--width", "32", "--heads", "2", "--ranks", "2", "3", "4", "5", "--requests", "2",
             "--batch_size", "4", "--max_new_tokens", "3", "--shapes", "4x1", "3x5", "--reps", "2"]
-    assert B.main(argv) == 0
+    assert bench_multi_adapter.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("machine: ") and "load average at the start" in out
     rows = re.findall(rf"^\| (mixed|one adapter at a time) \| ([12]) \| ({NUM}) \| ({NUM}) \| ({NUM}) \|$", out, re.M)
@@ -42,5 +42,5 @@ def test_tiny_run_prints_every_figure(capsys):
 def test_synthetic_mrs_are_well_formed_e2e_mrs():
     from src.inference import check_mr
 
-    mrs = B.synthetic_mrs(50, seed=0)
+    mrs = bench_multi_adapter.synthetic_mrs(50, seed=0)
     assert len(set(mrs)) > 40 and all(check_mr(m) == m and m.startswith("name : ") for m in mrs)

@@ -17,15 +17,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
-from src import data as D  # noqa: E402
-from src import metrics as M  # noqa: E402
-from src import slots as S  # noqa: E402
-from src import train_utils as U  # noqa: E402
+from src import data, metrics, slots, train_utils  # noqa: E402
 from src.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
 from src.generate import DEFAULT_BATCH_SIZE, DecodeConfig  # noqa: E402
 from src.hf_checkpoint import CheckpointError  # noqa: E402
 from src.family import tokenizer_for  # noqa: E402
-from src.inference import MRError, adapter_delex, check_mr, describe, describe_mixed, load_adapters, \
+from src.inference import MRError, adapter_delex, check_mr, describe, describe_mixed, load_adapters, ready, \
     read_mr_file  # noqa: E402
 from src.measure import param_counts  # noqa: E402
 from src.adapter_io import read_adapter_config  # noqa: E402
@@ -53,7 +50,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "instead of the one recorded in adapter_config.json; it must be the same weights (checked "
                         "by fingerprint, and a GGUF file by its sha256)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cuda or cpu")
-    g.add_argument("--precision", default="fp32", choices=U.PRECISIONS,
+    g.add_argument("--precision", default="fp32", choices=train_utils.PRECISIONS,
                    help="dtype of the frozen base while generating, as run_training.py's flag (auto: bf16 where "
                         "the CPU or GPU has native bfloat16); fp32 by default, where merged and unmerged texts "
                         "are identical; the adapter stays float32")
@@ -62,7 +59,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="a meaning representation 'key : value | key : value ...' (repeatable); default: "
                         f"{len(SAMPLE_MRS)} built-in samples")
     g.add_argument("--input_file", default=None, help="a file with one meaning representation per line")
-    g = p.add_argument_group("decoding")
+    _add_decoding_flags(p.add_argument_group("decoding"))
+    _add_evaluation_flags(p.add_argument_group("evaluation"))
+    return p
+
+
+def _add_decoding_flags(g) -> None:
     g.add_argument("--recipe", default="auto", choices=["auto", "none", *sorted(RECIPES)],
                    help="decoding settings by name: auto = the recipe the (first) adapter was trained with, if any; "
                         "paper = beam 10, length penalty 0.8, no-repeat 4-grams, at most 64 new tokens, stop at "
@@ -83,7 +85,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "--eval skips it unless --unmerged_check is given")
     g.add_argument("--unmerged_check", action="store_true",
                    help="with --eval, also decode every MR with the unmerged model (twice the time)")
-    g = p.add_argument_group("evaluation")
+
+
+def _add_evaluation_flags(g) -> None:
     g.add_argument("--eval", action="store_true",
                    help="generate for each unique MR of --split and score BLEU, NIST, METEOR, ROUGE-L, CIDEr")
     g.add_argument("--split", default="test", choices=["test", "valid"], help="split to evaluate")
@@ -91,19 +95,18 @@ def get_parser() -> argparse.ArgumentParser:
                    help="a quick check: score the first N unique MRs only, labelled a subset wherever printed or "
                         "saved (0: all of them, what the E2E challenge and the paper report)")
     g.add_argument("--data_dir", default=None,
-                   help=f"directory with test.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
+                   help=f"directory with test.txt/valid.txt (else ${data.ENV_VAR}, else data/e2e/)")
     g.add_argument("--no_download", action="store_true",
                    help="never fetch the E2E data: without it, --eval downloads it into data/e2e/ when found in "
                         "none of those places")
     g.add_argument("--meteor", default="auto", choices=["auto", "jar", "nltk"],
                    help="METEOR implementation: the official 1.5 jar (needs Java), nltk, or auto (jar if Java)")
-    g.add_argument("--nist", default="perl", choices=sorted(M.NIST_VARIANTS),
+    g.add_argument("--nist", default="perl", choices=sorted(metrics.NIST_VARIANTS),
                    help="NIST as the official script computes it: perl (mteval-v13a-sig.pl, its default) or python "
                         "(its -p port, which averages reference lengths per MR)")
     g.add_argument("--output_dir", default=None,
                    help="where predictions.txt, references.txt, scores.json go (default: the first adapter dir; "
                         "with several adapters, one subdirectory per adapter)")
-    return p
 
 
 def check_args(args) -> None:
@@ -125,8 +128,8 @@ def read_inputs(args):
     below the split's size, sets ``args.subset`` to the label every printed and saved score carries."""
     args.subset = None
     if args.eval:
-        D.ensure_data(args.data_dir, (args.split,), download=not args.no_download)
-        groups = D.load_references(args.split, args.data_dir)
+        data.ensure_data(args.data_dir, (args.split,), download=not args.no_download)
+        groups = data.load_references(args.split, args.data_dir)
         n_lines, n_mrs = sum(len(r) for _, r in groups), len(groups)
         if args.max_examples and args.max_examples < n_mrs:
             groups = groups[:args.max_examples]
@@ -159,14 +162,14 @@ def decoding(args, first_dir: str):
                         stop_ids=tuple(args.stop_token_ids)), recipe
 
 
-def print_header(args, multi, device, decode: DecodeConfig, recipe) -> None:
+def print_header(args, model, adapters, device, decode: DecodeConfig, recipe) -> None:
     """One line: the base model, the device and the decoding."""
-    base = multi.adapters[0].config.get("base", {})
+    base = adapters[0].config.get("base", {})
     name = args.init_checkpoint or base.get("init_checkpoint")
     if name and not args.init_checkpoint and base.get("init_revision"):
         name += f" (commit {base['init_revision']})"
     print(f"base: {name or 'random GPT-2 drawn from seed %s' % base.get('base_seed')} "
-          f"({param_counts(multi.model)['total']:,} parameters), device {device}; decoding: "
+          f"({param_counts(model)['total']:,} parameters), device {device}; decoding: "
           + ("greedy" if decode.beam_size == 1 else
              f"beam {decode.beam_size}, length penalty {decode.length_penalty}")
           + (f", no-repeat {decode.no_repeat_ngram_size}-grams" if decode.no_repeat_ngram_size else "")
@@ -181,16 +184,15 @@ def skip_unmerged(args) -> bool:
     return args.no_unmerged or (args.eval and not args.unmerged_check)
 
 
-def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precision: str) -> dict:
-    """Adapter ``i``'s texts, merged and (unless ``--no_unmerged``) unmerged; prints them with their slot checks
+def generate_with(args, model, adapter, mrs, decode: DecodeConfig, device, precision: str) -> dict:
+    """``adapter``'s texts, merged and (unless ``--no_unmerged``) unmerged; prints them with their slot checks
     (without ``--eval``) and the speed line. Returns the result without scores."""
-    adapter = multi.adapters[i]
     n_lora = adapter.config.get("lora_params")
     print(f"\n== adapter {adapter.path}" + (f" ({n_lora:,} LoRA parameters)" if isinstance(n_lora, int) else ""))
     runs = {}
     for merged in ([True] if skip_unmerged(args) else [False, True]):
-        model = multi.use(i, merged=merged)
-        with U.autocast(device, precision):
+        model = ready(model, adapter.name, merged=merged)
+        with train_utils.autocast(device, precision):
             texts, stats = describe(model, mrs, decode, batch_size=args.batch_size,
                                     delex=adapter_delex(adapter.config), tokenizer=tokenizer_for(adapter.config))
         runs["merged" if merged else "unmerged"] = (texts, stats)
@@ -205,7 +207,7 @@ def generate_with(args, multi, i: int, mrs, decode: DecodeConfig, device, precis
         line += " (the unmerged check is off under --eval: --unmerged_check runs it)"
     if not args.eval:
         for mr, text in zip(mrs, texts):
-            problems = S.check(mr, text).problems()
+            problems = slots.check(mr, text).problems()
             print(f"\nMR:   {mr}\ntext: {text}\nslots: " + (", ".join(problems) if problems else "all realised"))
         print()
     print(line)
@@ -222,16 +224,16 @@ def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, rec
     write_lines(os.path.join(out_dir, "predictions.txt"), texts)
     # The official script's multi-reference format: each MR's references, then a blank line.
     write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
-    scores = M.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist, meteor_jar=jar)
-    scores["slots"] = S.slot_scores(mrs, texts)
+    scores = metrics.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist, meteor_jar=jar)
+    scores["slots"] = slots.slot_scores(mrs, texts)
     scores.update({"split": args.split, "subset": args.subset, "decoding": vars(decode), "recipe": recipe,
                    "precision": precision, "adapter_dir": result["adapter_dir"],
                    "tokens_per_second": result["tokens_per_second"]})
     atomic_json(os.path.join(out_dir, "scores.json"), scores)
     if args.subset:
         print(f"{args.subset}:")
-    print(M.format_report(scores))
-    print(S.format_slot_line(scores["slots"]))
+    print(metrics.format_report(scores))
+    print(slots.format_slot_line(scores["slots"]))
     print(f"Wrote predictions.txt, references.txt, scores.json to {out_dir}/" +
           (f" ({args.subset})" if args.subset else ""))
     return scores
@@ -240,11 +242,11 @@ def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, rec
 def start_meteor(args):
     """``--eval`` with the METEOR jar: start its JVM now, so that it loads while the model generates (seconds
     saved). None where the jar will not be used or cannot start (scoring then reports it or falls back)."""
-    if not args.eval or args.meteor == "nltk" or M.meteor_jar_path() is None:
+    if not args.eval or args.meteor == "nltk" or metrics.meteor_jar_path() is None:
         return None
     try:
-        return M.MeteorJar()
-    except M.MetricError:
+        return metrics.MeteorJar()
+    except metrics.MetricError:
         return None
 
 
@@ -252,7 +254,7 @@ def run(args) -> dict:
     """Everything run_inference.py does; returns what it printed, as numbers and texts (tests read it)."""
     check_args(args)
     dirs = args.adapter_dir or ["lora_model"]
-    device = U.select_device(args.device)
+    device = train_utils.select_device(args.device)
     mrs, refs = read_inputs(args)
     decode, recipe = decoding(args, dirs[0])
     jar = start_meteor(args)
@@ -265,22 +267,22 @@ def run(args) -> dict:
 
 def run_adapters(args, dirs, device, mrs, refs, decode: DecodeConfig, recipe, jar) -> dict:
     """Load the base once, then generate (and with ``--eval`` score) with each adapter in turn."""
-    precision, why = U.resolve_precision(args.precision, device)
-    multi = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint, precision=precision)
+    precision, why = train_utils.resolve_precision(args.precision, device)
+    model, adapters = load_adapters(dirs, device=device, init_checkpoint=args.init_checkpoint, precision=precision)
     if precision != "fp32":
         print(f"precision: {precision} ({why}); LoRA weights in float32")
-    print_header(args, multi, device, decode, recipe)
+    print_header(args, model, adapters, device, decode, recipe)
 
     mixed = None
-    if len(multi.adapters) > 1:  # every adapter in the same batches, each row generated by its own
-        with U.autocast(device, precision):
-            mixed, stats = describe_mixed(multi, mrs, decode, batch_size=args.batch_size,
-                                          tokenizer=tokenizer_for(multi.adapters[0].config))
-        print(f"\nmixed batches (each row its own adapter, unmerged): {len(multi.adapters)} adapters x {len(mrs)} "
+    if len(adapters) > 1:  # every adapter in the same batches, each row generated by its own
+        with train_utils.autocast(device, precision):
+            mixed, stats = describe_mixed(model, adapters, mrs, decode, batch_size=args.batch_size,
+                                          tokenizer=tokenizer_for(adapters[0].config))
+        print(f"\nmixed batches (each row its own adapter, unmerged): {len(adapters)} adapters x {len(mrs)} "
               f"MRs, {stats['tokens']} tokens at {stats['tokens_per_second']:.1f} tokens/s")
     results = []
-    for i, adapter in enumerate(multi.adapters):
-        result = generate_with(args, multi, i, mrs, decode, device, precision)
+    for i, adapter in enumerate(adapters):
+        result = generate_with(args, model, adapter, mrs, decode, device, precision)
         if mixed is not None:
             result.update(mixed_texts=mixed[i], mixed_equals_alone=mixed[i] == result["texts"])
             print("texts in the mixed batches: " + ("identical to this adapter's alone"
@@ -309,7 +311,8 @@ def main(argv=None) -> int:
         run(args)
     except KeyboardInterrupt:
         return 130
-    except (AdapterError, CheckpointError, MRError, D.DataError, U.DeviceError, M.MetricError, ValueError) as e:
+    except (AdapterError, CheckpointError, MRError, data.DataError, train_utils.DeviceError, metrics.MetricError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,7 +16,7 @@ from typing import List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from src import metrics as M  # noqa: E402
+from src import metrics  # noqa: E402
 
 
 def _read_text(path: str) -> str:
@@ -80,7 +80,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("preds", metavar="PREDS", help="system outputs: one per line, same MR order as REFS")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the scores (and how each was computed) "
                                                                "to this JSON file")
-    p.add_argument("--nist", default="perl", choices=sorted(M.NIST_VARIANTS),
+    p.add_argument("--nist", default="perl", choices=sorted(metrics.NIST_VARIANTS),
                    help="NIST as the official script computes it: perl (mteval-v13a-sig.pl, its default) or python "
                         "(its -p port, which averages reference lengths per MR) (default: perl)")
     p.add_argument("--meteor", default="auto", choices=["auto", "jar", "nltk"],
@@ -97,10 +97,10 @@ def main(argv=None) -> int:
         if len(preds) != len(refs):
             raise ValueError(f"{args.preds} has {len(preds)} predictions (lines) but {args.refs} has {len(refs)} "
                              "MRs (blocks separated by blank lines); give one prediction per MR, in the same order")
-        scores = M.score_all(preds, refs, meteor_impl=args.meteor, nist_variant=args.nist)
+        scores = metrics.score_all(preds, refs, meteor_impl=args.meteor, nist_variant=args.nist)
         scores.update(references_file=args.refs, predictions_file=args.preds)
         print(f"{len(refs)} MRs, {scores['num_references']} references")
-        print(M.format_report(scores))
+        print(metrics.format_report(scores))
         if args.json:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             print(f"Wrote {args.json}")
     except KeyboardInterrupt:
         return 130
-    except (ValueError, M.MetricError) as e:
+    except (ValueError, metrics.MetricError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

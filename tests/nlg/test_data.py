@@ -4,15 +4,15 @@ import os
 import pytest
 import torch
 
-from src import data as D
+from src import data
 from src.tokenizer import EOT_ID, get_tokenizer
 
 
 def test_missing_data_names_three_places_and_download(tmp_path, monkeypatch):
     monkeypatch.delenv("E2E_DATA_DIR", raising=False)
-    monkeypatch.setattr(D, "DEFAULT_DATA_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(D.DataError) as e:
-        D.find_data_dir(None)
+    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(data.DataError) as e:
+        data.find_data_dir(None)
     msg = str(e.value)
     assert "--data_dir" in msg and "$E2E_DATA_DIR" in msg and "data/e2e/" in msg
     assert "download_e2e.py" in msg
@@ -20,19 +20,19 @@ def test_missing_data_names_three_places_and_download(tmp_path, monkeypatch):
 
 def test_explicit_data_dir_without_file_is_an_error(tmp_path, e2e_dir, monkeypatch):
     monkeypatch.setenv("E2E_DATA_DIR", e2e_dir)  # must not silently fall back to it
-    with pytest.raises(D.DataError, match="--data_dir .* has no train.txt"):
-        D.find_data_dir(str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match="--data_dir .* has no train.txt"):
+        data.find_data_dir(str(tmp_path / "empty"))
 
 
 def test_lookup_order(tmp_path, e2e_dir, monkeypatch):
     other = tmp_path / "other"
     os.makedirs(other)
     (other / "train.txt").write_text("a : b||c \n")
-    monkeypatch.setattr(D, "DEFAULT_DATA_DIR", str(other))
-    assert D.find_data_dir(None) == str(other)  # only data/e2e/
+    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(other))
+    assert data.find_data_dir(None) == str(other)  # only data/e2e/
     monkeypatch.setenv("E2E_DATA_DIR", e2e_dir)
-    assert D.find_data_dir(None) == e2e_dir  # the environment beats data/e2e/
-    assert D.find_data_dir(str(other)) == str(other)  # --data_dir beats both
+    assert data.find_data_dir(None) == e2e_dir  # the environment beats data/e2e/
+    assert data.find_data_dir(str(other)) == str(other)  # --data_dir beats both
 
 
 @pytest.mark.parametrize("line, what", [
@@ -44,19 +44,19 @@ def test_lookup_order(tmp_path, e2e_dir, monkeypatch):
 def test_malformed_line_names_file_and_line(tmp_path, line, what):
     p = tmp_path / "train.txt"
     p.write_text("name : A||A is fine . \nname : B||B is fine . \n" + line, encoding="utf-8")
-    with pytest.raises(D.DataError) as e:
-        D.read_e2e(str(p))
+    with pytest.raises(data.DataError) as e:
+        data.read_e2e(str(p))
     assert f"{p}:3:" in str(e.value) and what in str(e.value)
 
 
 def test_not_utf8_and_empty_file(tmp_path):
     p = tmp_path / "train.txt"
     p.write_bytes(b"name : \xff||x \n")
-    with pytest.raises(D.DataError, match="not UTF-8"):
-        D.read_e2e(str(p))
+    with pytest.raises(data.DataError, match="not UTF-8"):
+        data.read_e2e(str(p))
     p.write_text("\n")
-    with pytest.raises(D.DataError, match="no examples"):
-        D.read_e2e(str(p))
+    with pytest.raises(data.DataError, match="no examples"):
+        data.read_e2e(str(p))
 
 
 def test_gpt2_token_ids():
@@ -78,22 +78,22 @@ def test_tokenizer_equals_transformers_gpt2(e2e_dir, tmp_path):
     hf = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
     assert len(hf) == 50257
     enc = get_tokenizer()
-    texts = [D.format_prompt(mr) + D.format_completion(r) for mr, r in D.read_e2e(os.path.join(e2e_dir, "train.txt"))]
+    texts = [data.format_prompt(mr) + data.format_completion(r) for mr, r in data.read_e2e(os.path.join(e2e_dir, "train.txt"))]
     texts += ["Café £ 20-25 isn 't family - friendly .", "  two  spaces\tand a tab"]
     for t in texts:
         assert enc.encode_ordinary(t) == hf.encode(t), t
 
 
 def test_loss_mask_exactly_on_prompt_and_padding(e2e_dir):
-    split = D.load_tokenized("train", e2e_dir)
+    split = data.load_tokenized("train", e2e_dir)
     enc = get_tokenizer()
-    mr, ref = D.read_e2e(os.path.join(e2e_dir, "train.txt"))[0]
+    mr, ref = data.read_e2e(os.path.join(e2e_dir, "train.txt"))[0]
     tokens, plen = split.example(0)
-    assert plen == len(enc.encode_ordinary(D.format_prompt(mr)))
-    assert tokens[plen:] == enc.encode_ordinary(D.format_completion(ref)) + [EOT_ID]
+    assert plen == len(enc.encode_ordinary(data.format_prompt(mr)))
+    assert tokens[plen:] == enc.encode_ordinary(data.format_completion(ref)) + [EOT_ID]
     assert enc.decode(tokens[:plen]) == mr + " ||"
 
-    batch = D.collate([D.make_example(*split.example(i)) for i in range(3)])
+    batch = data.collate([data.make_example(*split.example(i)) for i in range(3)])
     ids, labels = batch["input_ids"], batch["labels"]
     for i in range(3):
         toks, p = split.example(i)
@@ -107,7 +107,7 @@ def test_loss_mask_exactly_on_prompt_and_padding(e2e_dir):
 
 
 def test_truncation_keeps_alignment():
-    ids, labels = D.make_example(list(range(10)), 4, max_len=6)
+    ids, labels = data.make_example(list(range(10)), 4, max_len=6)
     assert ids == [0, 1, 2, 3, 4, 5] and labels == [-100] * 4 + [4, 5]
 
 
@@ -115,42 +115,42 @@ def test_padding_does_not_change_the_loss(e2e_dir):
     """Right padding needs no mask: each example's loss alone equals its share of the padded batch's loss."""
     from src.model import GPTConfig, build_model
 
-    split = D.load_tokenized("train", e2e_dir)
+    split = data.load_tokenized("train", e2e_dir)
     model = build_model(GPTConfig(hidden_dim=32, num_layers=1, num_heads=2, lora_dim=4), 0).eval()
-    exs = [D.make_example(*split.example(i)) for i in (0, 2)]
+    exs = [data.make_example(*split.example(i)) for i in (0, 2)]
     with torch.no_grad():
-        b = D.collate(exs)
+        b = data.collate(exs)
         batched = model(b["input_ids"], labels=b["labels"]).loss
         tot, n = 0.0, 0
         for ex in exs:
-            bi = D.collate([ex])
-            k = int((bi["labels"][:, 1:] != -100).sum())
+            bi = data.collate([ex])
+            k = data.target_count(bi["labels"])
             tot += model(bi["input_ids"], labels=bi["labels"]).loss * k
             n += k
     assert torch.allclose(batched, tot / n, atol=1e-5)
 
 
 def test_cache_is_used_and_keyed_by_file_hash(e2e_dir, monkeypatch):
-    first = D.load_tokenized("valid", e2e_dir)
-    cached = os.listdir(D.cache_dir())
+    first = data.load_tokenized("valid", e2e_dir)
+    cached = os.listdir(data.cache_dir())
     assert any(first.sha256[:32] in f for f in cached)
 
     def boom(pairs, delex=(), tokenizer=None):
         raise AssertionError("re-tokenised although cached")
 
-    monkeypatch.setattr(D, "tokenize_pairs", boom)
-    again = D.load_tokenized("valid", e2e_dir)
+    monkeypatch.setattr(data, "tokenize_pairs", boom)
+    again = data.load_tokenized("valid", e2e_dir)
     assert torch.equal(again.tokens, first.tokens) and torch.equal(again.offsets, first.offsets)
     with pytest.raises(AssertionError, match="re-tokenised"):  # another prompt format: its own cache entry
-        D.load_tokenized("valid", e2e_dir, delex=D.DELEX_SLOTS)
+        data.load_tokenized("valid", e2e_dir, delex=data.DELEX_SLOTS)
     with open(os.path.join(e2e_dir, "valid.txt"), "a") as f:  # a changed file must not hit the old entry
         f.write("name : New||A new line . \n")
     with pytest.raises(AssertionError, match="re-tokenised"):
-        D.load_tokenized("valid", e2e_dir)
+        data.load_tokenized("valid", e2e_dir)
 
 
 def test_load_references_groups_by_mr_in_order(e2e_dir):
-    refs = D.load_references("train", e2e_dir)
+    refs = data.load_references("train", e2e_dir)
     from conftest import MRS, REFS
 
     assert [mr for mr, _ in refs] == MRS
@@ -159,24 +159,49 @@ def test_load_references_groups_by_mr_in_order(e2e_dir):
 
 
 def test_batches_shuffle_shard_and_drop_ragged(e2e_dir):
-    split = D.load_tokenized("train", e2e_dir)
+    split = data.load_tokenized("train", e2e_dir)
     idx = list(range(10))
-    eval_batches = list(D.iterate_batches(split, idx, 4, None, shuffle=False))
+    eval_batches = list(data.iterate_batches(split, idx, 4, None, shuffle=False))
     assert [b["input_ids"].shape[0] for b in eval_batches] == [4, 4, 2]  # evaluation keeps every example
-    train_batches = list(D.iterate_batches(split, idx, 4, None, shuffle=True, seed=1))
-    assert len(train_batches) == 2 == D.num_batches(10, 4, shuffle=True)
-    r0 = list(D.iterate_batches(split, list(range(16)), 2, None, True, seed=3, rank=0, world_size=2))
-    r1 = list(D.iterate_batches(split, list(range(16)), 2, None, True, seed=3, rank=1, world_size=2))
-    full = list(D.iterate_batches(split, list(range(16)), 2, None, True, seed=3))
+    train_batches = list(data.iterate_batches(split, idx, 4, None, shuffle=True, seed=1))
+    assert len(train_batches) == 2 == data.num_batches(10, 4, shuffle=True)
+    r0 = list(data.iterate_batches(split, list(range(16)), 2, None, True, seed=3, rank=0, world_size=2))
+    r1 = list(data.iterate_batches(split, list(range(16)), 2, None, True, seed=3, rank=1, world_size=2))
+    full = list(data.iterate_batches(split, list(range(16)), 2, None, True, seed=3))
     assert len(r0) == len(r1) == 4
     assert all(torch.equal(a["input_ids"], full[2 * i]["input_ids"]) for i, a in enumerate(r0))
 
 
 def test_real_data_counts(real_e2e_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LORALIB_NLG_CACHE", str(tmp_path / "cache"))
-    assert len(D.read_e2e(os.path.join(real_e2e_dir, "train.txt"))) == 42061
-    assert len(D.load_references("valid", real_e2e_dir)) == 547
-    test = D.load_references("test", real_e2e_dir)
+    assert len(data.read_e2e(os.path.join(real_e2e_dir, "train.txt"))) == 42061
+    assert len(data.load_references("valid", real_e2e_dir)) == 547
+    test = data.load_references("test", real_e2e_dir)
     assert len(test) == 630
     assert test[0][0] == "name : Blue Spice | Type : coffee shop | area : city centre"
     assert test[0][1][0] == "A coffee shop in the city centre area called Blue Spice ."
+
+
+def test_mr_fields_is_the_one_reading_of_an_mr():
+    """Fields stripped, a field without ':' has no value; delexicalize, slots.parse_mr and check_mr agree with it."""
+    from src import slots
+    from src.inference import MRError, check_mr
+
+    assert data.mr_fields(" name : The Eagle |Type: pub | near:  A:B ") == [
+        ("name : The Eagle", "name", "The Eagle"), ("Type: pub", "Type", "pub"), ("near:  A:B", "near", "A:B")]
+    assert data.mr_fields("name : X | oops") == [("name : X", "name", "X"), ("oops", "oops", None)]
+    assert slots.parse_mr("name : X | food :  Thai ") == {"name": "X", "food": "Thai"}
+    with pytest.raises(ValueError, match="MR field 'oops' is not 'key : value'"):
+        slots.parse_mr("name : X | oops")
+    with pytest.raises(MRError, match="malformed field 'food :'"):
+        check_mr("name : X | food :")
+    # a malformed field is kept as written by delexicalize (no value to replace)
+    assert data.delexicalize("name : X | oops | near : Y")[0] == "name : [name] | oops | near : [near]"
+
+
+def test_target_count_and_median():
+    from src import measure
+
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    assert data.target_count(labels) == 3  # position 0 predicts nothing; -100 is skipped
+    assert measure.median([3.0, None, 1.0, 2.0]) == 2.0 and measure.median([None]) is None

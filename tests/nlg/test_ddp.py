@@ -13,7 +13,7 @@ import torch
 import run_training
 from conftest import NLG, tiny_args
 from src import distributed as Dist
-from src import train_utils as U
+from src import train_utils
 from src.adapter_io import read_adapter_weights
 
 SCRIPT = os.path.join(NLG, "run_training.py")
@@ -161,7 +161,7 @@ def test_ctrl_c_under_torchrun_stops_all_ranks_and_resume_finishes_the_run(e2e_d
     assert rc != 0
     assert stdout.count("interrupted by SIGINT at step") == 1, stdout[-2000:] + err[-3000:]
     assert "Connection closed" not in err and "hang" not in err.lower()
-    state = U.load_training_state(str(out))
+    state = train_utils.load_training_state(str(out))
     m = json.loads((out / "metrics.json").read_text())
     assert m["finished"] is False and 3 <= m["steps"] == state["step"] < 160
     assert f"interrupted by SIGINT at step {m['steps']}:" in stdout
@@ -212,7 +212,7 @@ def test_launch_errors_are_one_line(e2e_dir, tmp_path, monkeypatch, capsys, extr
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(U.DeviceError, match="LOCAL_RANK 2 needs GPU 2 but only 2 GPU.*--nproc_per_node 2"):
+    with pytest.raises(train_utils.DeviceError, match="LOCAL_RANK 2 needs GPU 2 but only 2 GPU.*--nproc_per_node 2"):
         Dist.device_for_rank("cuda", 2)
     assert Dist.device_for_rank("auto", 1) == torch.device("cuda", 1)
     assert Dist.choose_backend("auto", torch.device("cuda", 1)) == "nccl"

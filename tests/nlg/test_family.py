@@ -11,8 +11,8 @@ import run_inference
 import run_training
 from conftest import write_e2e
 from gguf_fixtures import hf_llama, write_tiny_llama
-from src import data as D
 from src import family
+from src.data import load_tokenized
 from src.train_config import TrainConfig
 
 # The tiny file's context is 64 positions: examples cut to 48 tokens, texts to 8 new ones.
@@ -126,10 +126,10 @@ def test_token_cache_is_keyed_by_the_tokenizer(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("LORALIB_NLG_CACHE", str(tmp_path / "cache"))
     data = write_e2e(tmp_path / "e2e")
     tok = family.resolve(gguf).tokenizer
-    gpt2 = D.load_tokenized("train", data)
-    llama = D.load_tokenized("train", data, tokenizer=tok)
+    gpt2 = load_tokenized("train", data)
+    llama = load_tokenized("train", data, tokenizer=tok)
     assert len(os.listdir(tmp_path / "cache")) == 2
-    again = D.load_tokenized("train", data, tokenizer=tok)  # from the cache
+    again = load_tokenized("train", data, tokenizer=tok)  # from the cache
     assert torch.equal(again.tokens, llama.tokens) and not torch.equal(gpt2.tokens[:20], llama.tokens[:20])
     first, n_prompt = llama.example(0)
     assert first[-1] == tok.eos_id and llama.pad_id == tok.pad_id

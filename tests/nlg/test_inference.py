@@ -65,15 +65,16 @@ def test_adapter_swap_back_is_identical(adapters, capsys):
     assert "mixed batches (each row its own adapter, unmerged): 3 adapters x 5 MRs" in printed
     assert printed.count("texts in the mixed batches: identical to this adapter's alone") == 3
 
-    from src.inference import load_adapters
+    from src.inference import load_adapters, ready
 
-    multi = load_adapters([a, b])
-    assert multi.names == ["default", "adapter1"]
+    model, loaded = load_adapters([a, b])
+    assert [x.name for x in loaded] == ["default", "adapter1"] and [x.path for x in loaded] == [a, b]
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        first = multi.use(0)(ids).logits.clone()
-        multi.use(1)
-        again = multi.use(0)(ids).logits
+        first = ready(model, "default")(ids).logits.clone()
+        other = ready(model, "adapter1")(ids).logits
+        again = ready(model, "default")(ids).logits
+    assert not torch.allclose(other, first)  # the switch took effect
     # The library's unmerge takes out exactly the update merge put in: the weight comes back within rounding.
     torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
 
@@ -134,7 +135,7 @@ def _expect_error(argv, capsys, match):
 
 def test_meteor_jar_unavailable_is_a_clean_error(adapters, tmp_path, capsys, monkeypatch):
     data, a, _ = adapters
-    monkeypatch.setattr(run_inference.M, "meteor_jar_path", lambda: None)  # no Java here, say
+    monkeypatch.setattr(run_inference.metrics, "meteor_jar_path", lambda: None)  # no Java here, say
     _expect_error(["--adapter_dir", a, "--eval", "--split", "test", "--data_dir", data, "--output_dir",
                    str(tmp_path), "--meteor", "jar"], capsys, "METEOR jar needs java")
 
@@ -219,17 +220,17 @@ def test_adapter_in_the_previous_release_format_still_loads(adapters, tmp_path):
 def test_precision_flag(adapters, capsys, monkeypatch):
     """--precision bf16: the base is stored in bfloat16, the adapter stays float32, texts come out and scores.json
     would record it; fp32 (the default) prints no precision line; auto follows the CPU check."""
-    from src import inference as I
-    from src import train_utils as U
+    from src import train_utils
 
     built = []
-    real = I.MultiAdapterModel.__init__
+    real = run_inference.load_adapters
 
-    def spy(self, model, adapters_):
+    def spy(*args, **kwargs):
+        model, loaded = real(*args, **kwargs)
         built.append({("lora_" in n, p.dtype) for n, p in model.named_parameters()})
-        real(self, model, adapters_)
+        return model, loaded
 
-    monkeypatch.setattr(I.MultiAdapterModel, "__init__", spy)
+    monkeypatch.setattr(run_inference, "load_adapters", spy)
     _, a, _ = adapters
     out = _run(["--adapter_dir", a, "--precision", "bf16"])
     assert built[-1] == {(True, torch.float32), (False, torch.bfloat16)}
@@ -237,7 +238,7 @@ def test_precision_flag(adapters, capsys, monkeypatch):
     assert "precision: bf16 (asked for with --precision)" in capsys.readouterr().out
     _run(["--adapter_dir", a])
     assert built[-1] == {(True, torch.float32), (False, torch.float32)} and "precision:" not in capsys.readouterr().out
-    monkeypatch.setattr(U, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(train_utils, "cpu_has_bf16", lambda: False)
     _run(["--adapter_dir", a, "--precision", "auto"])
     assert built[-1] == {(True, torch.float32), (False, torch.float32)}
 

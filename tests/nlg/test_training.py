@@ -10,7 +10,7 @@ import torch
 import run_training
 from conftest import tiny_args
 from src import adapter_io
-from src import train_utils as U
+from src import train_utils
 from src.adapter_io import load_model_from_adapter_dir, read_adapter_weights
 from src.model import GPTConfig, base_fingerprint, build_model
 from src.train_config import TrainConfig
@@ -100,19 +100,19 @@ def test_train_config_applies_its_recipe_keeping_the_values_set():
 
 
 def test_lr_schedule():
-    f = U.warmup_linear_decay(4, 12)
+    f = train_utils.warmup_linear_decay(4, 12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(8) == 0.5 and f(12) == 0.0 and f(20) == 0.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU behaviour")
 def test_device_selection_without_gpu(e2e_dir, tmp_path, capsys):
-    assert U.select_device("auto") == torch.device("cpu")
-    assert U.select_device("cpu") == torch.device("cpu")
-    with pytest.raises(U.DeviceError, match="no CUDA GPU.*--device cpu"):
-        U.select_device("cuda")
-    with pytest.raises(U.DeviceError, match="unknown --device"):
-        U.select_device("tpu")
+    assert train_utils.select_device("auto") == torch.device("cpu")
+    assert train_utils.select_device("cpu") == torch.device("cpu")
+    with pytest.raises(train_utils.DeviceError, match="no CUDA GPU.*--device cpu"):
+        train_utils.select_device("cuda")
+    with pytest.raises(train_utils.DeviceError, match="unknown --device"):
+        train_utils.select_device("tpu")
     argv = tiny_args(e2e_dir, tmp_path / "out")
     argv[argv.index("--device") + 1] = "cuda"
     assert run_training.main(argv) == 2
@@ -146,7 +146,7 @@ def test_tiny_training_run(e2e_dir, tmp_path):
     argv = tiny_args(e2e_dir, out, "--num_epochs", "2", "--seed", "3")
     assert cfg["training_args"] == json.loads(json.dumps(TrainConfig.from_namespace(
         run_training.parse_args(argv)).to_dict()))
-    group = U.load_training_state(str(out))["optimizer"]["param_groups"][0]
+    group = train_utils.load_training_state(str(out))["optimizer"]["param_groups"][0]
     d = TrainConfig()
     assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.9, d.adam_beta2), d.adam_eps,
                                                                             d.weight_decay)
@@ -186,7 +186,7 @@ def test_resume_equals_uninterrupted(e2e_dir, tmp_path):
 
 def test_ctrl_c_saves_and_exits_cleanly(e2e_dir, tmp_path, monkeypatch, capsys):
     calls = []
-    real = U.is_finite
+    real = train_utils.is_finite
 
     def finite_then_ctrl_c(x):
         calls.append(x)
@@ -194,12 +194,12 @@ def test_ctrl_c_saves_and_exits_cleanly(e2e_dir, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(x)
 
-    monkeypatch.setattr(U, "is_finite", finite_then_ctrl_c)
+    monkeypatch.setattr(train_utils, "is_finite", finite_then_ctrl_c)
     out = tmp_path / "out"
     assert run_training.main(tiny_args(e2e_dir, out)) == 130
     assert "interrupted at step 2" in capsys.readouterr().out  # the 2nd step had run
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
-    assert U.load_training_state(str(out))["step"] == 2
+    assert train_utils.load_training_state(str(out))["step"] == 2
 
 
 def test_failed_save_keeps_previous_checkpoint(e2e_dir, tmp_path, monkeypatch):
@@ -251,9 +251,9 @@ def test_data_errors_are_one_line(e2e_dir, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"{os.path.join(e2e_dir, 'train.txt')}:49:" in err and "Traceback" not in err
 
-    from src import data as D
+    from src import data
 
-    monkeypatch.setattr(D, "DEFAULT_DATA_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(tmp_path / "none"))
     argv = tiny_args(e2e_dir, tmp_path / "out")
     del argv[:2]  # no --data_dir, no $E2E_DATA_DIR (the fixture unset it), no data/e2e/
     assert run_training.main(argv + ["--no_download"]) == 2
@@ -328,16 +328,16 @@ def test_corrupted_safetensors_adapter_is_an_adapter_error(e2e_dir, tmp_path):
 
 def test_precision_auto_follows_the_hardware():
     cpu = torch.device("cpu")
-    assert U.resolve_precision("auto", cpu, cpu_bf16=False)[0] == "fp32"  # emulated bf16 would be slower
-    assert U.resolve_precision("auto", cpu, cpu_bf16=True)[0] == "bf16"
-    assert U.resolve_precision("fp32", cpu, cpu_bf16=True) == ("fp32", "asked for with --precision")
-    assert U.resolve_precision("auto", cpu)[0] == ("bf16" if U.cpu_has_bf16() else "fp32")
+    assert train_utils.resolve_precision("auto", cpu, cpu_bf16=False)[0] == "fp32"  # emulated bf16 would be slower
+    assert train_utils.resolve_precision("auto", cpu, cpu_bf16=True)[0] == "bf16"
+    assert train_utils.resolve_precision("fp32", cpu, cpu_bf16=True) == ("fp32", "asked for with --precision")
+    assert train_utils.resolve_precision("auto", cpu)[0] == ("bf16" if train_utils.cpu_has_bf16() else "fp32")
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
-        U.resolve_precision("fp16", cpu)
+        train_utils.resolve_precision("fp16", cpu)
 
 
 def test_auto_on_a_cpu_without_bf16_trains_in_fp32(e2e_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(U, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(train_utils, "cpu_has_bf16", lambda: False)
     argv = tiny_args(e2e_dir, tmp_path / "out", "--max_steps", "1")
     argv[argv.index("--precision") + 1] = "auto"
     assert run_training.main(argv) == 0
@@ -348,7 +348,7 @@ def test_auto_on_a_cpu_without_bf16_trains_in_fp32(e2e_dir, tmp_path, monkeypatc
 def test_half_precision_caps_onednn_kernel_caches(e2e_dir, tmp_path, monkeypatch, capsys):
     """A bf16 run caps oneDNN's per-shape kernel caches before its first matmul and says so (a user's own value
     wins); an fp32 run leaves the environment alone."""
-    for k in U.ONEDNN_CACHE_ENV:
+    for k in train_utils.ONEDNN_CACHE_ENV:
         monkeypatch.setenv(k, "unset")  # so that the test's end restores the variable's absence
         monkeypatch.delenv(k)
     for p in ("fp32", "bf16"):
@@ -359,7 +359,7 @@ def test_half_precision_caps_onednn_kernel_caches(e2e_dir, tmp_path, monkeypatch
         assert run_training.main(argv) == 0
         out = capsys.readouterr().out
         if p == "fp32":
-            assert not any(k in os.environ for k in U.ONEDNN_CACHE_ENV) and "oneDNN" not in out
+            assert not any(k in os.environ for k in train_utils.ONEDNN_CACHE_ENV) and "oneDNN" not in out
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256" and os.environ["LRU_CACHE_CAPACITY"] == "8"
     assert "oneDNN kernel caches: ONEDNN_PRIMITIVE_CACHE_CAPACITY=256, LRU_CACHE_CAPACITY=8" in out
 

@@ -18,7 +18,7 @@ import loralib as lora
 
 from . import test_loader_fuzz  # noqa: F401  (puts the NLG example on sys.path)
 import run_training  # noqa: E402
-from src import adapter_io, data as D, train_utils as U  # noqa: E402
+from src import adapter_io, data, train_utils  # noqa: E402
 from src.model import SimpleGPT2WithLoRA  # noqa: E402
 
 SEED = 7
@@ -47,7 +47,7 @@ class Moments:
 
     def __init__(self, monkeypatch):
         self.target, self.counts, self.fired = None, dict.fromkeys(KINDS, 0), False
-        real_batches, real_forward = D.iterate_batches, SimpleGPT2WithLoRA.forward
+        real_batches, real_forward = data.iterate_batches, SimpleGPT2WithLoRA.forward
         real_step, real_write = torch.optim.AdamW.step, lora.serialization.atomic_write
 
         def batches(*a, **k):
@@ -68,10 +68,10 @@ class Moments:
             self.hit("save")
             return real_write(*a, **k)
 
-        monkeypatch.setattr(D, "iterate_batches", batches)
+        monkeypatch.setattr(data, "iterate_batches", batches)
         monkeypatch.setattr(SimpleGPT2WithLoRA, "forward", forward)
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
-        for mod in (lora.serialization, U):  # the adapter's files (lora.save_adapter), the training state's
+        for mod in (lora.serialization, train_utils):  # the adapter's files (lora.save_adapter), the training state's
             monkeypatch.setattr(mod, "atomic_write", write)
 
     def arm(self, kind, index):

@@ -32,8 +32,8 @@ for _dir in (("..", "nlg"), ("..", "..", "examples", "NLG")):  # gguf_fixtures, 
     _path = os.path.abspath(os.path.join(os.path.dirname(__file__), *_dir))
     if _path not in sys.path:
         sys.path.insert(0, _path)
-import gguf_fixtures as F  # noqa: E402
-from src import gguf_checkpoint as G  # noqa: E402
+import gguf_fixtures  # noqa: E402
+from src import gguf_checkpoint  # noqa: E402
 from src.measure import PeakRSS  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
@@ -116,7 +116,7 @@ def reference_state_dict(path):
             if kind in heads:  # llama.cpp interleaves the rotary halves of each head's rows
                 n, o = heads[kind], w.shape[0]
                 w = w.reshape(n, o // n // 2, 2, -1).swapaxes(1, 2).reshape(o, -1)
-            out[G.hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+            out[gguf_checkpoint.hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
         return out
     except Exception:  # noqa: BLE001 - any refusal by the reference counts as a refusal
         return None
@@ -301,7 +301,7 @@ def load_traced(fn):
     try:
         try:
             result = fn()
-        except G.GGUFError as e:
+        except gguf_checkpoint.GGUFError as e:
             result = e
         except ValueError as e:  # a ValueError that is not a GGUFError is a defect, not a refusal
             raise AssertionError(f"{type(e).__name__} instead of GGUFError: {e}") from e
@@ -315,12 +315,12 @@ def check_one(path, label, want, counts):
     contain, None where the file must load, ANY for either. A refusal must be a one-line GGUFError starting with
     the path; a load must give GGUFReader's tensors. Returns read_llama_gguf's error message or None."""
     outcome = None
-    for loader in (G.read_llama_gguf, G.tokenizer_from_gguf):
+    for loader in (gguf_checkpoint.read_llama_gguf, gguf_checkpoint.tokenizer_from_gguf):
         _, (result, peak) = guarded_load(lambda: load_traced(lambda: loader(path)), os.path.dirname(path), label)
         assert peak < ALLOC_LIMIT, f"{label}: {loader.__name__} allocated {peak / 2**20:.1f} MiB"
         counts["peak"] = max(counts["peak"], peak)
-        weights = loader is G.read_llama_gguf
-        if isinstance(result, G.GGUFError):
+        weights = loader is gguf_checkpoint.read_llama_gguf
+        if isinstance(result, gguf_checkpoint.GGUFError):
             msg = str(result)
             assert msg.startswith(f"{path}: ") and "\n" not in msg and msg.endswith(")"), f"{label}: {msg!r}"
             assert want is ANY or (want is not None and (want in msg or not weights)), \
@@ -348,10 +348,10 @@ def _write(path, buf: bytes) -> str:
 
 def test_gguf_fuzz(tmp_path, tally):
     good_path = str(tmp_path / "good.gguf")
-    F.write_tiny_llama(good_path, seed=5)
+    gguf_fixtures.write_tiny_llama(good_path, seed=5)
     good = open(good_path, "rb").read()
     kvs, tensors = decompose(good_path)
-    header_len = G.read_gguf_header(good_path).data_start
+    header_len = gguf_checkpoint.read_gguf_header(good_path).data_start
     data = good[header_len:]
     assert pack(kvs, tensors, data) == good  # the test's writer reproduces gguf's byte for byte
     counts = {"refused": 0, "loaded": 0, "peak": 0}
@@ -364,9 +364,9 @@ def test_gguf_fuzz(tmp_path, tally):
     tokenizer_cases = tokenizer_hostile_files(kvs, tensors, data)
     for i, (label, (buf, want)) in enumerate(tokenizer_cases.items()):
         path = _write(tmp_path / f"t{i}.gguf", buf)
-        assert G.read_llama_gguf(path).state_dict  # the weights load, the tokenizer does not
-        with pytest.raises(G.GGUFError) as e:
-            G.tokenizer_from_gguf(path)
+        assert gguf_checkpoint.read_llama_gguf(path).state_dict  # the weights load, the tokenizer does not
+        with pytest.raises(gguf_checkpoint.GGUFError) as e:
+            gguf_checkpoint.tokenizer_from_gguf(path)
         msg = str(e.value)
         assert want in msg and msg.startswith(f"{path}: ") and "\n" not in msg, f"{label}: {msg}"
     assert counts["refused"] > 500 and counts["loaded"] > 10

@@ -87,30 +87,41 @@ def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
     return lora.save_adapter(model, out_dir, extra=info, weights_format=weights_format)
 
 
-def _read(adapter_dir: str) -> Tuple[dict, bool]:
-    """The directory's config as stored, checked, and whether it is the previous release's format."""
+def _previous_release(raw: dict, path: str) -> dict:
+    """The one place that knows the previous release's config (``"format": "loralib-nlg-adapter"``: the example's
+    fields at its top level, no layer specs): it returns the current form, the example's fields under ``extra``
+    with ``weights_file`` and ``weights_sha256`` beside them, and ``layers`` None (that release's LoRA layers are
+    the model config's own, so its weights are checked key by key against the model when they load).
+
+    Raises:
+        AdapterError: a ``weights_file`` other than the two names it wrote, or a ``weights_sha256`` not a string.
+    """
+    name = raw.get("weights_file", WEIGHTS_NAME)
+    if not isinstance(name, str) or name not in WEIGHTS_FILES.values():  # never an absolute or ../ path
+        raise AdapterError(f"{path} names weights_file {name!r}; expected one of "
+                           f"{sorted(WEIGHTS_FILES.values())}; the config is corrupted")
+    if not isinstance(raw.get("weights_sha256"), (str, type(None))):
+        raise AdapterError(f"{path}: weights_sha256 is not a string; the config is corrupted")
+    return {"weights_file": name, "weights_sha256": raw.get("weights_sha256"), "layers": None, "extra": raw}
+
+
+def _read(adapter_dir: str) -> dict:
+    """The directory's config, checked, in the current form (a previous release's converted)."""
     if not os.path.isdir(adapter_dir):
         raise AdapterError(f"adapter directory {adapter_dir!r} does not exist; train one with "
                            f"`python examples/NLG/run_training.py --output_dir {adapter_dir}`")
     path = os.path.join(adapter_dir, CONFIG_NAME)
     raw = read_loralib_config(adapter_dir, validate=False)
     if raw.get("format") == LEGACY_FORMAT:
-        name = raw.get("weights_file", WEIGHTS_NAME)
-        if not isinstance(name, str) or name not in WEIGHTS_FILES.values():  # never an absolute or ../ path
-            raise AdapterError(f"{path} names weights_file {name!r}; expected one of "
-                               f"{sorted(WEIGHTS_FILES.values())}; the config is corrupted")
-        if not isinstance(raw.get("weights_sha256"), (str, type(None))):
-            raise AdapterError(f"{path}: weights_sha256 is not a string; the config is corrupted")
-        legacy = True
+        raw = _previous_release(raw, path)
     else:
-        raw, legacy = read_loralib_config(adapter_dir), False
+        raw = read_loralib_config(adapter_dir)
         if "peft_type" in raw or not isinstance(raw.get("extra"), dict):
             raise AdapterError(f"{path} is an adapter without this example's model description (its 'extra'); "
                                "load it with lora.load_adapter into the model it was trained on")
-    fields = raw if legacy else raw["extra"]
-    if "model_config" not in fields:
+    if "model_config" not in raw["extra"]:
         raise AdapterError(f"{path} has no model_config; it was not written by run_training.py")
-    return raw, legacy
+    return raw
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
@@ -120,8 +131,7 @@ def read_adapter_config(adapter_dir: str) -> dict:
     Raises:
         AdapterError: with the fix, when the directory or config is missing, malformed or not the example's.
     """
-    raw, legacy = _read(adapter_dir)
-    return raw if legacy else raw["extra"]
+    return _read(adapter_dir)["extra"]
 
 
 def _weights_file(adapter_dir: str, raw: dict) -> str:
@@ -131,7 +141,7 @@ def _weights_file(adapter_dir: str, raw: dict) -> str:
 def weights_path(adapter_dir: str) -> str:
     """The weights file of ``adapter_dir``: the one its config names (``pytorch_model.bin`` in configs of the
     previous release that name none)."""
-    return _weights_file(adapter_dir, _read(adapter_dir)[0])
+    return _weights_file(adapter_dir, _read(adapter_dir))
 
 
 def read_adapter_weights(adapter_dir: str) -> dict:
@@ -141,7 +151,7 @@ def read_adapter_weights(adapter_dir: str) -> dict:
     Raises:
         AdapterError: a missing, corrupted, unsafe or non-finite file, named.
     """
-    return _read_weights(adapter_dir, _read(adapter_dir)[0])
+    return _read_weights(adapter_dir, _read(adapter_dir))
 
 
 def _read_weights(adapter_dir: str, raw: dict) -> dict:
@@ -157,6 +167,39 @@ def _read_weights(adapter_dir: str, raw: dict) -> dict:
             raise AdapterError(f"{path}: {k} holds NaN or Inf: the adapter is broken (diverged training?); "
                                "it was not loaded")
     return state
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str, adapter: str = "default") -> None:
+    """Load ``adapter_dir``'s weights into ``model`` as ``adapter`` (``"default"``: the layers' own; another name:
+    an added adapter, inactive until ``lora.set_adapter``), with ``lora.load_adapter``. A previous release's
+    directory has no layer specs: its state dict is checked key by key against the model's LoRA weights.
+
+    Raises:
+        AdapterError: a missing or corrupted file, or weights that do not fit the model (the first key named);
+            an adapter added for the load is removed again.
+    """
+    raw = _read(adapter_dir)
+    if raw["layers"] is not None:
+        lora.load_adapter(model, adapter_dir, adapter=adapter)
+        return
+    state, source = _read_weights(adapter_dir, raw), _weights_file(adapter_dir, raw)
+    if adapter == "default":
+        load_adapter_weights(model, state, source=source)
+        return
+    cfg = raw["extra"]["model_config"]
+    lora.add_adapter(model, adapter, r=cfg["lora_dim"], lora_alpha=cfg["lora_alpha"], init_lora_weights="zeros")
+    target = lora.adapters.adapter_state_dict(model, adapter)
+    if state.keys() != target.keys():
+        problem = f" holds other LoRA layers than the first adapter's, e.g. {sorted(state.keys() ^ target.keys())[:3]}"
+    else:
+        problem = next((f": {k} has shape {tuple(state[k].shape)} but the model expects {tuple(t.shape)}"
+                        for k, t in target.items() if t.shape != state[k].shape), None)
+    if problem:
+        lora.delete_adapter(model, adapter)
+        raise AdapterError(source + problem)
+    with torch.no_grad():
+        for k, t in target.items():
+            t.copy_(state[k])
 
 
 def check_adapter_fits(model: torch.nn.Module, state: dict, source: str = "adapter") -> None:
@@ -262,34 +305,30 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
     Raises:
         AdapterError: missing/corrupted files, a config that does not build, or weights that do not fit.
     """
-    raw, legacy = _read(adapter_dir)
-    config = raw if legacy else raw["extra"]
-    path = os.path.join(adapter_dir, CONFIG_NAME)
+    raw = _read(adapter_dir)
+    config, path = raw["extra"], os.path.join(adapter_dir, CONFIG_NAME)
     cfg, base = _model_config(config, path), _base(config, path)
-    ckpt = init_checkpoint or base.get("init_checkpoint")
-    # The recorded Hub commit pins the very weights trained on; an overriding --init_checkpoint takes its own.
-    revision = None if init_checkpoint else base.get("init_revision")
-    if legacy:
+    if raw["layers"] is None:
         # The weights and the config must agree before the model is built for real: built on the meta device
         # first, a config claiming a huge model (corrupted or hostile) fails here instead of allocating it.
-        state, source = _read_weights(adapter_dir, raw), _weights_file(adapter_dir, raw)
+        state = _read_weights(adapter_dir, raw)
         _check_size(cfg, state, path)
         with torch.device("meta"):
             shell = SimpleGPT2WithLoRA(cfg)
-        check_adapter_fits(shell, state, source=source)
+        check_adapter_fits(shell, state, source=_weights_file(adapter_dir, raw))
     else:
         _check_size(cfg, raw["layers"], path)
     model = build_model(cfg, base_seed=base.get("base_seed") or 0)
+    ckpt = init_checkpoint or base.get("init_checkpoint")
     if ckpt:
         from .hf_checkpoint import load_hf_gpt2_weights, resolve_init_checkpoint  # the trainer's importer
 
+        # The recorded Hub commit pins the very weights trained on; an overriding --init_checkpoint takes its own.
+        revision = None if init_checkpoint else base.get("init_revision")
         load_hf_gpt2_weights(model, resolve_init_checkpoint(ckpt, revision).path)
     expected = base.get("fingerprint")
     if expected and base_fingerprint(model) != expected:
         raise AdapterError(f"the base weights rebuilt for {adapter_dir} (fingerprint {base_fingerprint(model)}) "
                            f"are not the ones it was trained on ({expected}); pass the same --init_checkpoint")
-    if legacy:
-        load_adapter_weights(model, state, source=source)
-    else:
-        lora.load_adapter(model, adapter_dir)
+    load_adapter(model, adapter_dir)
     return model.to(device), config

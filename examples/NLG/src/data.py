@@ -45,6 +45,17 @@ def placeholder(attr: str) -> str:
     return f"[{attr}]"
 
 
+def mr_fields(mr: str) -> List[Tuple[str, str, Optional[str]]]:
+    """The one reading of a meaning representation ``"key : value | key : value ..."``: its fields as
+    ``(field, key, value)``, each stripped, ``value`` None for a field without ``:`` (each caller decides what
+    a malformed field means)."""
+    fields = []
+    for field in mr.strip().split("|"):
+        key, sep, value = field.partition(":")
+        fields.append((field.strip(), key.strip(), value.strip() if sep else None))
+    return fields
+
+
 def delexicalize(mr: str, text: Optional[str] = None, slots: Sequence[str] = DELEX_SLOTS
                  ) -> Tuple[str, Optional[str], Dict[str, str]]:
     """Replace the values of ``slots`` by their placeholders in an MR and (optionally) a text about it.
@@ -58,12 +69,11 @@ def delexicalize(mr: str, text: Optional[str] = None, slots: Sequence[str] = DEL
         (the MR, the text or None, ``{attr: value}`` of what was replaced), so that :func:`relexicalize` can undo it.
     """
     fields, values = [], {}
-    for field in mr.strip().split("|"):
-        key, sep, value = field.partition(":")
-        if sep and key.strip() in slots and value.strip():
-            values[key.strip()] = value.strip()
-            field = f"{key.strip()} : {placeholder(key.strip())}"
-        fields.append(field.strip())
+    for field, key, value in mr_fields(mr):
+        if value and key in slots:
+            values[key] = value
+            field = f"{key} : {placeholder(key)}"
+        fields.append(field)
     if text is not None:
         for attr, value in values.items():
             # "Cafe" for "Café" and any letter case: the references spell names both ways.
@@ -235,14 +245,6 @@ def load_references(split: str = "test", data_dir: Optional[str] = None) -> List
     return list(groups.items())
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_dir() -> str:
     """``$LORALIB_NLG_CACHE``, else ``~/.cache/loralib-nlg``."""
     return os.environ.get("LORALIB_NLG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loralib-nlg")
@@ -294,7 +296,8 @@ def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool =
         DataError: as :func:`find_data_dir` and :func:`read_e2e`.
     """
     path = split_path(split, data_dir)
-    digest = sha256_file(path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
     tok = tokenizer or gpt2_tokenizer()
     tag = ("-d" + "+".join(delex) if delex else "") + ("" if tok.name == "gpt2" else f"-t{tok.name}")
     cpath = os.path.join(cache_dir(), f"e2e-{split}-{digest[:32]}-p{PROMPT_FORMAT_VERSION}{tag}.pt")
@@ -352,6 +355,12 @@ def collate(examples: Sequence[Tuple[List[int], List[int]]], pad_id: int = EOT_I
         ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
         labels[i, :len(y)] = torch.tensor(y, dtype=torch.long)
     return {"input_ids": ids, "labels": labels}
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """The tokens a batch's mean loss is taken over: the labels after the first position (position t predicts
+    token t + 1) that are not ``IGNORE_INDEX``; what weights a batch's loss in a sum over batches."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def select_indices(n: int, limit: Optional[int], seed: int, among: Optional[Sequence[int]] = None) -> List[int]:

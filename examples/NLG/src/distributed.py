@@ -128,23 +128,23 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
     return ddp(model, device_ids=ids, broadcast_buffers=False)
 
 
-def all_reduce_sum(ctx: Context, values) -> list:
-    """Element-wise sum over processes of a short list of numbers (float64, so token counts stay exact)."""
+def _all_reduce(ctx: Context, values, op) -> list:
     if not ctx.enabled:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64,
                      device=ctx.device if ctx.backend == "nccl" else "cpu")
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_reduce_sum(ctx: Context, values) -> list:
+    """Element-wise sum over processes of a short list of numbers (float64, so token counts stay exact)."""
+    return _all_reduce(ctx, values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(ctx: Context, values) -> list:
-    if not ctx.enabled:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
-                     device=ctx.device if ctx.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    """Element-wise maximum over processes of a short list of numbers."""
+    return _all_reduce(ctx, values, dist.ReduceOp.MAX)
 
 
 class StopRequest:

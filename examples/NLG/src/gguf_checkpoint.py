@@ -476,13 +476,6 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{i}.{_BLOCK_TENSORS[kind]}.weight"
 
 
-def _sha256(blob: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for i in range(0, blob.size, 1 << 24):
-        h.update(blob[i:i + (1 << 24)])
-    return h.hexdigest()
-
-
 def read_llama_gguf(path: Union[str, os.PathLike], dtype: torch.dtype = torch.float32) -> LlamaCheckpoint:
     """Read a Llama-architecture GGUF file into Hugging Face ``LlamaForCausalLM`` tensors.
 
@@ -508,7 +501,7 @@ def read_llama_gguf(path: Union[str, os.PathLike], dtype: torch.dtype = torch.fl
     blob = np.memmap(path, dtype=np.uint8, mode="r")
     if blob.size != h.size:
         raise _fail(path, f"changed size while being read ({h.size:,} -> {blob.size:,} bytes)", "read it again")
-    digest = _sha256(blob)
+    digest = hashlib.sha256(blob).hexdigest()  # of the bytes read, not of the file as it may be by now
     state_dict = {}
     for name, info in h.tensors.items():
         _, block, block_bytes = READABLE_TYPES[info.ggml_type]

@@ -10,11 +10,9 @@ import torch
 
 import loralib as lora
 
-from loralib.serialization import read_adapter_config as read_loralib_config
-
-from .adapter_io import LEGACY_FORMAT, AdapterError, read_adapter_config, read_adapter_weights, weights_path
+from .adapter_io import AdapterError, load_adapter, read_adapter_config
 from .family import load_model_from_adapter_dir
-from .data import delexicalize, format_prompt, relexicalize
+from .data import delexicalize, format_prompt, mr_fields, relexicalize
 from .generate import DecodeConfig, generate
 from .tokenizer import Tokenizer, gpt2_tokenizer
 from .train_utils import cast_frozen
@@ -44,10 +42,9 @@ def check_mr(mr: str, source: str = "--input") -> str:
         raise MRError(f"{source}: a meaning representation is one line")
     if "||" in text:
         raise MRError(f"{source}: '||' separates the MR from its text in the prompt; it cannot be in the MR: {text!r}")
-    for field in text.split("|"):
-        key, sep, value = field.partition(":")
-        if not sep or not key.strip() or not value.strip():
-            raise MRError(f"{source}: malformed field {field.strip()!r} in {text!r}; expected "
+    for field, key, value in mr_fields(text):
+        if not key or not value:
+            raise MRError(f"{source}: malformed field {field!r} in {text!r}; expected "
                           "'key : value' fields separated by '|', e.g. 'name : The Eagle | Type : pub'")
     return text
 
@@ -80,61 +77,18 @@ class Adapter:
     name: str = "default"
 
 
-class MultiAdapterModel:
-    """One base model holding several adapters as loralib's named adapters: the first directory's is the layers'
-    own (``"default"``), the others ``adapter1``, ``adapter2``, ... (``lora.load_adapter(model, dir, adapter=...)``).
-    One is active at a time (:meth:`use`), or each row of a batch runs its own (:meth:`mixed` and ``generate``'s
-    ``adapter_names``)."""
+def ready(model, adapter: str = "default", merged: bool = True):
+    """``model`` in eval mode with ``adapter`` active (``lora.set_adapter``), merged into the weights or not
+    (unmerged: what batches whose rows use different adapters need, ``generate``'s ``adapter_names``).
 
-    def __init__(self, model, adapters: Sequence[Adapter]):
-        self.model = model
-        self.adapters = list(adapters)
-        self.names = [a.name for a in self.adapters]
-
-    def _ready(self, merged: bool):
-        self.model.train()  # unmerges whatever is merged
-        for _, layer in lora.layers.lora_layers(self.model):
-            layer.merge_weights = merged
-        return self.model.eval()
-
-    def use(self, index: int, merged: bool = True):
-        """Make adapter ``index`` the active one, in eval mode, merged (``model.eval()``) or not.
-
-        Returns:
-            the model, ready for generation.
-        """
-        self.model.train()
-        lora.set_adapter(self.model, self.names[index])
-        return self._ready(merged)
-
-    def mixed(self):
-        """The model in eval mode and unmerged, for batches whose rows use different adapters
-        (``lora.batch_adapters``, or ``generate(..., adapter_names=...)``)."""
-        return self._ready(False)
-
-
-def _load_named(model, adapter_dir: str, name: str) -> None:
-    """Load ``adapter_dir`` into ``model`` as the added adapter ``name``; a directory of the previous release (no
-    loralib config) is read by key and copied into an adapter of the same rank and alpha."""
-    if read_loralib_config(adapter_dir, validate=False).get("format") != LEGACY_FORMAT:
-        lora.load_adapter(model, adapter_dir, adapter=name)
-        return
-    cfg = read_adapter_config(adapter_dir)["model_config"]
-    lora.add_adapter(model, name, r=cfg["lora_dim"], lora_alpha=cfg["lora_alpha"], init_lora_weights="zeros")
-    state, target = read_adapter_weights(adapter_dir), lora.adapters.adapter_state_dict(model, name)
-    source = weights_path(adapter_dir)
-    if state.keys() != target.keys():
-        lora.delete_adapter(model, name)
-        raise AdapterError(f"{source} holds other LoRA layers than the first adapter's, e.g. "
-                           f"{sorted(state.keys() ^ target.keys())[:3]}")
-    for k, t in target.items():
-        if t.shape != state[k].shape:
-            lora.delete_adapter(model, name)
-            raise AdapterError(f"{source}: {k} has shape {tuple(state[k].shape)} but the model expects "
-                               f"{tuple(t.shape)}")
-    with torch.no_grad():
-        for k, t in target.items():
-            t.copy_(state[k])
+    Returns:
+        the model, ready for generation.
+    """
+    model.train()  # unmerges whatever is merged
+    lora.set_adapter(model, adapter)
+    for _, layer in lora.layers.lora_layers(model):
+        layer.merge_weights = merged
+    return model.eval()
 
 
 def _same_base(first: dict, other: dict, path: str, first_path: str) -> None:
@@ -149,9 +103,9 @@ def _same_base(first: dict, other: dict, path: str, first_path: str) -> None:
 
 
 def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Optional[str] = None,
-                  precision: str = "fp32") -> MultiAdapterModel:
-    """Build the base once (from the first adapter's config) and load every adapter into it as a named adapter,
-    checking it fits.
+                  precision: str = "fp32") -> Tuple[torch.nn.Module, List[Adapter]]:
+    """Build the base once (from the first adapter's config) and load every adapter into it as a named adapter
+    (the first the layers' own, ``"default"``, the others ``adapter1``, ``adapter2``, ...), checking it fits.
 
     Args:
         adapter_dirs: adapter directories written by run_training.py; the first decides the model.
@@ -159,6 +113,9 @@ def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Op
         init_checkpoint: overrides the base checkpoint recorded in the configs.
         precision: the dtype the frozen base is stored in (``"fp32"``, ``"bf16"``, ``"fp16"``); the LoRA weights
             stay float32. Checked against the recorded fingerprint before the cast.
+
+    Returns:
+        (the model, in train mode with ``"default"`` active; the adapters in the order given).
 
     Raises:
         AdapterError: a missing, corrupted or unsafe file, or an adapter that does not fit the base (named).
@@ -170,11 +127,11 @@ def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Op
     for i, d in enumerate(adapter_dirs[1:], 1):
         cfg = read_adapter_config(d)
         _same_base(config, cfg, d, adapter_dirs[0])
-        _load_named(model, d, f"adapter{i}")  # every shape and key checked now, before any generation
+        load_adapter(model, d, adapter=f"adapter{i}")  # every shape and key checked now, before any generation
         adapters.append(Adapter(d, cfg, f"adapter{i}"))
     lora.mark_only_lora_as_trainable(model)
     cast_frozen(model, precision)
-    return MultiAdapterModel(model.to(device), adapters)
+    return model.to(device), adapters
 
 
 def prompts_for(mrs: Sequence[str], delex: Sequence[str] = (), tokenizer: Optional[Tokenizer] = None
@@ -222,24 +179,22 @@ def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
     return _texts(mrs, [delex] * len(mrs), out, time.perf_counter() - t0, cfg, tok)
 
 
-def describe_mixed(multi: MultiAdapterModel, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
+def describe_mixed(model, adapters: Sequence[Adapter], mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
                    tokenizer: Optional[Tokenizer] = None) -> Tuple[List[List[str]], dict]:
     """Every adapter's description of every MR, generated in mixed batches: the requests go in MR by MR, each
     MR's for every adapter in turn, so a batch holds several adapters, each row generated by its own
     (``generate``'s ``adapter_names``). The model is left unmerged.
 
     Returns:
-        (texts per adapter, in ``multi.adapters``' order, each a list per MR; stats of the whole run, as
+        (texts per adapter, in ``adapters``' order, each a list per MR; stats of the whole run, as
         :func:`describe`'s).
     """
-    requests = [(mr, i) for mr in mrs for i in range(len(multi.adapters))]
-    delexes = [adapter_delex(a.config) for a in multi.adapters]
+    requests = [(mr, a) for mr in mrs for a in adapters]
     tok, cfg = _decoding(cfg, tokenizer)
-    prompts = [prompts_for([mr], delexes[i], tok)[0] for mr, i in requests]
-    model = multi.mixed()
+    prompts = [prompts_for([mr], adapter_delex(a.config), tok)[0] for mr, a in requests]
+    model = ready(model, merged=False)
     t0 = time.perf_counter()
-    out = generate(model, prompts, cfg, batch_size=batch_size,
-                   adapter_names=[multi.names[i] for _, i in requests])
-    texts, stats = _texts([mr for mr, _ in requests], [delexes[i] for _, i in requests], out,
+    out = generate(model, prompts, cfg, batch_size=batch_size, adapter_names=[a.name for _, a in requests])
+    texts, stats = _texts([mr for mr, _ in requests], [adapter_delex(a.config) for _, a in requests], out,
                           time.perf_counter() - t0, cfg, tok)
-    return [texts[i::len(multi.adapters)] for i in range(len(multi.adapters))], stats
+    return [texts[i::len(adapters)] for i in range(len(adapters))], stats

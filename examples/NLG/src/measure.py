@@ -9,7 +9,7 @@ import statistics
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -262,5 +262,7 @@ def timed(fn: Callable[[], object], device: torch.device):
     return out, time.perf_counter() - t0
 
 
-def median(xs: List[float]) -> float:
-    return statistics.median(xs)
+def median(xs: Iterable[Optional[float]]) -> Optional[float]:
+    """The median of the figures measured (None, a figure not measured, is left out); None when there is none."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None

@@ -25,7 +25,7 @@ import shutil
 import string
 import subprocess
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 SCALES = "BLEU, METEOR, ROUGE_L in 0..1; NIST and CIDEr raw (as the official script)"
@@ -50,11 +50,30 @@ def _check(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
             raise ValueError(f"reference group {i} is empty")
 
 
-def tokens_13a(text: str) -> List[str]:
-    """Lowercased MTEval v13a tokens (sacrebleu's tokenizer): what BLEU and NIST see."""
+@functools.lru_cache(maxsize=1)
+def _tokenizer_13a():
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    return Tokenizer13a()(text.strip().lower()).split()
+    return Tokenizer13a()
+
+
+def tokens_13a(text: str, variant: Optional[str] = None) -> List[str]:
+    """MTEval v13a tokens of one text (sacrebleu's tokenizer), lowercased as its reader does.
+
+    Args:
+        text: a hypothesis or a reference.
+        variant: None (lowercased first, what :func:`coco_tokens` starts from), or the NIST variant that reads
+            it: ``"perl"`` (ASCII-only lowercasing, an empty text has no tokens) or ``"python"`` (Unicode
+            lowercasing; an empty text is one empty token, as the port's ``split(' ')`` leaves it).
+
+    Returns:
+        The tokens.
+    """
+    if variant is None:
+        return _tokenizer_13a()(text.strip().lower()).split()
+    if variant == "perl":
+        return _tokenizer_13a()(text.translate(_ASCII_LOWER)).split()
+    return _tokenizer_13a()(text).lower().split() or [""]
 
 
 def coco_tokens(text: str) -> str:
@@ -92,29 +111,6 @@ NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer_13a():
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
-    return Tokenizer13a()
-
-
-def nist_tokens(text: str, variant: str = "perl") -> List[str]:
-    """MTEval v13a tokens of one text as the given NIST variant sees them.
-
-    Args:
-        text: a hypothesis or a reference.
-        variant: ``"perl"`` (ASCII-only lowercasing, an empty text has no tokens) or ``"python"`` (Unicode
-            lowercasing; an empty text is one empty token, as the port's ``split(' ')`` leaves it).
-
-    Returns:
-        The tokens.
-    """
-    if variant == "perl":
-        return _tokenizer_13a()(text.translate(_ASCII_LOWER)).split()
-    return _tokenizer_13a()(text).lower().split() or [""]
-
-
 def _ngram_counts(tokens: Sequence[str], n: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
@@ -130,6 +126,47 @@ def nist_length_penalty(ratio: float) -> float:
     if ratio <= 0:
         return 0.0
     return math.exp(-NIST_BETA * math.log(ratio) ** 2)
+
+
+def _nist_weights(ref_toks: List[List[List[str]]], perl: bool) -> Tuple[Callable[[tuple], float], int]:
+    """NIST's information weight of an n-gram, counted over every reference of the scored set, and the number of
+    reference words (see :func:`nist`)."""
+    counts: Counter = Counter()
+    ref_words = 0
+    for rs in ref_toks:
+        for r in rs:
+            ref_words += len(r)
+            for n in range(1, NIST_MAX_N + 1):
+                counts.update(_ngram_counts(r, n))
+    if ref_words == 0:
+        raise ValueError("the references have no words: NIST has no information weights; check the reference file")
+
+    def info(ngram: tuple) -> float:
+        prefix = ngram[:-1]
+        if not prefix or (perl and prefix == ("0",)):
+            return math.log2(ref_words / counts[ngram])
+        return math.log2(counts[prefix] / counts[ngram])
+
+    return info, ref_words
+
+
+def _nist_matches(hyp_toks: List[List[str]], ref_toks: List[List[List[str]]], info: Callable[[tuple], float],
+                  perl: bool) -> Tuple[List[float], List[int]]:
+    """Per order n (index n): the information of the hypothesis n-grams matched in their MR's references (each
+    clipped to its largest count in one reference), and the number of hypothesis n-grams as the variant counts."""
+    matched_info = [0.0] * (NIST_MAX_N + 1)
+    hyp_ngrams = [0] * (NIST_MAX_N + 1)
+    for h, rs in zip(hyp_toks, ref_toks):
+        for n in range(1, NIST_MAX_N + 1):
+            hyp_ngrams[n] += max(0, len(h) - n + 1) if perl else len(h) - n + 1
+            best: Counter = Counter()
+            for r in rs:
+                for g, c in _ngram_counts(r, n).items():
+                    best[g] = max(best[g], c)
+            for g, c in _ngram_counts(h, n).items():
+                if g in best:
+                    matched_info[n] += info(g) * min(c, best[g])
+    return matched_info, hyp_ngrams
 
 
 def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "perl") -> float:
@@ -170,38 +207,11 @@ def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "per
         raise ValueError(f"unknown NIST variant {variant!r}; use perl or python")
     _check(hyps, refs)
     perl = variant == "perl"
-    hyp_toks = [nist_tokens(h, variant) for h in hyps]
-    ref_toks = [[nist_tokens(r, variant) for r in rs] for rs in refs]
+    hyp_toks = [tokens_13a(h, variant) for h in hyps]
+    ref_toks = [[tokens_13a(r, variant) for r in rs] for rs in refs]
 
-    counts: Counter = Counter()
-    ref_words = 0
-    for rs in ref_toks:
-        for r in rs:
-            ref_words += len(r)
-            for n in range(1, NIST_MAX_N + 1):
-                counts.update(_ngram_counts(r, n))
-    if ref_words == 0:
-        raise ValueError("the references have no words: NIST has no information weights; check the reference file")
-
-    def info(ngram: tuple) -> float:
-        prefix = ngram[:-1]
-        if not prefix or (perl and prefix == ("0",)):
-            return math.log2(ref_words / counts[ngram])
-        return math.log2(counts[prefix] / counts[ngram])
-
-    matched_info = [0.0] * (NIST_MAX_N + 1)
-    hyp_ngrams = [0] * (NIST_MAX_N + 1)
-    for h, rs in zip(hyp_toks, ref_toks):
-        for n in range(1, NIST_MAX_N + 1):
-            hyp_ngrams[n] += max(0, len(h) - n + 1) if perl else len(h) - n + 1
-            best: Counter = Counter()
-            for r in rs:
-                for g, c in _ngram_counts(r, n).items():
-                    best[g] = max(best[g], c)
-            for g, c in _ngram_counts(h, n).items():
-                if g in best:
-                    matched_info[n] += info(g) * min(c, best[g])
-
+    info, ref_words = _nist_weights(ref_toks, perl)
+    matched_info, hyp_ngrams = _nist_matches(hyp_toks, ref_toks, info, perl)
     if perl:
         score = sum(matched_info[n] / max(hyp_ngrams[n], 1) for n in range(1, NIST_MAX_N + 1))
         refs_per_mr = sum(len([r for r in rs if r]) for rs in ref_toks) / len(ref_toks)
@@ -245,37 +255,18 @@ def meteor_jar_path() -> Optional[str]:
 
 
 def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[float, List[float]]:
-    """METEOR 1.5 (the official jar, ``-l en -norm``), statistics summed over the corpus, in 0..1.
+    """METEOR 1.5 (the official jar, ``-l en -norm``), statistics summed over the corpus, in 0..1, in a JVM started
+    and stopped for it (:class:`MeteorJar` scores several corpora in one).
 
     Returns:
         ``(corpus score, per-MR scores)``.
 
     Raises:
-        MetricError: no Java or jar, or the jar failed.
+        ValueError: as :func:`bleu`. MetricError: no Java or jar, or the jar failed.
     """
-    return meteor_jar_corpora([(hyps, refs)])[0]
-
-
-def meteor_jar_corpora(corpora: Sequence[Tuple[Sequence[str], Sequence[Sequence[str]]]]
-                       ) -> List[Tuple[float, List[float]]]:
-    """:func:`meteor_jar` for several corpora in one JVM (starting it and loading its paraphrase table takes
-    seconds), each scored on its own.
-
-    Args:
-        corpora: ``(hyps, refs)`` pairs.
-
-    Returns:
-        Per corpus, ``(corpus score, per-MR scores)``.
-
-    Starts a :class:`MeteorJar`, scores, and stops the JVM before returning.
-
-    Raises:
-        ValueError: as :func:`bleu`, for any corpus. MetricError: no Java or jar, or the jar failed.
-    """
-    for hyps, refs in corpora:
-        _check(hyps, refs)
+    _check(hyps, refs)
     with MeteorJar() as jar:
-        return [jar.score(hyps, refs) for hyps, refs in corpora]
+        return jar.score(hyps, refs)
 
 
 class MeteorJar:

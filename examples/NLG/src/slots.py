@@ -38,6 +38,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
+from .data import mr_fields
+
 ATTRIBUTES = ("name", "Type", "food", "price", "customer rating", "area", "family friendly", "near")
 
 # Every venue name that occurs in the E2E data, as a name or as a near value.
@@ -130,11 +132,10 @@ def parse_mr(mr: str) -> Dict[str, str]:
         ValueError: a field without ``" : "``.
     """
     slots = {}
-    for field_ in mr.split("|"):
-        key, sep, value = field_.partition(":")
-        if not sep:
-            raise ValueError(f"MR field {field_.strip()!r} is not 'key : value'")
-        slots[key.strip()] = value.strip()
+    for field_, key, value in mr_fields(mr):
+        if value is None:
+            raise ValueError(f"MR field {field_!r} is not 'key : value'")
+        slots[key] = value
     return slots
 
 
