@@ -31,7 +31,7 @@ from src.hf_checkpoint import CheckpointError  # noqa: E402
 from src.measure import param_counts  # noqa: E402
 from src.model import base_fingerprint  # noqa: E402
 from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
-from src.train_config import TrainConfig, add_flags, changed_fields  # noqa: E402
+from src.train_config import TrainConfig, add_flags  # noqa: E402
 from src.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
 from src.train_utils import DeviceError, STATE_NAME  # noqa: E402
 
@@ -43,36 +43,25 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def use_recipe(args, explicit=None) -> None:
-    """Apply ``args.recipe`` to ``args`` (once), keeping the flags in ``explicit``; the outcome goes to
-    ``args.recipe_info``. ``explicit=None`` (args not from :func:`parse_args`): values that differ from the
-    defaults count as given."""
-    if getattr(args, "recipe_info", None) is not None:
-        return
-    if explicit is None:
-        explicit = changed_fields(args)
-    args.recipe = recipe_for(getattr(args, "recipe", "none"), args.init_checkpoint)
-    args.recipe_info = apply_recipe(args, getattr(args, "recipe", "none"), "train", explicit)
-
-
 def parse_args(argv=None):
-    """The command line, with ``--recipe`` applied: its values, except for the flags typed explicitly."""
+    """The command line, with ``--recipe`` applied: its values, except for the flags typed explicitly (even when
+    typed with their default value)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
-    use_recipe(args, explicit_dests(get_parser, argv))
+    args.recipe = recipe_for(args.recipe, args.init_checkpoint)
+    args.recipe_info = apply_recipe(args, args.recipe, "train", explicit_dests(get_parser, argv))
     return args
 
 
 def make_config(args) -> TrainConfig:
-    """``args`` (this script's flags, or a TrainConfig already) as the validated :class:`TrainConfig` of a run.
+    """``args`` (this script's flags, or a TrainConfig already) as the validated :class:`TrainConfig` of a run; flags
+    not from :func:`parse_args` get their recipe from TrainConfig, where values other than the defaults count as
+    given.
 
     Raises:
         ValueError: a flag out of range (one line naming it).
     """
-    if isinstance(args, TrainConfig):
-        return args
-    use_recipe(args)
-    return TrainConfig.from_namespace(args)
+    return args if isinstance(args, TrainConfig) else TrainConfig.from_namespace(args)
 
 
 def build(args, device, base: Optional[Base] = None, precision: str = "fp32"):

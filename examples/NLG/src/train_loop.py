@@ -98,7 +98,8 @@ def run_steps(tr: Trainer, batches: Iterable[dict], start: int, stop: int, hooks
 
 def optimizer_step(tr: Trainer, micro: list, step: int, hooks: Hooks) -> StepResult:
     """One optimizer step over the micro-batches ``micro`` (gradient accumulation). See :func:`run_steps`."""
-    n_tok = sum(label_count(b) for b in micro)
+    counts = [label_count(b) for b in micro]
+    n_tok = sum(counts)
     tokens = sum(int(b["input_ids"].numel()) for b in micro)
     if tr.is_distributed:
         # One small all-reduce per step: the global token count (for the loss weights) and whether any rank got a
@@ -110,8 +111,8 @@ def optimizer_step(tr: Trainer, micro: list, step: int, hooks: Hooks) -> StepRes
     if n_tok == 0:
         raise ValueError(f"step {step + 1} has no completion tokens to learn: --seq_len cuts every example of the "
                          f"batch inside its prompt; raise --seq_len")
-    losses = accumulate_gradients(tr, micro, n_tok, hooks, step)
-    loss_sum = sum(loss * label_count(b) for loss, b in zip(losses, micro))
+    losses = accumulate_gradients(tr, micro, counts, n_tok, hooks, step)
+    loss_sum = sum(loss * n for loss, n in zip(losses, counts))
     if tr.is_distributed:
         loss_sum, tokens = distributed.all_reduce_sum(tr.ctx, [loss_sum, tokens])
         tokens = int(tokens)
@@ -135,12 +136,14 @@ def optimizer_step(tr: Trainer, micro: list, step: int, hooks: Hooks) -> StepRes
     return result
 
 
-def accumulate_gradients(tr: Trainer, micro: list, n_tok: int, hooks: Hooks, step: int) -> List[float]:
-    """Forward and backward of each micro-batch; returns their mean losses (this rank's)."""
+def accumulate_gradients(tr: Trainer, micro: list, counts: List[int], n_tok: int, hooks: Hooks,
+                         step: int) -> List[float]:
+    """Forward and backward of each micro-batch (``counts``: the tokens each predicts, ``n_tok``: all ranks'
+    total); returns their mean losses (this rank's)."""
     world_size = tr.ctx.world_size if tr.is_distributed else 1
     loss_fn = tr.loss_fn or (lambda model, b: model_loss(model, b, tr.label_smoothing))
     losses = []
-    for i, b in enumerate(micro):
+    for i, (b, n) in enumerate(zip(micro, counts)):
         # DDP syncs gradients once, on the last micro-batch of the step.
         last = i == len(micro) - 1
         with (tr.model.no_sync() if tr.is_distributed and not last else contextlib.nullcontext()):
@@ -150,6 +153,6 @@ def accumulate_gradients(tr: Trainer, micro: list, n_tok: int, hooks: Hooks, ste
             # Weight micro-batches by their predicted tokens, as one big batch would. DDP averages over the N
             # processes, so the factor N makes that average the token-weighted mean over the global batch (n_tok
             # counts the tokens of all ranks).
-            tr.scaler.scale(loss * (label_count(b) * world_size / n_tok)).backward()
+            tr.scaler.scale(loss * (n * world_size / n_tok)).backward()
         losses.append(loss.item())
     return losses
