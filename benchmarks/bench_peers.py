@@ -152,19 +152,19 @@ def half_precision(model, precision: str, method: str):
     bfloat16 too: a LayerNorm needs its bias in its weight's dtype (autocast does not cast it on CPU). Returns the
     autocast context to run the model under (a no-op for fp32)."""
     import torch
-    from src import train_utils as U
+    from src import train_utils
 
     if precision == "fp32":
         return contextlib.nullcontext
     if method == "floor":
-        model.to(U.precision_dtype(precision))
-    U.cast_frozen(model, precision)
-    return lambda: U.autocast(torch.device("cpu"), precision)
+        model.to(train_utils.precision_dtype(precision))
+    train_utils.cast_frozen(model, precision)
+    return lambda: train_utils.autocast(torch.device("cpu"), precision)
 
 
 def worker_train(args):
     import torch
-    from src import measure as M
+    from src import measure
 
     torch.set_num_threads(args.threads)
     model = build_base(args)
@@ -178,7 +178,7 @@ def worker_train(args):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     out = dict(method=args.method, dropout=args.dropout, batch=args.batch, seq=args.seq, threads=args.threads,
-               precision=args.precision, params=M.param_counts(model), lib_file=m.get("lib_file"),
+               precision=args.precision, params=measure.param_counts(model), lib_file=m.get("lib_file"),
                frozen_dtypes=sorted({str(p.dtype) for p in params if not p.requires_grad}),
                malloc_env={k: os.environ.get(k) for k in MALLOC_ENV})
 
@@ -193,8 +193,8 @@ def worker_train(args):
         return loss
 
     times = []
-    with M.PeakRSS() as peak:  # baseline: the built model, before any training
-        with M.SavedTensorBytes(exclude=params) as saved, amp():
+    with measure.PeakRSS() as peak:  # baseline: the built model, before any training
+        with measure.SavedTensorBytes(exclude=params) as saved, amp():
             loss = model(input_ids=ids, labels=ids).loss  # one forward: what autograd keeps for backward
         loss.backward()
         del loss
@@ -207,7 +207,7 @@ def worker_train(args):
     out.update(saved_bytes=saved.bytes, saved_count=saved.count, step_s=times,
                step_median_s=statistics.median(times) if times else None,
                rss_baseline=peak.baseline, rss_peak=peak.peak, rss_delta=peak.delta, rss_method=peak.method)
-    out["adapter_bytes"] = M.saved_file_bytes(m["adapter_state"]())
+    out["adapter_bytes"] = measure.saved_file_bytes(m["adapter_state"]())
 
     if args.eval_reps > 0:
         out.update(eval_latency(model, swaps, m["set_merged"], ids, args.eval_reps))
@@ -255,11 +255,11 @@ def _nlg_batches(args):
 
     n = args.warmup + args.steps
     try:
-        from src import data as D
+        from src.data import iterate_batches, load_tokenized, select_indices
 
-        split = D.load_tokenized("train", args.data_dir)
-        idx = D.select_indices(len(split), 1000, 42)
-        it = D.iterate_batches(split, idx, args.batch, args.seq, shuffle=True, seed=42)
+        split = load_tokenized("train", args.data_dir)
+        idx = select_indices(len(split), 1000, 42)
+        it = iterate_batches(split, idx, args.batch, args.seq, shuffle=True, seed=42)
         batches = [next(it) for _ in range(n)]
         return batches, "E2E train (1,000 examples drawn with seed 42, the example's batching)"
     except Exception as exc:  # noqa: BLE001 - no data here: the synthetic stand-in, and say so
@@ -274,54 +274,67 @@ def _nlg_batches(args):
 
 
 def worker_nlg(args):
-    """The NLG example's model and training step, with the output layer (and the last block's attention output and
-    MLP) at label positions only (``fast``: what the example does) or at every position (``all``: benchmark-only,
-    the usual way)."""
+    """The NLG example's model and training step (its training loop), with the output layer (and the last block's
+    attention output and MLP) at label positions only (``fast``: what the example does) or at every position
+    (``all``: benchmark-only, the usual way)."""
     import torch
     import torch.nn.functional as F
 
     import loralib as lora
-    from src import model as NLG
+    from src.model import GPTConfig, build_model
+    from src.train_loop import Trainer, run_steps
 
     torch.set_num_threads(args.threads)
-    cfg = NLG.GPTConfig() if not args.tiny_nlg else NLG.GPTConfig(
+    cfg = GPTConfig() if not args.tiny_nlg else GPTConfig(
         vocab_size=args.vocab, hidden_dim=args.width, num_layers=args.layers, num_heads=args.heads, lora_dim=args.r,
         lora_alpha=args.alpha)
-    model = NLG.build_model(cfg, base_seed=42)
+    model = build_model(cfg, base_seed=42)
     lora.mark_only_lora_as_trainable(model)
     model.train()
-    amp = half_precision(model, args.precision, "ours")
+    half_precision(model, args.precision, "ours")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     batches, source = _nlg_batches(args)
 
-    def loss_of(b):
-        with amp():
-            return _nlg_loss(b)
-
-    def _nlg_loss(b):
-        if args.method == "fast":
-            return model(b["input_ids"], labels=b["labels"]).loss
+    def every_position_loss(model, b):
         logits = model(b["input_ids"]).logits  # (B, T, V) at every position
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), b["labels"][:, 1:].reshape(-1),
                                ignore_index=-100)
 
-    seconds, tokens, head_rows, losses = 0.0, 0, 0, []
-    for i, b in enumerate(batches):
-        t0 = time.perf_counter()
-        loss = loss_of(b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        losses.append(float(loss))
-        if i >= args.warmup:
-            seconds += dt
-            tokens += b["input_ids"].numel()
-            # rows the 50,257-way output layer computes: the positions with a label (fast) or every position
-            head_rows += int((b["labels"][:, 1:] != -100).sum()) if args.method == "fast" else b["input_ids"].numel()
-    return dict(method=args.method, precision=args.precision, source=source, config=cfg.to_dict(), tokens=tokens,
-                seconds=seconds,
-                tokens_per_s=tokens / seconds if seconds else None, head_rows=head_rows, losses=losses)
+    trainer = Trainer(model, opt, torch.device("cpu"), args.precision,
+                      loss_fn=None if args.method == "fast" else every_position_loss)
+    hooks = nlg_step_times(args.warmup, head_at_labels=args.method == "fast")
+    run_steps(trainer, batches, 0, len(batches), hooks)
+    return dict(method=args.method, precision=args.precision, source=source, config=cfg.to_dict(),
+                tokens=hooks.tokens, seconds=hooks.seconds,
+                tokens_per_s=hooks.tokens / hooks.seconds if hooks.seconds else None, head_rows=hooks.head_rows,
+                losses=hooks.losses)
+
+
+def nlg_step_times(warmup: int, head_at_labels: bool):
+    """The hooks that measure the NLG worker's steps (torch is imported in the workers only)."""
+    from src.train_loop import Hooks
+
+    class NLGStepTimes(Hooks):
+        """The NLG worker's figures from the training loop: the time of each step after ``warmup`` untimed ones,
+        the tokens it read and the rows the output layer computed; every step's loss."""
+
+        def __init__(self, warmup: int, head_at_labels: bool):
+            self.warmup, self.head_at_labels = warmup, head_at_labels
+            self.seconds, self.tokens, self.head_rows, self.losses, self.t0 = 0.0, 0, 0, [], 0.0
+
+        def begin(self, step: int) -> None:
+            self.t0 = time.perf_counter()
+
+        def end(self, step: int, result) -> None:
+            dt = time.perf_counter() - self.t0
+            self.losses.append(result.losses[0])
+            if step >= self.warmup:
+                self.seconds += dt
+                self.tokens += result.tokens
+                # rows the 50,257-way output layer computes: the positions with a label (fast) or every position
+                self.head_rows += result.n_tok if self.head_at_labels else result.tokens
+
+    return NLGStepTimes(warmup, head_at_labels)
 
 
 # --- the parent: interleave fresh processes, aggregate, report ---------------------------------------------------
@@ -384,7 +397,7 @@ def add_model_args(p):
     p.add_argument("--threads", type=int, default=2)
 
 
-def main(argv=None):
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="< 5 min on 2 cores: 8x64 only, 1 round of 5 steps")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (fresh process each); default 3")
@@ -415,50 +428,78 @@ def main(argv=None):
     add_model_args(p)
     p.add_argument("--tiny_nlg", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--data_dir", default=None, help="E2E data for the NLG comparison (else $E2E_DATA_DIR, data/e2e)")
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     if args.worker:
         fn = worker_train if args.worker == "train" else worker_nlg
         print(json.dumps(fn(args)))
         return 0
 
     q = args.quick
-    rounds = args.rounds if args.rounds is not None else (1 if q else 3)
-    steps = args.steps if args.steps is not None else (5 if q else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if q else 2)
-    eval_reps = args.eval_reps if args.eval_reps is not None else (2 if q else 5)
+    plan = dict(rounds=args.rounds if args.rounds is not None else (1 if q else 3),
+                steps=args.steps if args.steps is not None else (5 if q else 10),
+                warmup=args.warmup if args.warmup is not None else (1 if q else 2),
+                eval_reps=args.eval_reps if args.eval_reps is not None else (2 if q else 5),
+                shapes=[tuple(int(v) for v in s.split("x"))
+                        for s in (args.shapes or ("8x64" if q else "8x64,4x128")).split(",")])
     nlg_rounds = args.nlg_rounds if args.nlg_rounds is not None else (2 if q else 3)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("8x64" if q else "8x64,4x128")).split(",")]
-    methods = [m for m in args.methods.split(",") if m]
-    dropouts = [float(d) for d in args.dropouts.split(",")]
     common = ["--layers", str(args.layers), "--width", str(args.width), "--heads", str(args.heads),
               "--vocab", str(args.vocab), "--r", str(args.r), "--alpha", str(args.alpha), "--lr", str(args.lr),
               "--threads", str(args.threads), "--ms_wheel", args.ms_wheel]
     if args.data_dir:
         common += ["--data_dir", args.data_dir]
 
-    jobs = plan_jobs(methods, dropouts, q, args.precision)
     t_start = time.time()
     load_before = _loadavg()
-    results = []
     print(f"load average before: {load_before}", flush=True)
-    for B, T in shapes:
-        for rnd in range(rounds):
+    results = run_train_rounds(args, plan, common, t_start)
+    nlg = run_nlg_rounds(args, nlg_rounds, plan["steps"], common, t_start)
+    load_after = _loadavg()
+    meta = dict(command=" ".join([Path(sys.executable).name, "benchmarks/bench_peers.py"] + (argv or sys.argv[1:])),
+                date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall_s=time.time() - t_start,
+                loadavg_before=load_before, loadavg_after=load_after, **plan, allocator=args.allocator,
+                precision=args.precision, machine=_machine(), versions=_versions(),
+                model=dict(layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, r=args.r,
+                           alpha=args.alpha, lr=args.lr, threads=args.threads))
+    report = dict(meta=meta, train=results, nlg=nlg)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(report, indent=1))
+    md = render(report)
+    Path(args.out + ".md").write_text(md)
+    print(md)
+    return 0
+
+
+def run_train_rounds(args, plan: dict, common: list, t_start: float) -> list:
+    """The training workers of every shape and round, each method in a fresh process, the order rotated."""
+    q, results = args.quick, []
+    jobs = plan_jobs([m for m in args.methods.split(",") if m], [float(d) for d in args.dropouts.split(",")], q,
+                     args.precision)
+    for B, T in plan["shapes"]:
+        for rnd in range(plan["rounds"]):
             order = jobs[rnd % len(jobs):] + jobs[:rnd % len(jobs)]  # rotate: no method always first
             for m, d, prec, is_timed in order:
                 if (not is_timed or (q and m == "full")) and rnd > 0:
                     continue  # quick: the untimed figures and full fine-tuning (context) once
-                kw = dict(batch=B, seq=T, dropout=d, warmup=warmup if is_timed else 0,
-                          steps=steps if is_timed else 0, precision=prec,
-                          eval_reps=eval_reps if is_timed and prec == "fp32" else 0)
+                kw = dict(batch=B, seq=T, dropout=d, warmup=plan["warmup"] if is_timed else 0,
+                          steps=plan["steps"] if is_timed else 0, precision=prec,
+                          eval_reps=plan["eval_reps"] if is_timed and prec == "fp32" else 0)
                 res = run_worker("train", m, common, args.allocator, **kw)
                 res["round"] = rnd
                 results.append(res)
                 print(f"[{time.time() - t_start:6.0f}s] {B}x{T} round {rnd} {m:5s} {prec} p={d}: step "
                       f"{(res['step_median_s'] or 0) * 1e3:7.0f} ms  saved {res['saved_bytes'] / 1e6:7.1f} MB  "
                       f"rss +{res['rss_delta'] / 1e6:7.0f} MB", flush=True)
+    return results
+
+
+def run_nlg_rounds(args, nlg_rounds: int, steps: int, common: list, t_start: float) -> list:
+    """The NLG workers: fp32, the example's label-positions head against every position; bf16, the example in fp32
+    and in bf16; the order alternating by round."""
     nlg = []
-    # fp32: the example's label-positions head against every position; bf16: the example in fp32 and in bf16
     nlg_jobs = [("fast", "fp32"), ("all", "fp32")] if args.precision == "fp32" else [("fast", "fp32"),
                                                                                      ("fast", "bf16")]
     for rnd in range(nlg_rounds):
@@ -469,22 +510,7 @@ def main(argv=None):
             nlg.append(res)
             print(f"[{time.time() - t_start:6.0f}s] nlg round {rnd} {m} {prec}: {res['tokens_per_s']:,.0f} tokens/s "
                   f"({res['source']})", flush=True)
-    load_after = _loadavg()
-    meta = dict(command=" ".join([Path(sys.executable).name, "benchmarks/bench_peers.py"] + (argv or sys.argv[1:])),
-                date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall_s=time.time() - t_start,
-                loadavg_before=load_before, loadavg_after=load_after, rounds=rounds, steps=steps, warmup=warmup,
-                eval_reps=eval_reps, shapes=shapes, allocator=args.allocator, precision=args.precision,
-                machine=_machine(),
-                versions=_versions(),
-                model=dict(layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, r=args.r,
-                           alpha=args.alpha, lr=args.lr, threads=args.threads))
-    report = dict(meta=meta, train=results, nlg=nlg)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(report, indent=1))
-    md = render(report)
-    Path(args.out + ".md").write_text(md)
-    print(md)
-    return 0
+    return nlg
 
 
 def plan_jobs(methods, dropouts, quick: bool, precision: str):
@@ -575,37 +601,7 @@ def render(report):
     for B, T in shapes:
         L.append(f"### batch {B} × sequence {T}")
         L.append("")
-        L.append("| method | lora_dropout | step ms (median per process) | saved activations MB | peak RSS over "
-                 "base MB | trainable params | adapter file bytes | eval base ms | unmerged ms | merged ms | "
-                 "unmerged / base | merged / base | max abs(merged − unmerged) |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for (b, t, m, d, prec), rs in sorted(groups.items(),
-                                             key=lambda kv: (kv[0][4] == "fp32", METHODS.index(kv[0][2]), -kv[0][3])):
-            if (b, t) != (B, T):
-                continue
-            timed = [r for r in rs if r["step_s"]]
-            ev = [r for r in timed if "eval_median_s" in r]
-
-            def evf(mode):
-                return [r["eval_median_s"].get(mode) for r in ev]
-
-            def evr(mode):
-                return [r["eval_median_s"][mode] / r["eval_median_s"]["base"] for r in ev
-                        if mode in r["eval_median_s"]]
-
-            diffs = [r.get("merged_vs_unmerged_maxdiff") for r in ev if r.get("merged_vs_unmerged_maxdiff") is not None]
-            L.append("| " + " | ".join([
-                LABELS[m] + ("" if prec == "fp32" else f" ({prec})"), f"{d:g}" if m in LORA_METHODS else "–",
-                _spread([r["step_median_s"] for r in timed], 1e3) if timed else "(not timed)",
-                _spread([r["saved_bytes"] for r in rs], 1e-6, "{:,.1f}"),
-                _spread([r["rss_delta"] for r in timed], 1e-6) if timed else "–",
-                f"{rs[0]['params']['trainable']:,}", f"{rs[0]['adapter_bytes']:,}",
-                _spread(evf("base"), 1e3) if ev else "–",
-                _spread(evf("unmerged"), 1e3) if ev and m in LORA_METHODS else "–",
-                _spread(evf("merged"), 1e3) if ev and m in LORA_METHODS else "–",
-                _spread(evr("unmerged"), 1, "{:.3f}") if ev and m in LORA_METHODS else "–",
-                _spread(evr("merged"), 1, "{:.3f}") if ev and m in LORA_METHODS else "–",
-                f"{max(diffs):.1e}" if diffs else "–"]) + " |")
+        L.extend(_method_table(groups, B, T))
         L.append("")
         L.extend(_targets(groups, B, T, meta))
         L.append("")
@@ -615,6 +611,51 @@ def render(report):
     return "\n".join(L) + "\n"
 
 
+def _method_table(groups, B, T):
+    """The table of every method's figures at batch B x sequence T."""
+    L = []
+    L.append("| method | lora_dropout | step ms (median per process) | saved activations MB | peak RSS over "
+             "base MB | trainable params | adapter file bytes | eval base ms | unmerged ms | merged ms | "
+             "unmerged / base | merged / base | max abs(merged − unmerged) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (b, t, m, d, prec), rs in sorted(groups.items(),
+                                         key=lambda kv: (kv[0][4] == "fp32", METHODS.index(kv[0][2]), -kv[0][3])):
+        if (b, t) != (B, T):
+            continue
+        timed = [r for r in rs if r["step_s"]]
+        ev = [r for r in timed if "eval_median_s" in r]
+
+        def evf(mode):
+            return [r["eval_median_s"].get(mode) for r in ev]
+
+        def evr(mode):
+            return [r["eval_median_s"][mode] / r["eval_median_s"]["base"] for r in ev
+                    if mode in r["eval_median_s"]]
+
+        diffs = [r.get("merged_vs_unmerged_maxdiff") for r in ev if r.get("merged_vs_unmerged_maxdiff") is not None]
+        L.append("| " + " | ".join([
+            LABELS[m] + ("" if prec == "fp32" else f" ({prec})"), f"{d:g}" if m in LORA_METHODS else "–",
+            _spread([r["step_median_s"] for r in timed], 1e3) if timed else "(not timed)",
+            _spread([r["saved_bytes"] for r in rs], 1e-6, "{:,.1f}"),
+            _spread([r["rss_delta"] for r in timed], 1e-6) if timed else "–",
+            f"{rs[0]['params']['trainable']:,}", f"{rs[0]['adapter_bytes']:,}",
+            _spread(evf("base"), 1e3) if ev else "–",
+            _spread(evf("unmerged"), 1e3) if ev and m in LORA_METHODS else "–",
+            _spread(evf("merged"), 1e3) if ev and m in LORA_METHODS else "–",
+            _spread(evr("unmerged"), 1, "{:.3f}") if ev and m in LORA_METHODS else "–",
+            _spread(evr("merged"), 1, "{:.3f}") if ev and m in LORA_METHODS else "–",
+            f"{max(diffs):.1e}" if diffs else "–"]) + " |")
+    return L
+
+
+def _step_of(r, field):
+    return r["step_median_s"]
+
+
+def _rss_of(r, field):
+    return r["rss_delta"]
+
+
 def _targets(groups, B, T, meta):
     def k(m, d, prec="fp32"):
         return (B, T, m, d if m in LORA_METHODS else 0.0, prec)
@@ -622,8 +663,6 @@ def _targets(groups, B, T, meta):
     def med(xs):
         return _med(xs)
 
-    step = lambda r, f: r["step_median_s"]  # noqa: E731
-    rss = lambda r, f: r["rss_delta"]  # noqa: E731
     L = [f"Targets at {B} × {T} (ratios per round, same stretch of load; median (min–max) over rounds):", ""]
     L.append("| target | measured | met |")
     L.append("|---|---|---|")
@@ -636,11 +675,11 @@ def _targets(groups, B, T, meta):
         L.append(f"| {name} | {_spread(xs, 1, fmt)} | {verdict} |")
 
     p = 0.1
-    row("step, this / peft ≤ 1.03 (dropout 0.1)", _ratio_per_round(groups, k("ours", p), k("peft", p), "", step),
+    row("step, this / peft ≤ 1.03 (dropout 0.1)", _ratio_per_round(groups, k("ours", p), k("peft", p), "", _step_of),
         lambda v: v <= 1.03)
     row("step, this / loralib 0.1.2 ≤ 0.88 (dropout 0.1)",
-        _ratio_per_round(groups, k("ours", p), k("ms", p), "", step), lambda v: v <= 0.88)
-    row("step, floor / peft (context: ≈ 1.0)", _ratio_per_round(groups, k("floor", p), k("peft", p), "", step),
+        _ratio_per_round(groups, k("ours", p), k("ms", p), "", _step_of), lambda v: v <= 0.88)
+    row("step, floor / peft (context: ≈ 1.0)", _ratio_per_round(groups, k("floor", p), k("peft", p), "", _step_of),
         None)
     s_prec = lambda m, d, prec: med([r["saved_bytes"] for r in groups.get(k(m, d, prec), [])])  # noqa: E731
     s = lambda m, d: s_prec(m, d, "fp32")  # noqa: E731
@@ -654,7 +693,7 @@ def _targets(groups, B, T, meta):
         L.append(f"| saved bytes (dropout 0.1), peft − this ≥ 10 MB | {diff:.2f} MB | "
                  f"{'yes' if diff >= 10 else '**no**'} |")
     row("peak RSS over base, this / peft ≤ 1 (dropout 0.1)",
-        _ratio_per_round(groups, k("ours", p), k("peft", p), "", rss), lambda v: v <= 1.0)
+        _ratio_per_round(groups, k("ours", p), k("peft", p), "", _rss_of), lambda v: v <= 1.0)
     ev = [r for r in groups.get(k("ours", p), []) if "eval_median_s" in r]
     row("eval, this unmerged / base ≤ 1.05",
         [r["eval_median_s"]["unmerged"] / r["eval_median_s"]["base"] for r in ev], lambda v: v <= 1.05)
@@ -664,27 +703,34 @@ def _targets(groups, B, T, meta):
         lambda v: v <= 1e-4, "{:.1e}")
     h = meta.get("precision", "fp32")
     if h != "fp32":
-        row(f"step {h}, this / peft ≤ 1.03 (dropout 0.1)",
-            _ratio_per_round(groups, k("ours", p, h), k("peft", p, h), "", step), lambda v: v <= 1.03)
-        row(f"step, this {h} / this fp32 ≤ 0.6", _ratio_per_round(groups, k("ours", p, h), k("ours", p), "", step),
-            lambda v: v <= 0.6)
-        row(f"peak RSS over base, this {h} / this fp32 ≤ 0.6",
-            _ratio_per_round(groups, k("ours", p, h), k("ours", p), "", rss), lambda v: v <= 0.6)
-        # The same ratios for the no-adapter floor: the frozen network and its loss alone, which no adapter can
-        # make smaller than they are.
-        row(f"peak RSS over base, floor {h} / floor fp32 (context: the bound for any adapter)",
-            _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", rss), None)
-        row(f"saved activations, floor {h} / floor fp32 (context)",
-            _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", lambda r, f: r["saved_bytes"]),
-            None)
-        added = lambda prec: s_prec("ours", p, prec) - s_prec("floor", p, prec)  # noqa: E731
-        if all(s_prec(m, p, q) is not None for m in ("ours", "floor") for q in (h, "fp32")):
-            L.append(f"| saved activations the adapter adds over the floor, {h} / fp32 (context) | "
-                     f"{added(h) / 1e6:.1f} / {added('fp32') / 1e6:.1f} MB = {added(h) / added('fp32'):.3f} | "
-                     "(context, no target) |")
-        row(f"step {h}, floor / peft (context)", _ratio_per_round(groups, k("floor", p, h), k("peft", p, h), "", step),
-            None)
+        _half_precision_targets(L, row, k, s_prec, groups, h)
     return L
+
+
+def _half_precision_targets(L, row, k, s_prec, groups, h):
+    """The target rows of a half-precision (``h``) run, appended to ``L`` (directly or through :func:`_targets`'
+    ``row``; ``k`` and ``s_prec`` are its keys and saved-bytes medians)."""
+    p = 0.1
+    row(f"step {h}, this / peft ≤ 1.03 (dropout 0.1)",
+        _ratio_per_round(groups, k("ours", p, h), k("peft", p, h), "", _step_of), lambda v: v <= 1.03)
+    row(f"step, this {h} / this fp32 ≤ 0.6", _ratio_per_round(groups, k("ours", p, h), k("ours", p), "", _step_of),
+        lambda v: v <= 0.6)
+    row(f"peak RSS over base, this {h} / this fp32 ≤ 0.6",
+        _ratio_per_round(groups, k("ours", p, h), k("ours", p), "", _rss_of), lambda v: v <= 0.6)
+    # The same ratios for the no-adapter floor: the frozen network and its loss alone, which no adapter can
+    # make smaller than they are.
+    row(f"peak RSS over base, floor {h} / floor fp32 (context: the bound for any adapter)",
+        _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", _rss_of), None)
+    row(f"saved activations, floor {h} / floor fp32 (context)",
+        _ratio_per_round(groups, k("floor", p, h), k("floor", p), "", lambda r, f: r["saved_bytes"]),
+        None)
+    added = lambda prec: s_prec("ours", p, prec) - s_prec("floor", p, prec)  # noqa: E731
+    if all(s_prec(m, p, q) is not None for m in ("ours", "floor") for q in (h, "fp32")):
+        L.append(f"| saved activations the adapter adds over the floor, {h} / fp32 (context) | "
+                 f"{added(h) / 1e6:.1f} / {added('fp32') / 1e6:.1f} MB = {added(h) / added('fp32'):.3f} | "
+                 "(context, no target) |")
+    row(f"step {h}, floor / peft (context)",
+        _ratio_per_round(groups, k("floor", p, h), k("peft", p, h), "", _step_of), None)
 
 
 def _nlg_section(nlg):

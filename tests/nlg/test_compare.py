@@ -197,13 +197,13 @@ def test_cuda_peak_sees_a_transient_allocation():
     (["--hidden_dim", "30", "--num_heads", "4"], "divisible by --num_heads"),
     (["--vocab_size", "1000"], "at least 50257"),
     (["--steps", "3", "--warmup", "3"], "at least one step is timed"),
-    (["--lora_dim", "0"], "--lora_dim must be >= 1"),
+    (["--lora_dim", "0"], r"--lora_dim \(r\) .*: r must be a positive int"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
     (["--lora_dropout", "1.0"], r"\[0, 1\)"),
-    (["--max_len", "5000"], r"--seq_len must be <= 1024 \(the model's positions\), got 5000"),
+    (["--seq_len", "5000"], r"--seq_len must be <= 1024 \(the model's positions\), got 5000"),
     (["--lr", "0"], "--lr must be > 0, got 0.0"),
     (["--val_examples", "0"], "--val_examples must be >= 1, got 0"),
-    (["--lora_alpha", "0"], "--lora_alpha must be > 0"),
+    (["--lora_alpha", "0"], "lora_alpha must be a positive finite number when r > 0, got lora_alpha=0"),
     (["--precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bad_flags_are_rejected_with_the_reason(argv, message, capsys):
@@ -243,7 +243,7 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, SCRIPT, *TINY, "--lora_dim", str(r), "--steps", "3", "--warmup", "1", "--batch_size", "2",
-         "--max_len", "48", "--val_examples", "4", "--infer_reps", "2", "--device", "cpu", "--data_dir", e2e_dir,
+         "--seq_len", "48", "--val_examples", "4", "--infer_reps", "2", "--device", "cpu", "--data_dir", e2e_dir,
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -293,7 +293,7 @@ def test_tiny_run_in_bf16_records_its_precision(e2e_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, SCRIPT, *TINY, "--lora_dim", "4", "--steps", "2", "--warmup", "1", "--batch_size", "2",
-         "--max_len", "48", "--val_examples", "4", "--infer_reps", "1", "--device", "cpu", "--data_dir", e2e_dir,
+         "--seq_len", "48", "--val_examples", "4", "--infer_reps", "1", "--device", "cpu", "--data_dir", e2e_dir,
          "--precision", "bf16", "--json", str(out_json)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -327,7 +327,7 @@ def test_llama_gguf_base_lora_vs_full(tmp_path, e2e_dir):
     path = str(tmp_path / "tiny.gguf")
     cfg, _ = write_tiny_llama(path)
     args, _ = cmp.parse_args(["--init_checkpoint", path, "--lora_dim", "2", "--steps", "2", "--warmup", "1",
-                              "--max_len", "48", "--batch_size", "2", "--val_examples", "2", "--data_dir", e2e_dir])
+                              "--seq_len", "48", "--batch_size", "2", "--val_examples", "2", "--data_dir", e2e_dir])
     cpu = torch.device("cpu")
     models = {m: cmp.build_for_mode(args, m, cpu) for m in cmp.MODES}
     C, L, kv = cfg["n_embd"], cfg["n_layer"], cfg["n_kv_head"] * cfg["head_dim"]

@@ -11,6 +11,7 @@ import run_training
 from conftest import tiny_args
 from src.generate import DecodeConfig, generate
 from src.model import GPTConfig, build_model
+from src.train_config import TrainConfig
 
 # From github.com/microsoft/LoRA examples/NLG/README.md, GPT-2 M: gpt2_ft.py flags -> our flags.
 MICROSOFT_TRAIN = {
@@ -47,8 +48,11 @@ MICROSOFT_DECODE = {
 def test_recipe_applies_to_args_built_without_parse_args():
     # tests and other scripts build args with get_parser(): values other than the defaults count as given
     ns = run_training.get_parser().parse_args(["--recipe", "paper", "--lr", "0.5"])
-    run_training.use_recipe(ns)
-    assert (ns.lr, ns.batch_size) == (0.5, 8)
+    cfg = run_training.make_config(ns)
+    assert (cfg.lr, cfg.batch_size, cfg.recipe_info["overridden"]) == (0.5, 8, {"lr": 0.5})
+    # parse_args knows what was typed: --lr at its default value still overrides the recipe
+    cfg = run_training.make_config(run_training.parse_args(["--recipe", "paper", "--lr", str(TrainConfig.lr)]))
+    assert (cfg.lr, cfg.batch_size, cfg.recipe_info["overridden"]) == (TrainConfig.lr, 8, {"lr": TrainConfig.lr})
 
 
 def test_lora_on_query_and_value_only():

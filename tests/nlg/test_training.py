@@ -63,9 +63,14 @@ def test_defaults_reach_the_run(monkeypatch):
     (dict(adam_eps=0.0), "--adam_eps must be > 0"),
     (dict(max_grad_norm=-1.0), r"--max_grad_norm must be >= 0 \(0: no clipping\)"),
     (dict(label_smoothing=1.0), r"--label_smoothing must be in \[0, 1\)"),
-    (dict(lora_dropout=-0.1), r"--lora_dropout must be in \[0, 1\)"),
-    (dict(lora_dim=0), r"--lora_dim must be >= 1 \(the LoRA rank; 0 would leave nothing to train\), got 0"),
-    (dict(lora_alpha=0), "--lora_alpha must be > 0"),
+    # the LoRA settings through the library's one check (loralib.layers.check_lora_args), the flags named
+    (dict(lora_dropout=-0.1), r"^--lora_dim \(r\) / --lora_alpha / --lora_dropout: lora_dropout must be a number in "
+                              r"\[0, 1\), got lora_dropout=-0.1$"),
+    (dict(lora_dim=0), r"^--lora_dim \(r\) .*: r must be a positive int \(an adapter needs a rank\), got r=0$"),
+    (dict(lora_alpha=0), r"--lora_alpha .*: lora_alpha must be a positive finite number when r > 0, got lora_alpha=0$"),
+    (dict(lora_alpha=float("inf")), "lora_alpha must be a positive finite number when r > 0, got lora_alpha=inf"),
+    (dict(lora_alpha=True), "lora_alpha must be a positive finite number"),
+    (dict(dist_backend="mpi"), "--dist_backend must be one of auto, gloo, nccl, got 'mpi'"),
     (dict(precision="fp8"), "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     (dict(train_refs="some"), "--train_refs must be one of faithful, all"),
     (dict(adapter_format="npz"), "--adapter_format must be one of bin, safetensors, got 'npz'"),
@@ -233,7 +238,8 @@ def test_resume_without_state_starts_fresh(e2e_dir, tmp_path, capsys):
 @pytest.mark.parametrize("bad, expect", [
     (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
     (["--lr", "-1"], "--lr must be > 0, got -1.0"),
-    (["--lora_dim", "0"], "--lora_dim must be >= 1 (the LoRA rank; 0 would leave nothing to train), got 0"),
+    (["--lora_dim", "0"], "--lora_dim (r) / --lora_alpha / --lora_dropout: r must be a positive int (an adapter "
+                          "needs a rank), got r=0"),
     (["--max_train_examples", "2"], "2 training examples make no full step of batch_size 4 x 1 processes x "
                                     "grad_accum 1; lower them or raise --max_train_examples"),
 ])

@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from .adapter_io import atomic_json, atomic_write
+from .data import IGNORE_INDEX
 
 STATE_NAME = "training_state.pt"
 METRICS_NAME = "metrics.json"
@@ -136,6 +137,11 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
     return f
 
 
+def label_count(batch: Dict[str, torch.Tensor]) -> int:
+    """The tokens a batch's loss predicts: its labels after the first position that are not ``IGNORE_INDEX``."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device,
              precision: str = "fp32") -> float:
@@ -155,12 +161,11 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]],
             m.merge_weights = False
         model.eval()
         for b in batches:
-            labels = b["labels"].to(device)
-            n = int((labels[:, 1:] != -100).sum())
+            n = label_count(b)
             if n == 0:
                 continue
             with autocast(torch.device(device), precision):
-                out = model(b["input_ids"].to(device), labels=labels)
+                out = model(b["input_ids"].to(device), labels=b["labels"].to(device))
             total += float(out.loss) * n
             count += n
     finally:
