@@ -42,12 +42,13 @@ import loralib as lora  # noqa: E402
 from src import distributed  # noqa: E402
 from src import measure  # noqa: E402
 from src.adapter_io import atomic_json, atomic_write  # noqa: E402
-from src.data import DataError, ensure_data, iterate_batches, load_tokenized, select_indices  # noqa: E402
+from src.data import (DataError, ensure_data, iterate_batches, load_tokenized, select_indices,  # noqa: E402
+                      target_count)
 from src.family import DISPLAY_NAMES, family_of, resolve  # noqa: E402
 from src.model import base_fingerprint, base_state_dict  # noqa: E402
 from src.train_config import TrainConfig, add_flags  # noqa: E402
 from src.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
-from src.train_utils import (DeviceError, autocast, cast_frozen, evaluate, label_count,  # noqa: E402
+from src.train_utils import (DeviceError, autocast, cast_frozen, evaluate,  # noqa: E402
                              precision_dtype, resolve_precision, select_device)
 
 MODES = ("lora", "full")
@@ -213,7 +214,7 @@ def run_mode(args, mode: str) -> dict:
     out["checkpoint"] = checkpoint_written(model, mode)
     phases.done("checkpoint")
     out.update(val_loss_before=val_before,
-               val_tokens=sum(label_count(b) for b in val_batches))
+               val_tokens=sum(target_count(b["labels"]) for b in val_batches))
     if mode == "lora":
         out["inference"] = inference_latency(args, model, val_batches[0]["input_ids"], device, precision)
         log(f"prefill latency: merged LoRA {out['inference']['merged_lora_median_s'] * 1e3:.1f} ms, "

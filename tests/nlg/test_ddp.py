@@ -12,7 +12,7 @@ import torch
 
 import run_training
 from conftest import NLG, tiny_args
-from src import distributed as Dist
+from src import distributed
 from src import train_utils
 from src.adapter_io import read_adapter_weights
 
@@ -213,15 +213,15 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(train_utils.DeviceError, match="LOCAL_RANK 2 needs GPU 2 but only 2 GPU.*--nproc_per_node 2"):
-        Dist.device_for_rank("cuda", 2)
-    assert Dist.device_for_rank("auto", 1) == torch.device("cuda", 1)
-    assert Dist.choose_backend("auto", torch.device("cuda", 1)) == "nccl"
-    assert Dist.choose_backend("auto", torch.device("cpu")) == "gloo"
+        distributed.device_for_rank("cuda", 2)
+    assert distributed.device_for_rank("auto", 1) == torch.device("cuda", 1)
+    assert distributed.choose_backend("auto", torch.device("cuda", 1)) == "nccl"
+    assert distributed.choose_backend("auto", torch.device("cpu")) == "gloo"
 
 
 def test_plain_run_has_no_process_group(monkeypatch):
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    ctx = Dist.init("cpu")
+    ctx = distributed.init("cpu")
     assert (ctx.rank, ctx.world_size, ctx.enabled, ctx.is_main) == (0, 1, False, True)
     assert not torch.distributed.is_initialized()

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "NLG"))
-from src import distributed as Dist  # noqa: E402
+from src import distributed  # noqa: E402
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def _model():
 
 
 def test_wrap_ddp_never_syncs_buffers_in_forward(group):
-    ddp = Dist.wrap_ddp(_model(), torch.device("cpu"))
+    ddp = distributed.wrap_ddp(_model(), torch.device("cpu"))
     assert ddp.require_forward_param_sync and not ddp.will_sync_module_buffers()
     ddp(torch.randn(4, 3)).sum().backward()
     assert ddp.module.weight.grad is not None
@@ -43,5 +43,5 @@ def test_wrap_ddp_on_a_torch_without_forward_sync_buffers(group, monkeypatch):
             self.module = module
 
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", OldDDP)
-    Dist.wrap_ddp(_model(), torch.device("cpu"))
+    distributed.wrap_ddp(_model(), torch.device("cpu"))
     assert seen == {"device_ids": None, "broadcast_buffers": False}

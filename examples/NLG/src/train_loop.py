@@ -10,7 +10,8 @@ from typing import Callable, Iterable, List, Optional
 import torch
 
 from . import distributed
-from .train_utils import autocast, label_count, sigint_deferred
+from .data import target_count
+from .train_utils import autocast, sigint_deferred
 
 
 def model_loss(model: torch.nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -98,7 +99,7 @@ def run_steps(tr: Trainer, batches: Iterable[dict], start: int, stop: int, hooks
 
 def optimizer_step(tr: Trainer, micro: list, step: int, hooks: Hooks) -> StepResult:
     """One optimizer step over the micro-batches ``micro`` (gradient accumulation). See :func:`run_steps`."""
-    counts = [label_count(b) for b in micro]
+    counts = [target_count(b["labels"]) for b in micro]
     n_tok = sum(counts)
     tokens = sum(int(b["input_ids"].numel()) for b in micro)
     if tr.is_distributed:

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from .adapter_io import atomic_json, atomic_write
-from .data import IGNORE_INDEX
+from .data import target_count
 
 STATE_NAME = "training_state.pt"
 METRICS_NAME = "metrics.json"
@@ -137,11 +137,6 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
     return f
 
 
-def label_count(batch: Dict[str, torch.Tensor]) -> int:
-    """The tokens a batch's loss predicts: its labels after the first position that are not ``IGNORE_INDEX``."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device,
              precision: str = "fp32") -> float:
@@ -161,7 +156,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]],
             m.merge_weights = False
         model.eval()
         for b in batches:
-            n = label_count(b)
+            n = target_count(b["labels"])
             if n == 0:
                 continue
             with autocast(torch.device(device), precision):
