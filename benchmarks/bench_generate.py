@@ -53,8 +53,8 @@ def build_pair(args, workdir: str):
     import torch
     import transformers
 
-    from src.hf_checkpoint import infer_config, load_hf_gpt2_weights
-    from src.model import GPTConfig, build_model
+    from e2e_nlg.hf_checkpoint import infer_config, load_hf_gpt2_weights
+    from e2e_nlg.model import GPTConfig, build_model
 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -71,8 +71,8 @@ def build_pair(args, workdir: str):
 def load_prompts(args, n: int):
     """``n`` token lists: the first unique test MRs as the example prompts them (literal names), or the samples."""
     import run_inference
-    from src import data
-    from src.inference import prompts_for
+    from e2e_nlg import data
+    from e2e_nlg.inference import prompts_for
 
     try:
         mrs, source = [mr for mr, _ in data.load_references("test", args.data_dir)], "E2E test MRs"
@@ -83,7 +83,7 @@ def load_prompts(args, n: int):
 
 
 def run_ours(model, prompts, mode, new_tokens, batch):
-    from src.generate import DecodeConfig, generate
+    from e2e_nlg.generate import DecodeConfig, generate
 
     eos = model.config.vocab_size - 1  # GPT-2's <|endoftext|>, 50256
     cfg = DecodeConfig(max_new_tokens=new_tokens, eos_id=eos, pad_id=eos, **MODES[mode]["ours"])
@@ -93,7 +93,7 @@ def run_ours(model, prompts, mode, new_tokens, batch):
 def run_hf(model, prompts, mode, new_tokens, batch):
     import torch
 
-    from src.generate import left_pad
+    from e2e_nlg.generate import left_pad
 
     eos, out = model.config.vocab_size - 1, []
     for s in range(0, len(prompts), batch):

@@ -85,9 +85,9 @@ def add_random_adapters(model, ranks, seed: int):
 def build_stream(args):
     """(model, requests): requests are (prompt tokens, adapter name) in arrival order."""
     import loralib as lora
-    from src.data import format_prompt
-    from src.model import GPTConfig, build_model
-    from src.tokenizer import get_tokenizer
+    from e2e_nlg.data import format_prompt
+    from e2e_nlg.model import GPTConfig, build_model
+    from e2e_nlg.tokenizer import get_tokenizer
 
     cfg = GPTConfig(num_layers=args.layers, hidden_dim=args.width, num_heads=args.heads, lora_dim=args.ranks[0],
                     lora_alpha=2 * args.ranks[0])
@@ -103,7 +103,7 @@ def build_stream(args):
 
 
 def serve_mixed(model, requests, cfg, batch_size):
-    from src.generate import generate
+    from e2e_nlg.generate import generate
 
     out = []
     for start in range(0, len(requests), batch_size):  # the batches as they arrive (generate alone would sort)
@@ -115,7 +115,7 @@ def serve_mixed(model, requests, cfg, batch_size):
 
 def serve_one_adapter_at_a_time(model, requests, cfg, batch_size):
     import loralib as lora
-    from src.generate import generate
+    from e2e_nlg.generate import generate
 
     out = [None] * len(requests)
     for start in range(0, len(requests), batch_size):
@@ -137,7 +137,7 @@ def run_stream(args):
     whether every request got the same tokens from both."""
     import torch
 
-    from src.generate import DecodeConfig
+    from e2e_nlg.generate import DecodeConfig
 
     model, requests = build_stream(args)
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens)

@@ -152,7 +152,7 @@ def half_precision(model, precision: str, method: str):
     bfloat16 too: a LayerNorm needs its bias in its weight's dtype (autocast does not cast it on CPU). Returns the
     autocast context to run the model under (a no-op for fp32)."""
     import torch
-    from src import train_utils
+    from e2e_nlg import train_utils
 
     if precision == "fp32":
         return contextlib.nullcontext
@@ -164,7 +164,7 @@ def half_precision(model, precision: str, method: str):
 
 def worker_train(args):
     import torch
-    from src import measure
+    from e2e_nlg import measure
 
     torch.set_num_threads(args.threads)
     model = build_base(args)
@@ -255,7 +255,7 @@ def _nlg_batches(args):
 
     n = args.warmup + args.steps
     try:
-        from src.data import iterate_batches, load_tokenized, select_indices
+        from e2e_nlg.data import iterate_batches, load_tokenized, select_indices
 
         split = load_tokenized("train", args.data_dir)
         idx = select_indices(len(split), 1000, 42)
@@ -281,8 +281,8 @@ def worker_nlg(args):
     import torch.nn.functional as F
 
     import loralib as lora
-    from src.model import GPTConfig, build_model
-    from src.train_loop import Trainer, run_steps
+    from e2e_nlg.model import GPTConfig, build_model
+    from e2e_nlg.train_loop import Trainer, run_steps
 
     torch.set_num_threads(args.threads)
     cfg = GPTConfig() if not args.tiny_nlg else GPTConfig(
@@ -312,7 +312,7 @@ def worker_nlg(args):
 
 def nlg_step_times(warmup: int, head_at_labels: bool):
     """The hooks that measure the NLG worker's steps (torch is imported in the workers only)."""
-    from src.train_loop import Hooks
+    from e2e_nlg.train_loop import Hooks
 
     class NLGStepTimes(Hooks):
         """The NLG worker's figures from the training loop: the time of each step after ``warmup`` untimed ones,
@@ -373,7 +373,7 @@ def run_worker(kind, method, common, allocator="reuse", **kw):
 
 
 def _med(xs):
-    from src.measure import median  # the example's one median helper (None left out); imported when reporting
+    from e2e_nlg.measure import median  # the example's one median helper (None left out); imported when reporting
     return median(xs)
 
 

@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from src import data
-    from src.generate import DecodeConfig, generate
-    from src.inference import adapter_delex, load_adapters, prompts_for, ready
+    from e2e_nlg import data
+    from e2e_nlg.generate import DecodeConfig, generate
+    from e2e_nlg.inference import adapter_delex, load_adapters, prompts_for, ready
 
     model, adapters = load_adapters([args.adapter_dir])
     model = ready(model)

@@ -40,7 +40,7 @@ def test_tiny_run_prints_every_figure(capsys):
 
 
 def test_synthetic_mrs_are_well_formed_e2e_mrs():
-    from src.inference import check_mr
+    from e2e_nlg.inference import check_mr
 
     mrs = bench_multi_adapter.synthetic_mrs(50, seed=0)
     assert len(set(mrs)) > 40 and all(check_mr(m) == m and m.startswith("name : ") for m in mrs)

@@ -94,7 +94,7 @@ def test_nlg_example_model_adapter_moves_to_hugging_face_gpt2(tmp_path):
     """SimpleGPT2WithLoRA (MergedLinear over q|k|v, nn.Linear layout) -> PEFT on GPT2LMHeadModel (Conv1D)."""
     sys.path.insert(0, os.path.join(ROOT, "examples", "NLG"))
     try:
-        from src.model import GPTConfig, build_model
+        from e2e_nlg.model import GPTConfig, build_model
     finally:
         sys.path.pop(0)
     cfg = GPTConfig(vocab_size=64, max_positions=16, hidden_dim=16, num_layers=2, num_heads=2, lora_dim=4,

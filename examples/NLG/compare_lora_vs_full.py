@@ -35,20 +35,20 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `src` next to this script
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the e2e_nlg package next to this script
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
 import loralib as lora  # noqa: E402
-from src import distributed  # noqa: E402
-from src import measure  # noqa: E402
-from src.adapter_io import atomic_json, atomic_write  # noqa: E402
-from src.data import (DataError, ensure_data, iterate_batches, load_tokenized, select_indices,  # noqa: E402
+from e2e_nlg import distributed  # noqa: E402
+from e2e_nlg import measure  # noqa: E402
+from e2e_nlg.adapter_io import atomic_json, atomic_write  # noqa: E402
+from e2e_nlg.data import (DataError, ensure_data, iterate_batches, load_tokenized, select_indices,  # noqa: E402
                       target_count)
-from src.family import DISPLAY_NAMES, family_of, resolve  # noqa: E402
-from src.model import base_fingerprint, base_state_dict  # noqa: E402
-from src.train_config import TrainConfig, add_flags  # noqa: E402
-from src.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
-from src.train_utils import (DeviceError, autocast, cast_frozen, evaluate,  # noqa: E402
+from e2e_nlg.family import DISPLAY_NAMES, family_of, resolve  # noqa: E402
+from e2e_nlg.model import base_fingerprint, base_state_dict  # noqa: E402
+from e2e_nlg.train_config import TrainConfig, add_flags  # noqa: E402
+from e2e_nlg.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
+from e2e_nlg.train_utils import (DeviceError, autocast, cast_frozen, evaluate,  # noqa: E402
                              precision_dtype, resolve_precision, select_device)
 
 MODES = ("lora", "full")

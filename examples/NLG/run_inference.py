@@ -17,16 +17,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
-from src import data, metrics, slots, train_utils  # noqa: E402
-from src.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
-from src.generate import DEFAULT_BATCH_SIZE, DecodeConfig  # noqa: E402
-from src.hf_checkpoint import CheckpointError  # noqa: E402
-from src.family import tokenizer_for  # noqa: E402
-from src.inference import MRError, adapter_delex, check_mr, describe, describe_mixed, load_adapters, ready, \
+from e2e_nlg import data, metrics, slots, train_utils  # noqa: E402
+from e2e_nlg.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
+from e2e_nlg.generate import DEFAULT_BATCH_SIZE, DecodeConfig  # noqa: E402
+from e2e_nlg.hf_checkpoint import CheckpointError  # noqa: E402
+from e2e_nlg.family import tokenizer_for  # noqa: E402
+from e2e_nlg.inference import MRError, adapter_delex, check_mr, describe, describe_mixed, load_adapters, ready, \
     read_mr_file  # noqa: E402
-from src.measure import param_counts  # noqa: E402
-from src.adapter_io import read_adapter_config  # noqa: E402
-from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
+from e2e_nlg.measure import param_counts  # noqa: E402
+from e2e_nlg.adapter_io import read_adapter_config  # noqa: E402
+from e2e_nlg.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
 
 SAMPLE_MRS = [
     "name : The Eagle | Type : coffee shop | food : French | price : moderate | customer rating : 3 out of 5 | "

@@ -21,19 +21,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
 import loralib as lora  # noqa: E402
-from src import distributed  # noqa: E402
-from src import train_utils  # noqa: E402
-from src.adapter_io import AdapterError, save_adapter_dir, weights_path  # noqa: E402
-from src.data import (DataError, TokenizedSplit, ensure_data, iterate_batches, load_tokenized,  # noqa: E402
+from e2e_nlg import distributed  # noqa: E402
+from e2e_nlg import train_utils  # noqa: E402
+from e2e_nlg.adapter_io import AdapterError, save_adapter_dir, weights_path  # noqa: E402
+from e2e_nlg.data import (DataError, TokenizedSplit, ensure_data, iterate_batches, load_tokenized,  # noqa: E402
                       num_batches, select_indices)
-from src.family import Base, recipe_for, resolve  # noqa: E402
-from src.hf_checkpoint import CheckpointError  # noqa: E402
-from src.measure import param_counts  # noqa: E402
-from src.model import base_fingerprint  # noqa: E402
-from src.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
-from src.train_config import TrainConfig, add_flags  # noqa: E402
-from src.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
-from src.train_utils import DeviceError, STATE_NAME  # noqa: E402
+from e2e_nlg.family import Base, recipe_for, resolve  # noqa: E402
+from e2e_nlg.hf_checkpoint import CheckpointError  # noqa: E402
+from e2e_nlg.measure import param_counts  # noqa: E402
+from e2e_nlg.model import base_fingerprint  # noqa: E402
+from e2e_nlg.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
+from e2e_nlg.train_config import TrainConfig, add_flags  # noqa: E402
+from e2e_nlg.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
+from e2e_nlg.train_utils import DeviceError, STATE_NAME  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:

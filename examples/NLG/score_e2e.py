@@ -16,7 +16,7 @@ from typing import List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from src import metrics  # noqa: E402
+from e2e_nlg import metrics  # noqa: E402
 
 
 def _read_text(path: str) -> str:

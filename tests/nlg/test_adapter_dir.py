@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import loralib as lora
-from src import adapter_io
-from src.model import SimpleGPT2WithLoRA
+from e2e_nlg import adapter_io
+from e2e_nlg.model import SimpleGPT2WithLoRA
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 _spec = importlib.util.spec_from_file_location("make_previous_release_adapters",

@@ -1,4 +1,4 @@
-"""compare_lora_vs_full.py and src/measure.py: the figures are measured correctly, the two modes really are LoRA
+"""compare_lora_vs_full.py and e2e_nlg/measure.py: the figures are measured correctly, the two modes really are LoRA
 vs full fine-tuning of the same base, and bad input ends in a clear message."""
 import importlib.util
 import json
@@ -17,8 +17,8 @@ REPO = os.path.abspath(os.path.join(NLG, "..", ".."))
 SCRIPT = os.path.join(NLG, "compare_lora_vs_full.py")
 sys.path.insert(0, NLG)
 
-from src import measure  # noqa: E402
-from src.model import GPTConfig, base_fingerprint  # noqa: E402
+from e2e_nlg import measure  # noqa: E402
+from e2e_nlg.model import GPTConfig, base_fingerprint  # noqa: E402
 
 
 def _load_script():

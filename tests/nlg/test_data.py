@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from src import data
-from src.tokenizer import EOT_ID, get_tokenizer
+from e2e_nlg import data
+from e2e_nlg.tokenizer import EOT_ID, get_tokenizer
 
 
 def test_missing_data_names_three_places_and_download(tmp_path, monkeypatch):
@@ -70,7 +70,7 @@ def test_tokenizer_equals_transformers_gpt2(e2e_dir, tmp_path):
     import shutil
 
     transformers = pytest.importorskip("transformers")
-    from src.tokenizer import _bpe_files
+    from e2e_nlg.tokenizer import _bpe_files
 
     vocab_bpe, encoder_json = _bpe_files()
     shutil.copy(encoder_json, tmp_path / "vocab.json")  # the names from_pretrained looks for
@@ -113,7 +113,7 @@ def test_truncation_keeps_alignment():
 
 def test_padding_does_not_change_the_loss(e2e_dir):
     """Right padding needs no mask: each example's loss alone equals its share of the padded batch's loss."""
-    from src.model import GPTConfig, build_model
+    from e2e_nlg.model import GPTConfig, build_model
 
     split = data.load_tokenized("train", e2e_dir)
     model = build_model(GPTConfig(hidden_dim=32, num_layers=1, num_heads=2, lora_dim=4), 0).eval()
@@ -184,8 +184,8 @@ def test_real_data_counts(real_e2e_dir, tmp_path, monkeypatch):
 
 def test_mr_fields_is_the_one_reading_of_an_mr():
     """Fields stripped, a field without ':' has no value; delexicalize, slots.parse_mr and check_mr agree with it."""
-    from src import slots
-    from src.inference import MRError, check_mr
+    from e2e_nlg import slots
+    from e2e_nlg.inference import MRError, check_mr
 
     assert data.mr_fields(" name : The Eagle |Type: pub | near:  A:B ") == [
         ("name : The Eagle", "name", "The Eagle"), ("Type: pub", "Type", "pub"), ("near:  A:B", "near", "A:B")]
@@ -200,7 +200,7 @@ def test_mr_fields_is_the_one_reading_of_an_mr():
 
 
 def test_target_count_and_median():
-    from src import measure
+    from e2e_nlg import measure
 
     labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
     assert data.target_count(labels) == 3  # position 0 predicts nothing; -100 is skipped

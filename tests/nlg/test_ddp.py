@@ -12,9 +12,9 @@ import torch
 
 import run_training
 from conftest import NLG, tiny_args
-from src import distributed
-from src import train_utils
-from src.adapter_io import read_adapter_weights
+from e2e_nlg import distributed
+from e2e_nlg import train_utils
+from e2e_nlg.adapter_io import read_adapter_weights
 
 SCRIPT = os.path.join(NLG, "run_training.py")
 REPO = os.path.abspath(os.path.join(NLG, "..", ".."))

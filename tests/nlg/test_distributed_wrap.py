@@ -1,4 +1,4 @@
-"""src.distributed.wrap_ddp: parameters synced, buffers not re-sent each forward, on torch releases with and
+"""e2e_nlg.distributed.wrap_ddp: parameters synced, buffers not re-sent each forward, on torch releases with and
 without DDP's ``forward_sync_buffers`` argument (2.13 renamed ``broadcast_buffers``)."""
 import os
 import sys
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "NLG"))
-from src import distributed  # noqa: E402
+from e2e_nlg import distributed  # noqa: E402
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The model-family seam (src/family.py) through the scripts: --init_checkpoint with a tiny Llama GGUF trains,
+"""The model-family seam (e2e_nlg/family.py) through the scripts: --init_checkpoint with a tiny Llama GGUF trains,
 records the file's sha256, and run_inference.py rebuilds the model from the adapter's config alone; bad values
 give one line; the token cache is keyed by the tokenizer."""
 import json
@@ -11,9 +11,9 @@ import run_inference
 import run_training
 from conftest import write_e2e
 from gguf_fixtures import hf_llama, write_tiny_llama
-from src import family
-from src.data import load_tokenized
-from src.train_config import TrainConfig
+from e2e_nlg import family
+from e2e_nlg.data import load_tokenized
+from e2e_nlg.train_config import TrainConfig
 
 # The tiny file's context is 64 positions: examples cut to 48 tokens, texts to 8 new ones.
 LLAMA_ARGS = ["--batch_size", "4", "--max_train_examples", "16", "--val_examples", "8", "--max_steps", "3",

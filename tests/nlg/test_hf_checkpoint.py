@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from src.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights, read_hf_state_dict
-from src.model import GPTConfig, build_model
+from e2e_nlg.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights, read_hf_state_dict
+from e2e_nlg.model import GPTConfig, build_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ import torch
 import run_inference
 import run_training
 from conftest import tiny_args, write_e2e
-from src.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights, resolve_init_checkpoint
-from src.model import GPTConfig, build_model
+from e2e_nlg.hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights, resolve_init_checkpoint
+from e2e_nlg.model import GPTConfig, build_model
 
 transformers = pytest.importorskip("transformers")
 hub = pytest.importorskip("huggingface_hub")
@@ -104,8 +104,8 @@ def test_hub_name_resolves_from_offline_cache(hf_model, offline_cache):
 def test_hub_cache_under_hf_home_in_a_fresh_process(hf_model, offline_cache, tmp_path):
     """The environment alone (HF_HOME, HF_HUB_OFFLINE=1) steers a fresh process, as it would a user's."""
     script = ("import sys, torch; sys.path.insert(0, sys.argv[1]);"
-              "from src.hf_checkpoint import resolve_init_checkpoint, infer_config, load_hf_gpt2_weights;"
-              "from src.model import GPTConfig, build_model;"
+              "from e2e_nlg.hf_checkpoint import resolve_init_checkpoint, infer_config, load_hf_gpt2_weights;"
+              "from e2e_nlg.model import GPTConfig, build_model;"
               "s = resolve_init_checkpoint('%s'); print(s.revision);"
               "m = build_model(GPTConfig(**infer_config(s.path), lora_dim=2), 0); load_hf_gpt2_weights(m, s.path);"
               "ids = torch.randint(0, 50257, (2, 13), generator=torch.Generator().manual_seed(0));"

@@ -11,7 +11,7 @@ import torch
 import run_inference
 import run_training
 from conftest import tiny_args
-from src.inference import MRError, check_mr
+from e2e_nlg.inference import MRError, check_mr
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_adapter_swap_back_is_identical(adapters, capsys):
     assert "mixed batches (each row its own adapter, unmerged): 3 adapters x 5 MRs" in printed
     assert printed.count("texts in the mixed batches: identical to this adapter's alone") == 3
 
-    from src.inference import load_adapters, ready
+    from e2e_nlg.inference import load_adapters, ready
 
     model, loaded = load_adapters([a, b])
     assert [x.name for x in loaded] == ["default", "adapter1"] and [x.path for x in loaded] == [a, b]
@@ -220,7 +220,7 @@ def test_adapter_in_the_previous_release_format_still_loads(adapters, tmp_path):
 def test_precision_flag(adapters, capsys, monkeypatch):
     """--precision bf16: the base is stored in bfloat16, the adapter stays float32, texts come out and scores.json
     would record it; fp32 (the default) prints no precision line; auto follows the CPU check."""
-    from src import train_utils
+    from e2e_nlg import train_utils
 
     built = []
     real = run_inference.load_adapters
@@ -248,9 +248,9 @@ def test_adapter_from_run_training_loads_with_lora_load_adapter(adapters, tmp_pa
     SimpleGPT2WithLoRA built from the config's extra alone, which generates exactly the texts run_inference.py
     prints; and the PEFT export accepts the loaded model."""
     import loralib as lora
-    from src.generate import DecodeConfig
-    from src.inference import adapter_delex, describe
-    from src.model import GPTConfig, build_model
+    from e2e_nlg.generate import DecodeConfig
+    from e2e_nlg.inference import adapter_delex, describe
+    from e2e_nlg.model import GPTConfig, build_model
 
     _, a, _ = adapters
     extra = lora.serialization.read_adapter_config(a)["extra"]

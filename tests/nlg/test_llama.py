@@ -1,12 +1,12 @@
-"""The Llama model (src/llama.py) against Hugging Face's LlamaForCausalLM with the same weights: logits, the loss
+"""The Llama model (e2e_nlg/llama.py) against Hugging Face's LlamaForCausalLM with the same weights: logits, the loss
 at label positions, KV-cache decoding, greedy and beam generation; LoRA placement; weight import errors."""
 import pytest
 import torch
 
 import loralib as lora
-from src import llama
+from e2e_nlg import llama
 from gguf_fixtures import hf_llama, smollm2_file, write_tiny_llama
-from src.generate import DecodeConfig, generate
+from e2e_nlg.generate import DecodeConfig, generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,8 +121,8 @@ def test_bad_configs_and_weights_are_named():
 
 
 def _ours_and_reference(path):
-    from src import family
-    from src.train_config import TrainConfig
+    from e2e_nlg import family
+    from e2e_nlg.train_config import TrainConfig
 
     base = family.resolve(path)
     return base, base.build(TrainConfig(init_checkpoint=path)).eval(), hf_llama(path)

@@ -2,7 +2,7 @@
 other references of its MR (real data only) lands near the figures measured with the official script."""
 import pytest
 
-from src import metrics
+from e2e_nlg import metrics
 
 SENT = "the cat sat on the mat"
 
@@ -70,7 +70,7 @@ def test_meteor_jar_hand_cases():
 def test_human_reference_near_official_figures(real_e2e_dir):
     """First 50 test MRs with >= 2 references: the first reference against the others (notes' figures: BLEU
     0.601, NIST 7.48 / 7.73, METEOR 0.456, ROUGE-L 0.658, CIDEr 2.32)."""
-    from src.data import load_references
+    from e2e_nlg.data import load_references
 
     groups = [(mr, r) for mr, r in load_references("test", real_e2e_dir) if len(r) >= 2][:50]
     hyps, refs = [r[0] for _, r in groups], [r[1:] for _, r in groups]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import loralib as lora
-from src.generate import DecodeConfig, generate
-from src.model import GPTConfig, build_model
+from e2e_nlg.generate import DecodeConfig, generate
+from e2e_nlg.model import GPTConfig, build_model
 
 V = 67
 PROMPTS = [[5, 9, 2, 40, 11, 3, 8], [17], [30, 31, 32, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 7, 3],

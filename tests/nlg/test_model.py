@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import loralib as lora
-from src.model import GPTConfig, build_model
+from e2e_nlg.model import GPTConfig, build_model
 
 
 def _model(num_layers, **kw):
@@ -101,11 +101,11 @@ def test_dropout_and_too_long_input():
 def test_kv_cache_buffers_equal_concatenated_pairs(family):
     """The preallocated KVCache (written in place, rows reordered into its spare buffers) gives the logits the
     (keys, values) pairs give, bitwise, through a prefill, steps, a beam-like reorder and rows leaving."""
-    from src.model import KVCache
+    from e2e_nlg.model import KVCache
     if family == "gpt2":
         model = _model(2).eval()
     else:
-        from src.llama import LlamaConfig, build_model as build_llama
+        from e2e_nlg.llama import LlamaConfig, build_model as build_llama
         model = build_llama(LlamaConfig(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                         intermediate_dim=48, max_positions=64), 0).eval()
     g = torch.Generator().manual_seed(1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import score_e2e
-from src import metrics
+from e2e_nlg import metrics
 
 REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_DIR = REPO.parent / "shared" / "data" / "e2e-official-scores"

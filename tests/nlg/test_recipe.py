@@ -1,5 +1,5 @@
 """--recipe paper: the values a run trains with equal Microsoft's examples/NLG README for GPT-2 M on E2E (table
-written here, independently of src/recipes.py), explicit flags win, the run records it, LoRA sits on query and value
+written here, independently of e2e_nlg/recipes.py), explicit flags win, the run records it, LoRA sits on query and value
 only, and inference decodes an adapter trained with it by the recipe's beam search, stopping at 628 too."""
 import json
 
@@ -9,9 +9,9 @@ import torch
 import run_inference
 import run_training
 from conftest import tiny_args
-from src.generate import DecodeConfig, generate
-from src.model import GPTConfig, build_model
-from src.train_config import TrainConfig
+from e2e_nlg.generate import DecodeConfig, generate
+from e2e_nlg.model import GPTConfig, build_model
+from e2e_nlg.train_config import TrainConfig
 
 # From github.com/microsoft/LoRA examples/NLG/README.md, GPT-2 M: gpt2_ft.py flags -> our flags.
 MICROSOFT_TRAIN = {

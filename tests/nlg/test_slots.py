@@ -1,10 +1,10 @@
-"""The slot matcher (src/slots.py), delexicalisation (src/data.py) and the guarantee that no test MR is trained on."""
+"""The slot matcher (e2e_nlg/slots.py), delexicalisation (e2e_nlg/data.py) and the guarantee that no test MR is trained on."""
 import os
 
 import pytest
 
-from src import data
-from src import slots
+from e2e_nlg import data
+from e2e_nlg import slots
 
 MR = ("name : The Eagle | Type : coffee shop | food : French | price : moderate | customer rating : 3 out of 5 | "
       "area : riverside | family friendly : yes | near : Burger King")

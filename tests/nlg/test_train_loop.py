@@ -1,5 +1,5 @@
 """The training settings declared once (TrainConfig's fields generate both scripts' parsers) and the one training loop
-(src/train_loop.py) that run_training.py, compare_lora_vs_full.py and bench_peers' NLG worker share."""
+(e2e_nlg/train_loop.py) that run_training.py, compare_lora_vs_full.py and bench_peers' NLG worker share."""
 import argparse
 import ast
 import dataclasses
@@ -14,9 +14,9 @@ import torch
 import loralib as lora
 import run_training
 from conftest import NLG, tiny_args
-from src.model import GPTConfig, build_model
-from src.train_config import TrainConfig, add_flags
-from src.train_loop import Hooks, Trainer, run_steps
+from e2e_nlg.model import GPTConfig, build_model
+from e2e_nlg.train_config import TrainConfig, add_flags
+from e2e_nlg.train_loop import Hooks, Trainer, run_steps
 
 REPO = os.path.abspath(os.path.join(NLG, "..", ".."))
 

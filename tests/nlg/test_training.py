@@ -9,11 +9,11 @@ import torch
 
 import run_training
 from conftest import tiny_args
-from src import adapter_io
-from src import train_utils
-from src.adapter_io import load_model_from_adapter_dir, read_adapter_weights
-from src.model import GPTConfig, base_fingerprint, build_model
-from src.train_config import TrainConfig
+from e2e_nlg import adapter_io
+from e2e_nlg import train_utils
+from e2e_nlg.adapter_io import load_model_from_adapter_dir, read_adapter_weights
+from e2e_nlg.model import GPTConfig, base_fingerprint, build_model
+from e2e_nlg.train_config import TrainConfig
 
 
 def test_flags_are_the_train_config_fields_with_its_defaults(capsys):
@@ -257,7 +257,7 @@ def test_data_errors_are_one_line(e2e_dir, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"{os.path.join(e2e_dir, 'train.txt')}:49:" in err and "Traceback" not in err
 
-    from src import data
+    from e2e_nlg import data
 
     monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(tmp_path / "none"))
     argv = tiny_args(e2e_dir, tmp_path / "out")

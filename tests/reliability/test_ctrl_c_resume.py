@@ -18,8 +18,8 @@ import loralib as lora
 
 from . import test_loader_fuzz  # noqa: F401  (puts the NLG example on sys.path)
 import run_training  # noqa: E402
-from src import adapter_io, data, train_utils  # noqa: E402
-from src.model import SimpleGPT2WithLoRA  # noqa: E402
+from e2e_nlg import adapter_io, data, train_utils  # noqa: E402
+from e2e_nlg.model import SimpleGPT2WithLoRA  # noqa: E402
 
 SEED = 7
 MOMENTS = 20  # Ctrl-Cs actually delivered, as the issue asks; a chain continues until its last run finishes

@@ -28,13 +28,13 @@ import torch
 
 from .test_loader_fuzz import guarded_load
 
-for _dir in (("..", "nlg"), ("..", "..", "examples", "NLG")):  # gguf_fixtures, and the example's src package
+for _dir in (("..", "nlg"), ("..", "..", "examples", "NLG")):  # gguf_fixtures, and the example's e2e_nlg package
     _path = os.path.abspath(os.path.join(os.path.dirname(__file__), *_dir))
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import gguf_fixtures  # noqa: E402
-from src import gguf_checkpoint  # noqa: E402
-from src.measure import PeakRSS  # noqa: E402
+from e2e_nlg import gguf_checkpoint  # noqa: E402
+from e2e_nlg.measure import PeakRSS  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 

@@ -22,8 +22,8 @@ import torch
 import loralib as lora
 
 from .test_loader_fuzz import TINY_CFG, adapted, tiny_base  # importing it puts the NLG example on sys.path
-from src import adapter_io, train_utils  # noqa: E402
-from src.model import build_model  # noqa: E402
+from e2e_nlg import adapter_io, train_utils  # noqa: E402
+from e2e_nlg.model import build_model  # noqa: E402
 
 TIMEOUT_S = 60
 WRAPPED = [(os, "replace"), (os, "link"), (os, "unlink"), (os, "fsync"), (tempfile, "mkstemp"), (shutil, "copyfile")]

@@ -36,9 +36,9 @@ NLG = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "examp
 if NLG not in sys.path:
     sys.path.insert(0, NLG)
 
-from src import adapter_io  # noqa: E402
-from src.measure import PeakRSS  # noqa: E402
-from src.model import GPTConfig, build_model  # noqa: E402
+from e2e_nlg import adapter_io  # noqa: E402
+from e2e_nlg.measure import PeakRSS  # noqa: E402
+from e2e_nlg.model import GPTConfig, build_model  # noqa: E402
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -515,7 +515,7 @@ def test_example_loader_fuzz(tmp_path, tally, peak):
 def test_fuzz_peak_memory(peak, tally):
     """Runs after the three fuzz tests of this module (same module fixture): the whole fuzz's peak memory."""
     # The PeakRSS context is still open here; read the current high-water mark without closing it.
-    from src.measure import _read_vm_hwm, current_rss
+    from e2e_nlg.measure import _read_vm_hwm, current_rss
     hwm = _read_vm_hwm() if peak.method and peak.method.startswith("linux") else max(peak.peak, current_rss())
     delta = max(0, (hwm or 0) - peak.baseline)
     tally.note(f"peak memory over the loader fuzz (10 GiB header declared): +{delta / 2**20:.1f} MiB above the "

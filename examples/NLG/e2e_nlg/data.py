@@ -258,7 +258,7 @@ class TokenizedSplit:
     offsets: torch.Tensor  # int64 (n+1,)
     prompt_lens: torch.Tensor  # int32 (n,)
     sha256: str
-    faithful: torch.Tensor  # bool (n,): the reference realises every attribute of its MR (src/slots.py)
+    faithful: torch.Tensor  # bool (n,): the reference realises every attribute of its MR (e2e_nlg/slots.py)
     pad_id: int = EOT_ID  # the tokenizer's padding id, which batches are padded with
 
     def __len__(self) -> int:

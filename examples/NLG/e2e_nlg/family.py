@@ -27,7 +27,7 @@ SMOLLM2 = "smollm2"  # --init_checkpoint's name for the GGUF file that llm-smoll
 RANDOM_BASE = "random"  # --init_checkpoint's name for the random GPT-2 drawn from --seed (as no value)
 FAMILIES = ("gpt2", "llama")
 DISPLAY_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}  # how reports name each family
-# The recipe (src/recipes.py) that --recipe auto (the default) gives a family's runs.
+# The recipe (e2e_nlg/recipes.py) that --recipe auto (the default) gives a family's runs.
 DEFAULT_RECIPE = {"gpt2": "none", "llama": "smollm2"}
 LORA_TARGET_CHOICES = gpt2_model.LORA_TARGETS + llama.LORA_TARGETS  # every family's, for --lora_targets
 
@@ -61,7 +61,7 @@ class Base:
     config: dict = field(default_factory=dict)  # llama: the checkpoint's sizes (LlamaConfig fields)
 
     def build(self, cfg, lora_dim: Optional[int] = None) -> torch.nn.Module:
-        """The model a :class:`~src.train_config.TrainConfig` describes, base weights loaded, in float32, LoRA
+        """The model a :class:`~e2e_nlg.train_config.TrainConfig` describes, base weights loaded, in float32, LoRA
         weights initialised from ``cfg.seed``; every parameter still trainable. ``lora_dim=0``: the plain model.
 
         Raises:
@@ -160,7 +160,7 @@ def _llama_sizes(c: dict) -> dict:
     what = ("an output head of its own (not tied to the embedding)" if not c["tie_word_embeddings"] else
             "a head size other than width / heads" if c["head_dim"] * c["n_head"] != c["n_embd"] else None)
     if what:
-        raise CheckpointError(f"the GGUF file's model has {what}, which src/llama.py does not implement; use a "
+        raise CheckpointError(f"the GGUF file's model has {what}, which e2e_nlg/llama.py does not implement; use a "
                               "Llama GGUF with a tied head such as --init_checkpoint smollm2")
     return dict(vocab_size=c["vocab_size"], hidden_dim=c["n_embd"], intermediate_dim=c["intermediate_size"],
                 num_layers=c["n_layer"], num_heads=c["n_head"], num_kv_heads=c["n_kv_head"],

@@ -47,7 +47,7 @@ class TrainConfig:
     Raises:
         ValueError: a setting out of range, in one line naming the flag and what to give instead.
     """
-    # A named set of defaults (src/recipes.py); flags set explicitly override it. auto: the model family's.
+    # A named set of defaults (e2e_nlg/recipes.py); flags set explicitly override it. auto: the model family's.
     recipe: str = flag("auto", RECIPE_HELP, group=None, choices=["auto", "none", *sorted(RECIPES)])
     # --- training ---
     num_epochs: int = flag(1, "passes over the (possibly limited) training set")
@@ -77,7 +77,7 @@ class TrainConfig:
                                   "else fp32. LoRA weights, optimizer state and losses stay float32",
                           choices=PRECISIONS)
     train_refs: str = flag("faithful", "faithful: train on the references that realise every attribute of their MR "
-                                       "and nothing else (61%% of train.txt, checked by src/slots.py), so the model "
+                                       "and nothing else (61%% of train.txt, checked by e2e_nlg/slots.py), so the model "
                                        "does not learn to leave attributes out; all: every reference",
                            choices=TRAIN_REFS)
     delex: str = flag(",".join(DELEX_SLOTS), "attributes whose values become placeholders ([name], [near]) in the "
