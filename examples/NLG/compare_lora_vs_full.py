@@ -86,6 +86,8 @@ def parse_args(argv=None):
     groups = add_flags(p, SHARED_FLAGS, DEFAULTS, HELPS,
                        {"model": MODEL_GROUP, "training": TRAIN_GROUP, "input / output": TRAIN_GROUP})
     t = groups[TRAIN_GROUP]
+    t.add_argument("--max_len", dest="seq_len", type=int, default=argparse.SUPPRESS,
+                   help="the earlier name of --seq_len, still accepted")
     t.add_argument("--steps", type=int, default=8, help="training steps per mode, warm-up included")
     t.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time median")
     t.add_argument("--infer_reps", type=int, default=6,

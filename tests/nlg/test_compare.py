@@ -341,3 +341,10 @@ def test_llama_gguf_base_lora_vs_full(tmp_path, e2e_dir):
     for mode, model in models.items():
         out = cmp.train_measured(args, model, train_batches, cpu, "fp32")
         assert len(out["train_losses"]) == 2 and all(0 < x < 10 for x in out["train_losses"])
+
+
+def test_max_len_is_still_accepted_as_seq_len():
+    """--max_len, this script's earlier name for --seq_len, keeps working; the default stays TrainConfig's."""
+    assert cmp.parse_args(["--max_len", "64"])[0].seq_len == 64
+    assert cmp.parse_args(["--seq_len", "32"])[0].seq_len == 32
+    assert cmp.parse_args([])[0].seq_len == 128

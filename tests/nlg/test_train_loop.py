@@ -33,7 +33,12 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "recip
 
 
 def _actions(parser):
-    return {a.dest: a for a in parser._actions if a.dest not in ("help", "_worker")}
+    # The declared flag of each setting (compare's --max_len, an earlier name of --seq_len, is an alias after it).
+    actions = {}
+    for a in parser._actions:
+        if a.dest not in ("help", "_worker"):
+            actions.setdefault(a.dest, a)
+    return actions
 
 
 # --- the flags: declared once, in TrainConfig's field metadata -------------------------------------------------------
