@@ -183,11 +183,9 @@ def load_data(cfg: TrainConfig, ctx, base: Base) -> Data:
 def load_base(cfg: TrainConfig, ctx, precision: str, base: Base):
     """The model to train (base from --init_checkpoint or --seed's random draw) and its base's fingerprint; logs
     where the base and the recipe came from."""
-    source = base.gpt2_source
-    if base.gguf:
-        _log(ctx, f"base: {base.spec} ({base.gguf}, sha256 {base.sha256[:16]}...), dequantised to {precision}")
-    if source is not None and source.from_hub:
-        _log(ctx, f"base: {source.spec} from the Hugging Face Hub, commit {source.revision} ({source.path})")
+    line = base.source_line(precision)
+    if line:
+        _log(ctx, line)
     if cfg.recipe_info:
         info = cfg.recipe_info
         _log(ctx, f"recipe {cfg.recipe}: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in info["values"])
@@ -442,10 +440,9 @@ def save(run: Run, final: bool) -> Optional[dict]:
     cfg, p = run.cfg, run.progress
     elapsed = p.seconds_before + time.time() - p.t_start
     args = train_utils.to_jsonable(cfg.to_dict())
-    source = run.base.gpt2_source
+    init_checkpoint, init_revision = run.base.recorded_checkpoint
     save_adapter_dir(run.model, cfg.output_dir, base_seed=cfg.seed,
-                     init_checkpoint=source.recorded if source else None,
-                     init_revision=source.revision if source else None,
+                     init_checkpoint=init_checkpoint, init_revision=init_revision,
                      extra={**_adapter_extra(run, args), **run.base.describe(run.fingerprint)},
                      weights_format=cfg.adapter_format, fingerprint=run.fingerprint)
     train_utils.save_training_state(cfg.output_dir, {

@@ -81,6 +81,23 @@ class Base:
         llama.load_weights(model, _read_gguf(self.gguf).state_dict, self.gguf)
         return model
 
+    def source_line(self, precision: str) -> Optional[str]:
+        """The log line saying where the base's weights come from; None for a random or local GPT-2."""
+        if self.gguf:
+            return f"base: {self.spec} ({self.gguf}, sha256 {self.sha256[:16]}...), dequantised to {precision}"
+        s = self.gpt2_source
+        if s is not None and s.from_hub:
+            return f"base: {s.spec} from the Hugging Face Hub, commit {s.revision} ({s.path})"
+        return None
+
+    @property
+    def recorded_checkpoint(self) -> tuple:
+        """``(init_checkpoint, init_revision)`` as adapter_config.json's top-level fields record a GPT-2 checkpoint
+        (the previous release's layout); ``(None, None)`` for a random GPT-2 and for Llama, whose file
+        :meth:`describe` records."""
+        s = self.gpt2_source
+        return (s.recorded, s.revision) if s is not None else (None, None)
+
     def describe(self, fingerprint: Optional[str] = None) -> dict:
         """What adapter_config.json records about this base besides the model config (merged into its
         ``extra``): the family, the tokenizer, the file and its sha256; nothing for GPT-2, whose configs keep the

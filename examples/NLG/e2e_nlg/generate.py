@@ -1,4 +1,4 @@
-"""Batched greedy and beam-search decoding for ``SimpleGPT2WithLoRA``, with its KV cache.
+"""Batched greedy and beam-search decoding for this example's models (GPT-2, Llama), with their KV cache.
 
 Prompts of different lengths are padded on the *left* (so every row's next token sits in the last column); the
 attention mask hides the padding and ``position_ids`` count only real tokens, so a padded row computes exactly what
@@ -18,7 +18,7 @@ all rows at once, and an input (greedy: a row) that is done leaves the batch, so
 result is already decided. None of this changes a token: each row computes what it would alone, in float32.
 With a bfloat16 base (``--precision bf16`` / ``auto``), oneDNN's matrix kernels may round a row differently
 when the batch has another number of rows, so a text can depend on which MRs share its batch (measured: the
-first 64 test MRs decoded on their own and within all 630 gave 14 different SmolLM2 texts out of 64).
+first 64 test MRs decoded on their own and within all 630 gave 14 different greedy SmolLM2 texts out of 64).
 """
 import contextlib
 import inspect

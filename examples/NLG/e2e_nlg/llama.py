@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import loralib as lora
 
-from .model import KVPairs, LabelPositionLM, ModelConfigJSON, advance, causal_padding_mask, extend_kv, past_length
+from .model import KVPairs, LabelPositionLM, ModelConfigJSON, advance, attend, extend_kv
 
 # The projections LoRA can sit on, by their Hugging Face names; DEFAULT_TARGETS: the paper's query and value.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -116,13 +116,7 @@ class Attention(nn.Module):
         if torch.is_grad_enabled():
             rep = self.nh // self.nkv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T_all, hs)
-        if q_index is not None:
-            causal = torch.arange(T, device=x.device).view(1, 1, T) <= q_index.unsqueeze(-1)  # (B, Tq, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.unsqueeze(1), enable_gqa=True)
-        elif attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        y = attend(q, k, v, attn_mask, q_index, enable_gqa=True)  # (B, nh, Tq, hs)
         y = y.transpose(1, 2).reshape(B, Tq, self.nh * self.hs)
         return self.o_proj(y), present
 
@@ -185,13 +179,8 @@ class LlamaWithLoRA(LabelPositionLM, nn.Module):
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, q_index=None):
         """Final hidden states (B, T, C) and the per-layer key/value cache; arguments as GPT-2's
         (``SimpleGPT2WithLoRA.hidden_states``)."""
+        position_ids, attn_mask = self._positions(input_ids, attention_mask, position_ids, past_key_values)
         B, T = input_ids.shape
-        t_past = past_length(past_key_values)
-        if t_past + T > self.config.max_positions:
-            raise ValueError(f"sequence of {t_past + T} tokens exceeds max_positions={self.config.max_positions}")
-        if position_ids is None:
-            position_ids = torch.arange(t_past, t_past + T, device=input_ids.device).unsqueeze(0)
-        attn_mask = causal_padding_mask(attention_mask, B, T, t_past, input_ids.device, past_key_values is not None)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # RoPE and the residual stream in autocast's dtype

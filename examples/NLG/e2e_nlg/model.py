@@ -91,7 +91,6 @@ class KVCache:
     def __init__(self, rows: int, capacity: int):
         self.rows, self.capacity = rows, capacity
         self.length = 0  # positions filled; a forward pass advances it once all layers have written
-        self.batch = 0  # rows in use
         self._bufs: List[List[torch.Tensor]] = []  # per layer: keys, values, spare keys, spare values (flat)
         self._kv: List[Tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (capacity, batch, nh, hs) views
 
@@ -112,13 +111,15 @@ class KVCache:
                              f"{end}: build it with more room")
         if i == len(self._kv):  # first pass: this layer's buffers
             self._bufs.append([k.new_empty(self.capacity * self.rows * nh * hs) for _ in range(4)])
-            self._kv.append(tuple(b[:self.capacity * B * nh * hs].view(self.capacity, B, nh, hs)
-                                  for b in self._bufs[i][:2]))
-            self.batch = B
+            self._kv.append(tuple(self._view(b, B, nh, hs) for b in self._bufs[i][:2]))
         kb, vb = self._kv[i]
         kb[self.length:end] = k.permute(2, 0, 1, 3)  # (T, B, nh, hs)
         vb[self.length:end] = v.permute(2, 0, 1, 3)
         return kb[:end].permute(1, 2, 0, 3), vb[:end].permute(1, 2, 0, 3)
+
+    def _view(self, flat: torch.Tensor, n: int, nh: int, hs: int) -> torch.Tensor:
+        """The start of a flat buffer as the (capacity, n, nh, hs) cache of n rows (contiguous)."""
+        return flat[:self.capacity * n * nh * hs].view(self.capacity, n, nh, hs)
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep the rows ``idx`` (B',), in that order (repeats allowed): beams reordered, finished rows gone."""
@@ -127,13 +128,11 @@ class KVCache:
             raise ValueError(f"KVCache holds {self.rows} rows; cannot select {n}")
         for i, (kb, vb) in enumerate(self._kv):
             bufs = self._bufs[i]
-            new = tuple(b[:self.capacity * n * kb.shape[2] * kb.shape[3]].view(self.capacity, n, *kb.shape[2:])
-                        for b in bufs[2:])
+            new = tuple(self._view(b, n, *kb.shape[2:]) for b in bufs[2:])
             torch.index_select(kb[:L], 1, idx, out=new[0][:L])
             torch.index_select(vb[:L], 1, idx, out=new[1][:L])
             self._kv[i] = new
             bufs[:] = bufs[2:] + bufs[:2]  # the old buffers are the next spare ones
-        self.batch = n
 
 
 def extend_kv(past, i: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +177,21 @@ def causal_padding_mask(attention_mask, B: int, T: int, t_past: int, device, cac
     return attn_mask
 
 
+def attend(q, k, v, attn_mask=None, q_index=None, dropout_p: float = 0.0, enable_gqa: bool = False):
+    """Causal attention of queries q (B, nh, Tq, hs) over keys and values (B, nkv, T, hs), as both families run it:
+    with ``q_index`` (B, Tq) the queries are those positions' (the query at position t sees keys 0..t); else with
+    ``attn_mask`` (from :func:`causal_padding_mask`); else plain causal (no left padding and no cache: right
+    padding never leaks backwards). Returns (B, nh, Tq, hs)."""
+    if q_index is not None:
+        T = k.shape[2]
+        causal = torch.arange(T, device=q.device).view(1, 1, T) <= q_index.unsqueeze(-1)  # (B, Tq, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal.unsqueeze(1), dropout_p=dropout_p,
+                                              enable_gqa=enable_gqa)
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -206,15 +220,7 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k, v = extend_kv(*past, k, v)  # (B, nh, T_past + T, hs)
         p = self.dropout if self.training else 0.0
-        if q_index is not None:
-            # Causal for the chosen queries: the query at position t sees keys 0..t.
-            causal = torch.arange(T, device=x.device).view(1, 1, T) <= q_index.unsqueeze(-1)  # (B, Tq, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.unsqueeze(1), dropout_p=p)
-        elif attn_mask is None:
-            # No padding on the left and no cache: plain causal attention (right padding never leaks backwards).
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        y = attend(q, k, v, attn_mask, q_index, dropout_p=p)  # (B, nh, Tq, hs)
         y = y.transpose(1, 2).contiguous().view(B, Tq, C)
         return F.dropout(self.c_proj(y), p, self.training), (k, v)
 
@@ -282,6 +288,18 @@ class LabelPositionLM:
         loss = F.cross_entropy(logits, targets[keep], label_smoothing=label_smoothing)
         return GPTOutput(None, loss, presents if use_cache else None)
 
+    def _positions(self, input_ids, attention_mask, position_ids, past_key_values):
+        """``hidden_states``' position ids (B or 1, T) and attention mask (:func:`causal_padding_mask`) for T new
+        tokens after the cached ones. Raises ValueError when they would pass ``config.max_positions``."""
+        B, T = input_ids.shape
+        t_past = past_length(past_key_values)
+        if t_past + T > self.config.max_positions:
+            raise ValueError(f"sequence of {t_past + T} tokens exceeds max_positions={self.config.max_positions}")
+        if position_ids is None:
+            position_ids = torch.arange(t_past, t_past + T, device=input_ids.device).unsqueeze(0)
+        return position_ids, causal_padding_mask(attention_mask, B, T, t_past, input_ids.device,
+                                                 past_key_values is not None)
+
     def _hidden_at(self, input_ids, keep, position_ids=None):
         """Final hidden states at the positions ``keep`` (B, T-1) marks, (N_kept, C), in the order of
         ``h[:, :-1][keep]``; the last block computes only those rows (what the loss uses)."""
@@ -338,13 +356,8 @@ class SimpleGPT2WithLoRA(LabelPositionLM, nn.Module):
             q_index: (B, Tq) positions; the last block computes only those rows and the states are (B, Tq, C).
                 Only without ``attention_mask`` and ``past_key_values``.
         """
-        B, T = input_ids.shape
-        t_past = past_length(past_key_values)
-        if t_past + T > self.config.max_positions:
-            raise ValueError(f"sequence of {t_past + T} tokens exceeds max_positions={self.config.max_positions}")
-        if position_ids is None:
-            position_ids = torch.arange(t_past, t_past + T, device=input_ids.device).unsqueeze(0)
-        attn_mask = causal_padding_mask(attention_mask, B, T, t_past, input_ids.device, past_key_values is not None)
+        position_ids, attn_mask = self._positions(input_ids, attention_mask, position_ids, past_key_values)
+        T = input_ids.shape[1]
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
         presents = []
         last = len(self.transformer.h) - 1
