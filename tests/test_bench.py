@@ -245,3 +245,21 @@ def test_bench_generate_counts_tokens_as_generated():
     assert bench_generate.n_tokens([[1, 2, 3], [4], []], new_tokens=3) == 3 + 2 + 1  # + each end-of-text
     with pytest.raises(SystemExit, match="--modes"):
         bench_generate.main(["--modes", "sampling"])
+
+
+def test_bench_generate_on_a_llama_gguf(tmp_path, capsys):
+    """--model with a Llama GGUF file: the example's Llama and transformers' LlamaForCausalLM read the same file,
+    and greedy ids agree row by row; the header names the model the file holds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "nlg"))
+    from gguf_fixtures import write_tiny_llama
+
+    import bench_generate
+
+    path = tmp_path / "tiny.gguf"
+    cfg, _ = write_tiny_llama(str(path), sizes={"context_length": 256})  # room for the sample prompts
+    assert bench_generate.main(["--model", str(path), "--quick", "--threads", "1", "--batch", "4", "--batches", "4",
+                                "--modes", "greedy", "--data_dir", str(tmp_path / "none")]) == 0
+    printed = capsys.readouterr().out
+    assert f"Llama architecture from GGUF, {cfg['n_layer']} layers, width {cfg['n_embd']}" in printed
+    row = next(line.split(" | ") for line in printed.splitlines() if line.startswith("| greedy"))
+    assert row[1:3] == ["4", "4"] and row[-1].strip(" |") == "4 of 4"

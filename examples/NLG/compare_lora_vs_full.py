@@ -39,11 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the e2e_nlg pa
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
 import loralib as lora  # noqa: E402
-from e2e_nlg import distributed  # noqa: E402
-from e2e_nlg import measure  # noqa: E402
+from e2e_nlg import distributed, measure, metrics, slots  # noqa: E402
 from e2e_nlg.adapter_io import atomic_json, atomic_write  # noqa: E402
-from e2e_nlg.data import (DataError, ensure_data, iterate_batches, load_tokenized, select_indices,  # noqa: E402
+from e2e_nlg.data import (DataError, ensure_data, iterate_batches, load_references, load_tokenized,  # noqa: E402
+                          select_indices,
                       target_count)
+from e2e_nlg.generate import DecodeConfig  # noqa: E402
+from e2e_nlg.inference import describe  # noqa: E402
 from e2e_nlg.family import DISPLAY_NAMES, family_of, resolve  # noqa: E402
 from e2e_nlg.model import base_fingerprint, base_state_dict  # noqa: E402
 from e2e_nlg.train_config import TrainConfig, add_flags  # noqa: E402
@@ -68,14 +70,21 @@ PRECISION_HELP = (
 
 # The TrainConfig flags this script takes, in --help's order, and where its defaults or meaning differ.
 SHARED_FLAGS = ("hidden_dim", "num_layers", "num_heads", "vocab_size", "lora_dim", "lora_alpha", "lora_dropout",
-                "init_checkpoint", "batch_size", "seq_len", "lr", "weight_decay", "val_examples", "device",
-                "precision", "seed", "data_dir", "no_download")
-DEFAULTS = {"lr": 2e-4, "weight_decay": 0.01, "val_examples": 16, "precision": "fp32", "seed": 0}
+                "lora_targets", "init_checkpoint", "batch_size", "seq_len", "lr", "weight_decay", "train_refs",
+                "delex", "val_examples", "device", "precision", "seed", "data_dir", "no_download")
+# Every reference with literal names is what this script trained on before it took --train_refs and --delex.
+DEFAULTS = {"lr": 2e-4, "weight_decay": 0.01, "val_examples": 16, "precision": "fp32", "seed": 0,
+            "train_refs": "all", "delex": "none"}
 HELPS = {
-    "lr": "AdamW learning rate, both modes (constant: no warmup, no decay, no clipping)",
+    "lr": "AdamW learning rate of LoRA, and of full fine-tuning unless --full_lr is given (constant: no warmup, no "
+          "decay, no clipping)",
     "weight_decay": "AdamW weight decay, both modes",
     "val_examples": "fixed validation subset for the loss",
     "precision": PRECISION_HELP,
+    "train_refs": "all: every reference of train.txt; faithful: only those that realise every attribute of their "
+                  "MR, as run_training.py trains by default",
+    "delex": "attributes whose values become placeholders ([name], [near]) in prompt and target, filled back in "
+             "after generation (run_training.py's default is name,near); none: literal names",
 }
 MODEL_GROUP, TRAIN_GROUP = "model (the same configuration for both modes)", "training and measurement"
 
@@ -92,6 +101,13 @@ def parse_args(argv=None):
     t.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time median")
     t.add_argument("--infer_reps", type=int, default=6,
                    help="timed prefill passes (prompt in, next-token logits out) per model for the latency")
+    t.add_argument("--full_lr", type=float, default=None,
+                   help="AdamW learning rate of full fine-tuning (default: --lr). Full fine-tuning moves every "
+                        "weight, so it usually wants a smaller one than LoRA's")
+    t.add_argument("--score", type=int, default=0, metavar="N",
+                   help="after training, each mode writes a text for N test MRs spread evenly over test.txt (MR "
+                        "i * 630 // N for i < N, the same N for both) with beam 5 and no repeated 4-grams, scored "
+                        "with BLEU (the official script's) and the slot error rate; 0: no scoring")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
     o.add_argument("--plot", default=None, metavar="PATH", help="write a bar chart (PNG) to this file")
@@ -104,6 +120,10 @@ def parse_args(argv=None):
     for name in ("steps", "val_examples", "infer_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.score < 0:
+        p.error(f"--score must be >= 0 (0: no scoring), got {args.score}")
+    if args.full_lr is not None and not args.full_lr > 0:
+        p.error(f"--full_lr must be > 0, got {args.full_lr}")
     if not 0 <= args.warmup < args.steps:
         p.error(f"--warmup ({args.warmup}) must be >= 0 and less than --steps ({args.steps}), "
                 "so at least one step is timed")
@@ -161,10 +181,12 @@ def to_device(batches, device):
 
 def load_batches(args, device) -> tuple:
     """The training batches (``--steps`` of them) and the validation batches, on ``device``."""
-    tokenizer = resolve(args.init_checkpoint).tokenizer
-    train = load_tokenized("train", args.data_dir, tokenizer=tokenizer)
-    valid = load_tokenized("valid", args.data_dir, tokenizer=tokenizer)
-    train_idx = select_indices(len(train), args.steps * args.batch_size, args.seed)
+    cfg = train_config(args)
+    kw = dict(tokenizer=resolve(args.init_checkpoint).tokenizer, delex=cfg.delex_slots)
+    train = load_tokenized("train", args.data_dir, **kw)
+    valid = load_tokenized("valid", args.data_dir, **kw)
+    among = torch.nonzero(train.faithful).flatten().tolist() if cfg.train_refs == "faithful" else None
+    train_idx = select_indices(len(train), args.steps * args.batch_size, args.seed, among)
     train_batches = to_device(iterate_batches(train, train_idx, args.batch_size, args.seq_len, shuffle=True,
                                               seed=args.seed), device)
     val_batches = to_device(iterate_batches(valid, select_indices(len(valid), args.val_examples, args.seed),
@@ -215,6 +237,11 @@ def run_mode(args, mode: str) -> dict:
     phases.done("allreduce")
     out["checkpoint"] = checkpoint_written(model, mode)
     phases.done("checkpoint")
+    if args.score:
+        out["score"] = score_sample(args, model, device, precision)
+        log(f"{args.score} test MRs: BLEU {out['score']['bleu']:.4f}, slot error rate "
+            f"{out['score']['slots']['slot_error_rate']:.1%}; e.g. {out['score']['texts'][0]!r}")
+        phases.done("score")
     out.update(val_loss_before=val_before,
                val_tokens=sum(target_count(b["labels"]) for b in val_batches))
     if mode == "lora":
@@ -230,7 +257,8 @@ def train_measured(args, model, batches, device, precision: str) -> dict:
     """AdamW steps over ``batches`` under ``precision``'s autocast (the one training loop, at a constant learning
     rate, without clipping): the time of each step, the losses, and, on the first step, the gradient and
     optimizer-state bytes and the bytes autograd saves; peak memory over all steps."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+    lr = args.full_lr if args.full_lr and model.config.lora_dim == 0 else args.lr
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=args.weight_decay)
     hooks = StepMeasures(model, opt, device)
     gc.collect()
@@ -240,7 +268,7 @@ def train_measured(args, model, batches, device, precision: str) -> dict:
             "saved_tensor_bytes": hooks.saved.bytes, "saved_tensor_count": hooks.saved.count,
             "peak_memory": {"method": mem.method, "baseline_bytes": mem.baseline, "peak_bytes": mem.peak,
                             "delta_bytes": mem.delta},
-            "step_times_s": hooks.step_times, "median_step_s": measure.median(hooks.step_times[args.warmup:]),
+            "lr": lr, "step_times_s": hooks.step_times, "median_step_s": measure.median(hooks.step_times[args.warmup:]),
             "train_losses": hooks.losses}
 
 
@@ -310,6 +338,23 @@ def allreduce_bytes_per_step(model, batch, device, precision: str = "fp32") -> d
             if own_group:
                 torch.distributed.destroy_process_group()
     return out
+
+
+def score_sample(args, model, device, precision: str) -> dict:
+    """``--score N``: the texts the trained model (in eval mode: LoRA merged) writes for N test MRs spread evenly
+    over test.txt, decoded as run_inference.py does by default, and their BLEU and slot figures."""
+    groups = load_references("test", args.data_dir)
+    indices = [i * len(groups) // args.score for i in range(min(args.score, len(groups)))]
+    mrs, refs = [groups[i][0] for i in indices], [groups[i][1] for i in indices]
+    decode = DecodeConfig(beam_size=5, no_repeat_ngram_size=4)
+    model.eval()
+    with autocast(device, precision):
+        texts, stats = describe(model, mrs, decode, delex=train_config(args).delex_slots,
+                                tokenizer=resolve(args.init_checkpoint).tokenizer)
+    model.train()
+    return {"mrs": len(mrs), "of": len(groups), "indices": indices, "decoding": "beam 5, no-repeat 4-grams",
+            "bleu": metrics.bleu(texts, refs), "slots": slots.slot_scores(mrs, texts), "texts": texts,
+            "tokens_per_second": stats["tokens_per_second"]}
 
 
 def next_token_logits(model, input_ids):
@@ -455,10 +500,16 @@ def table(s: dict) -> str:
          fmt_mib(fu["peak_memory"]["delta_bytes"]), fmt_ratio(R["peak_memory_delta_bytes"])),
         (f"median step (of {len(lo['step_times_s']) - s['args']['warmup']})", f"{lo['median_step_s'] * 1e3:,.1f} ms",
          f"{fu['median_step_s'] * 1e3:,.1f} ms", fmt_ratio(R["median_step_s"])),
+        ("AdamW learning rate", f"{lo['lr']:g}", f"{fu['lr']:g}", ""),
         ("val loss before training", f"{lo['val_loss_before']:.4f}", f"{fu['val_loss_before']:.4f}", ""),
         (f"val loss after {len(lo['step_times_s'])} steps", f"{lo['val_loss_after']:.4f}",
          f"{fu['val_loss_after']:.4f}", ""),
     ]
+    if "score" in lo:
+        n = f"{lo['score']['mrs']} of {lo['score']['of']} test MRs"
+        rows += [(f"BLEU, {n}", f"{lo['score']['bleu']:.4f}", f"{fu['score']['bleu']:.4f}", ""),
+                 ("slot error rate, same MRs", f"{lo['score']['slots']['slot_error_rate']:.1%}",
+                  f"{fu['score']['slots']['slot_error_rate']:.1%}", "")]
     w0 = max(len(r[0]) for r in rows)
     w = [max(len(r[i]) for r in rows + [("", "LoRA", "full", "LoRA/full")]) for i in (1, 2, 3)]
     lines = [f"{'':<{w0}}  {'LoRA':>{w[0]}}  {'full':>{w[1]}}  {'LoRA/full':>{w[2]}}"]
@@ -504,7 +555,12 @@ def plot(s: dict, path: str) -> None:
         (f"val loss after {len(lo['step_times_s'])} steps", lo["val_loss_after"], fu["val_loss_after"]),
         ("prefill latency (ms)", inf["merged_lora_median_s"] * 1e3, inf["plain_median_s"] * 1e3),
     ]
-    fig, axes = plt.subplots(2, 4, figsize=(15, 7))
+    if "score" in lo:
+        n = lo["score"]["mrs"]
+        panels += [(f"BLEU, {n} test MRs", lo["score"]["bleu"], fu["score"]["bleu"]),
+                   (f"slot error rate (%), {n} test MRs", 100 * lo["score"]["slots"]["slot_error_rate"],
+                    100 * fu["score"]["slots"]["slot_error_rate"])]
+    fig, axes = plt.subplots(2, len(panels) // 2, figsize=(3.75 * len(panels) // 2, 7))
     for ax, (title, a, b) in zip(axes.flat, panels):
         labels = ["merged LoRA", "plain"] if "latency" in title else ["LoRA", "full"]
         ax.set_title(title, fontsize=10)
@@ -549,7 +605,8 @@ def _main(argv) -> int:
         device = select_device(args.device)
         precision, why = resolve_precision(args.precision, device)
         # Parse and tokenise here, once: bad or missing data stops the run before any training starts.
-        ensure_data(args.data_dir, ("train", "valid"), download=not args.no_download)
+        ensure_data(args.data_dir, ("train", "valid", "test") if args.score else ("train", "valid"),
+                    download=not args.no_download)
         n_train = len(load_tokenized("train", args.data_dir))
         load_tokenized("valid", args.data_dir)
     except (DeviceError, DataError, ValueError) as e:

@@ -18,6 +18,7 @@ SCRIPT = os.path.join(NLG, "compare_lora_vs_full.py")
 sys.path.insert(0, NLG)
 
 from e2e_nlg import measure  # noqa: E402
+from e2e_nlg.data import load_references  # noqa: E402
 from e2e_nlg.model import GPTConfig, base_fingerprint  # noqa: E402
 
 
@@ -205,6 +206,10 @@ def test_cuda_peak_sees_a_transient_allocation():
     (["--val_examples", "0"], "--val_examples must be >= 1, got 0"),
     (["--lora_alpha", "0"], "lora_alpha must be a positive finite number when r > 0, got lora_alpha=0"),
     (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--score", "-1"], r"--score must be >= 0 \(0: no scoring\), got -1"),
+    (["--full_lr", "0"], "--full_lr must be > 0, got 0.0"),
+    (["--delex", "price"], "--delex 'price': price cannot be delexicalised"),
+    (["--train_refs", "some"], "invalid choice: 'some'"),
 ])
 def test_bad_flags_are_rejected_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -244,7 +249,7 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, SCRIPT, *TINY, "--lora_dim", str(r), "--steps", "3", "--warmup", "1", "--batch_size", "2",
          "--seq_len", "48", "--val_examples", "4", "--infer_reps", "2", "--device", "cpu", "--data_dir", e2e_dir,
-         "--json", str(out_json), "--plot", str(out_png)],
+         "--score", "3", "--full_lr", "1e-3", "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LoRA/full" in proc.stdout and "Traceback" not in proc.stderr
@@ -286,6 +291,14 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
     assert R["median_step_s"] == lo["median_step_s"] / fu["median_step_s"]
     assert R["allreduce_bytes"] == lo["allreduce"]["bytes"] / fu["allreduce"]["bytes"] < 0.2
     assert "all-reduced per step (DDP)" in proc.stdout
+    # --full_lr reaches full fine-tuning only; --score: both modes write texts for the same spread-out test MRs.
+    assert (lo["lr"], fu["lr"]) == (2e-4, 1e-3)
+    n_test = len(load_references("test", e2e_dir))
+    for m in (lo, fu):
+        sc = m["score"]
+        assert (sc["mrs"], sc["of"], sc["indices"]) == (3, n_test, [0, n_test // 3, 2 * n_test // 3])
+        assert len(sc["texts"]) == 3 and 0 <= sc["bleu"] <= 1 and sc["slots"]["slots"] > 0
+    assert f"BLEU, 3 of {n_test} test MRs" in proc.stdout and "slot error rate, same MRs" in proc.stdout
 
 
 def test_tiny_run_in_bf16_records_its_precision(e2e_dir, tmp_path):
