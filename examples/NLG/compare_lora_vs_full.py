@@ -577,7 +577,9 @@ def plot(s: dict, path: str) -> None:
         if b:
             ax.set_xlabel(f"ratio {fmt_ratio(a / b)}", fontsize=9)
     cfg = s["model_config"]
-    fig.suptitle(f"LoRA (r={cfg['lora_dim']}) vs full fine-tuning: {s['model']} {cfg['num_layers']} layers, "
+    base = s["args"].get("init_checkpoint")
+    fig.suptitle(f"LoRA (r={cfg['lora_dim']}) vs full fine-tuning: {s['model']}{f' ({base})' if base else ''} "
+                 f"{cfg['num_layers']} layers, "
                  f"d={cfg['hidden_dim']}, batch {s['args']['batch_size']}, {len(lo['step_times_s'])} steps, "
                  f"{s['precision']['name']}, on {s['device']} (all measured)", fontsize=12)
     fig.tight_layout()
