@@ -1,27 +1,18 @@
-"""LoRA vs full fine-tuning of the same GPT-2, measured side by side in one run.
+"""LoRA vs full fine-tuning of the same model, measured side by side in one run.
 
     python examples/NLG/compare_lora_vs_full.py --json compare.json --plot compare.png
-    python examples/NLG/compare_lora_vs_full.py --num_layers 12 --steps 30 --device cuda   # GPT-2 small on a GPU
+    python examples/NLG/compare_lora_vs_full.py --init_checkpoint smollm2 --score 100 --full_lr 1e-4   # scored
 
-Both modes start from the same ``SimpleGPT2WithLoRA`` base weights (same ``--seed``), see the same batches of
-real E2E training data in the same order, use AdamW with the same settings, and run on the same device:
+Both modes start from the same base weights (a random GPT-2 from ``--seed``, or ``--init_checkpoint``), see the
+same batches of E2E training data in the same order and run on the same device. ``lora``: only the LoRA matrices
+train (``loralib.mark_only_lora_as_trainable``). ``full``: the same configuration with ``lora_dim=0`` (plain
+layers, so it pays nothing for a LoRA path it does not use), every weight trainable.
 
-* ``lora``: the model with LoRA (rank ``--lora_dim``) and ``loralib.mark_only_lora_as_trainable``: only the
-  LoRA matrices train.
-* ``full``: the same configuration with ``lora_dim=0`` (plain layers, no LoRA matrices at all) loaded with the
-  same base weights, every weight trainable. Plain layers rather than frozen LoRA ones, so full fine-tuning pays
-  nothing for a LoRA path it does not use.
-
-Each mode runs in its own fresh Python process, so its peak memory is its own. Every figure printed is measured
-in that run: parameter counts, checkpoint files written and their sizes, optimizer-state and gradient bytes,
-bytes autograd saves for one step, bytes DistributedDataParallel all-reduces per step (counted by a
-communication hook on the gradient buckets DDP hands it), peak memory (CUDA: ``torch.cuda.max_memory_allocated``;
-CPU: peak resident memory), median step time after warm-up, validation loss on a fixed subset after the same
-number of steps, and the latency of a generation prefill (a batch of prompts in, next-token logits out) of the
-merged LoRA model vs the plain model. Figures that cannot be measured on the device say ``n/a`` and why.
-
-``--precision`` (default fp32; ``--help`` says why) is run_training.py's: LoRA keeps its frozen base in that dtype
-and its LoRA weights in float32, full fine-tuning trains float32 weights under autocast.
+Each mode runs in its own Python process, so its peak memory is its own. Every figure printed is measured in that
+run: parameters, checkpoint bytes, gradient and optimizer-state bytes, bytes autograd saves for a step, bytes DDP
+all-reduces per step (a communication hook), peak memory, median step time, validation loss, the prefill latency
+of the merged LoRA model against the plain one, and with ``--score N`` BLEU and the slot error rate of each mode's
+texts for N test MRs. ``--precision`` is run_training.py's (default fp32 here; ``--help`` says why).
 """
 import argparse
 import contextlib
