@@ -137,8 +137,14 @@ def _decoding(cfg: DecodeConfig, tokenizer: Optional[Tokenizer]) -> Tuple[Tokeni
     return tokenizer, dataclasses.replace(cfg, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
 
-def _texts(mrs: Sequence[str], delexes, out: List[List[int]], seconds: float, cfg: DecodeConfig, tok: Tokenizer):
-    """Decoded texts (placeholders filled back in from each MR) and the speed of one timed generation."""
+def _timed_texts(model, mrs: Sequence[str], delexes, cfg: DecodeConfig, batch_size: int,
+                 tokenizer: Optional[Tokenizer], adapter_names=None) -> Tuple[List[str], dict]:
+    """The texts of one timed generation (placeholders filled back in from each MR), and its speed."""
+    tok, cfg = _decoding(cfg, tokenizer)
+    prompts = [prompts_for([mr], d, tok)[0] for mr, d in zip(mrs, delexes)]
+    t0 = time.perf_counter()
+    out = generate(model, prompts, cfg, batch_size=batch_size, adapter_names=adapter_names)
+    seconds = time.perf_counter() - t0
     n = sum(len(o) + (len(o) < cfg.max_new_tokens) for o in out)  # + the end-of-text each finished one produced
     texts = [relexicalize(tok.enc.decode(o).strip(), delexicalize(mr, None, d)[2])
              for mr, d, o in zip(mrs, delexes, out)]
@@ -153,11 +159,7 @@ def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
     Returns:
         (texts, ``{"tokens": generated, end-of-text included; "seconds"; "tokens_per_second"}``).
     """
-    tok, cfg = _decoding(cfg, tokenizer)
-    prompts = prompts_for(mrs, delex, tok)
-    t0 = time.perf_counter()
-    out = generate(model, prompts, cfg, batch_size=batch_size)
-    return _texts(mrs, [delex] * len(mrs), out, time.perf_counter() - t0, cfg, tok)
+    return _timed_texts(model, mrs, [delex] * len(mrs), cfg, batch_size, tokenizer)
 
 
 def describe_mixed(model, adapters: Sequence[Adapter], mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
@@ -169,11 +171,7 @@ def describe_mixed(model, adapters: Sequence[Adapter], mrs: Sequence[str], cfg: 
         (texts per adapter, each a list per MR; stats of the whole run, as :func:`describe`'s).
     """
     requests = [(mr, a) for mr in mrs for a in adapters]
-    tok, cfg = _decoding(cfg, tokenizer)
-    prompts = [prompts_for([mr], adapter_delex(a.config), tok)[0] for mr, a in requests]
     model = ready(model, merged=False)
-    t0 = time.perf_counter()
-    out = generate(model, prompts, cfg, batch_size=batch_size, adapter_names=[a.name for _, a in requests])
-    texts, stats = _texts([mr for mr, _ in requests], [adapter_delex(a.config) for _, a in requests], out,
-                          time.perf_counter() - t0, cfg, tok)
+    texts, stats = _timed_texts(model, [mr for mr, _ in requests], [adapter_delex(a.config) for _, a in requests],
+                                cfg, batch_size, tokenizer, [a.name for _, a in requests])
     return [texts[i::len(adapters)] for i in range(len(adapters))], stats
