@@ -18,14 +18,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # loralib from the repo
 
 from e2e_nlg import data, metrics, slots, train_utils  # noqa: E402
-from e2e_nlg.adapter_io import AdapterError, atomic_json, atomic_write  # noqa: E402
+from e2e_nlg.adapter_io import AdapterError, atomic_json, atomic_write, read_adapter_config  # noqa: E402
 from e2e_nlg.generate import DEFAULT_BATCH_SIZE, DecodeConfig  # noqa: E402
 from e2e_nlg.hf_checkpoint import CheckpointError  # noqa: E402
 from e2e_nlg.family import tokenizer_for  # noqa: E402
 from e2e_nlg.inference import MRError, adapter_delex, check_mr, describe, describe_mixed, load_adapters, ready, \
     read_mr_file  # noqa: E402
 from e2e_nlg.measure import param_counts  # noqa: E402
-from e2e_nlg.adapter_io import read_adapter_config  # noqa: E402
 from e2e_nlg.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
 
 SAMPLE_MRS = [
@@ -124,8 +123,8 @@ def write_lines(path: str, lines) -> None:
 
 
 def read_inputs(args):
-    """The MRs to describe and, with ``--eval``, their references (else None). With ``--eval --max_examples N``
-    below the split's size, sets ``args.subset`` to the label every printed and saved score carries."""
+    """The MRs to describe and, with ``--eval``, their references (else None); sets ``args.subset``, the label of
+    scores of a subset (``--max_examples``)."""
     args.subset = None
     if args.eval:
         data.ensure_data(args.data_dir, (args.split,), download=not args.no_download)
@@ -146,13 +145,12 @@ def read_inputs(args):
 
 
 def decoding(args, first_dir: str):
-    """The decoding settings: the flags, over the recipe's values (``--recipe auto``: the adapter's). Returns
-    ``(DecodeConfig, recipe name)``."""
+    """``(DecodeConfig, recipe name)``: the flags over the recipe's values (``--recipe auto``: the adapter's)."""
     recipe = args.recipe
     if recipe == "auto":
         recipe = (read_adapter_config(first_dir).get("recipe") or {}).get("name")
     explicit = getattr(args, "explicit", None)
-    if explicit is None:  # args not from parse_args: values that differ from the defaults count as given
+    if explicit is None:  # not from parse_args: values other than the defaults count as given
         defaults = vars(get_parser().parse_args([]))
         explicit = {k for k, v in vars(args).items() if defaults.get(k, v) != v}
     apply_recipe(args, recipe, "decode", explicit)
@@ -163,7 +161,7 @@ def decoding(args, first_dir: str):
 
 
 def print_header(args, model, adapters, device, decode: DecodeConfig, recipe) -> None:
-    """One line: the base model, the device and the decoding."""
+    """One line: the base, the device and the decoding."""
     base = adapters[0].config.get("base", {})
     name = args.init_checkpoint or base.get("init_checkpoint")
     if name and not args.init_checkpoint and base.get("init_revision"):
@@ -179,14 +177,13 @@ def print_header(args, model, adapters, device, decode: DecodeConfig, recipe) ->
 
 
 def skip_unmerged(args) -> bool:
-    """The unmerged run (a check that merging changes no token, and its speed) costs a second decoding of every MR:
-    on by default for the samples, off under --eval unless --unmerged_check asks for it."""
+    """Whether to skip the unmerged run (a second decoding of every MR): off for the samples, on under --eval."""
     return args.no_unmerged or (args.eval and not args.unmerged_check)
 
 
 def generate_with(args, model, adapter, mrs, decode: DecodeConfig, device, precision: str) -> dict:
-    """``adapter``'s texts, merged and (unless ``--no_unmerged``) unmerged; prints them with their slot checks
-    (without ``--eval``) and the speed line. Returns the result without scores."""
+    """``adapter``'s texts, merged and maybe unmerged; prints them with their slot checks (without ``--eval``) and
+    the speed line. Returns the result without scores."""
     n_lora = adapter.config.get("lora_params")
     print(f"\n== adapter {adapter.path}" + (f" ({n_lora:,} LoRA parameters)" if isinstance(n_lora, int) else ""))
     runs = {}
@@ -217,12 +214,12 @@ def generate_with(args, model, adapter, mrs, decode: DecodeConfig, device, preci
 
 def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, recipe, precision: str,
           jar=None) -> dict:
-    """``--eval``: writes predictions.txt, references.txt and scores.json to ``out_dir`` and prints the table
-    (``jar``: a started ``MeteorJar``). Returns the scores."""
+    """``--eval``: write predictions.txt, references.txt and scores.json to ``out_dir``, print the table and return
+    the scores (``jar``: a started ``MeteorJar``)."""
     texts = result["texts"]
     os.makedirs(out_dir, exist_ok=True)
     write_lines(os.path.join(out_dir, "predictions.txt"), texts)
-    # The official script's multi-reference format: each MR's references, then a blank line.
+    # The official script's format: each MR's references, then a blank line.
     write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
     scores = metrics.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist, meteor_jar=jar)
     scores["slots"] = slots.slot_scores(mrs, texts)
@@ -240,8 +237,8 @@ def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, rec
 
 
 def start_meteor(args):
-    """``--eval`` with the METEOR jar: start its JVM now, so that it loads while the model generates (seconds
-    saved). None where the jar will not be used or cannot start (scoring then reports it or falls back)."""
+    """``--eval`` with the METEOR jar: its JVM started now, to load while the model generates; None where the jar
+    will not be used or cannot start."""
     if not args.eval or args.meteor == "nltk" or metrics.meteor_jar_path() is None:
         return None
     try:
@@ -251,7 +248,7 @@ def start_meteor(args):
 
 
 def run(args) -> dict:
-    """Everything run_inference.py does; returns what it printed, as numbers and texts (tests read it)."""
+    """Everything run_inference.py does; returns what it printed, as numbers and texts."""
     check_args(args)
     dirs = args.adapter_dir or ["lora_model"]
     device = train_utils.select_device(args.device)
@@ -272,7 +269,6 @@ def run_adapters(args, dirs, device, mrs, refs, decode: DecodeConfig, recipe, ja
     if precision != "fp32":
         print(f"precision: {precision} ({why}); LoRA weights in float32")
     print_header(args, model, adapters, device, decode, recipe)
-
     mixed = None
     if len(adapters) > 1:  # every adapter in the same batches, each row generated by its own
         with train_utils.autocast(device, precision):
@@ -298,7 +294,7 @@ def run_adapters(args, dirs, device, mrs, refs, decode: DecodeConfig, recipe, ja
 
 
 def parse_args(argv=None):
-    """The command line; ``args.explicit`` holds the flags typed, which a recipe's decoding never overrides."""
+    """The command line; ``args.explicit``: the flags typed, which a recipe never overrides."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
     args.explicit = explicit_dests(get_parser, argv)

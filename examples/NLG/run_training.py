@@ -8,6 +8,7 @@ this repo. See README.md, "Examples: GPT-2 on E2E NLG", for the measured default
 """
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import loralib as lora  # noqa: E402
 from e2e_nlg import distributed  # noqa: E402
 from e2e_nlg import train_utils  # noqa: E402
-from e2e_nlg.adapter_io import AdapterError, save_adapter_dir, weights_path  # noqa: E402
+from e2e_nlg.adapter_io import AdapterError, atomic_json, save_adapter_dir, weights_path  # noqa: E402
 from e2e_nlg.data import (DataError, TokenizedSplit, ensure_data, iterate_batches, load_tokenized,  # noqa: E402
                       num_batches, select_indices)
 from e2e_nlg.family import Base, recipe_for, resolve  # noqa: E402
@@ -37,15 +38,14 @@ from e2e_nlg.train_utils import DeviceError, STATE_NAME  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The command line: a flag for every :class:`TrainConfig` field, its help, choices and default."""
+    """A flag for every :class:`TrainConfig` field."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(parser)
     return parser
 
 
 def parse_args(argv=None):
-    """The command line, with ``--recipe`` applied: its values, except for the flags typed explicitly (even when
-    typed with their default value)."""
+    """The command line, with ``--recipe``'s values applied to the flags not typed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_parser().parse_args(argv)
     args.recipe = recipe_for(args.recipe, args.init_checkpoint)
@@ -54,9 +54,7 @@ def parse_args(argv=None):
 
 
 def make_config(args) -> TrainConfig:
-    """``args`` (this script's flags, or a TrainConfig already) as the validated :class:`TrainConfig` of a run; flags
-    not from :func:`parse_args` get their recipe from TrainConfig, where values other than the defaults count as
-    given.
+    """``args`` (this script's flags, or a TrainConfig already) as a validated :class:`TrainConfig`.
 
     Raises:
         ValueError: a flag out of range (one line naming it).
@@ -65,10 +63,8 @@ def make_config(args) -> TrainConfig:
 
 
 def build(args, device, base: Optional[Base] = None, precision: str = "fp32"):
-    """The model (base from --init_checkpoint or the random draw of --seed), LoRA weights trainable only, the
-    frozen base stored in ``precision``; and the base's fingerprint (taken before that cast, so inference can
-    check it against a float32 rebuild).
-    ``base``: --init_checkpoint resolved (``family.resolve``) when the caller has done it already."""
+    """The model, LoRA weights trainable only, the frozen base in ``precision``; and the base's fingerprint (taken
+    before that cast, as inference rebuilds it in float32). ``base``: --init_checkpoint resolved, if done already."""
     cfg = make_config(args)
     model = (base or resolve(cfg.init_checkpoint, cfg.init_revision)).build(cfg)
     lora.mark_only_lora_as_trainable(model)
@@ -78,9 +74,8 @@ def build(args, device, base: Optional[Base] = None, precision: str = "fp32"):
 
 
 def train(args, step_callback: Optional[Callable[[int], None]] = None) -> dict:
-    """Run training as configured by ``args`` (a TrainConfig, or this script's parsed flags); return the metrics
-    (None on ranks other than 0 under torchrun). ``step_callback(step)`` runs after every optimizer step (tests use
-    it to interrupt a run).
+    """Train as ``args`` (a TrainConfig, or this script's flags) says; return the metrics (None on ranks other than
+    0). ``step_callback(step)`` runs after every optimizer step.
 
     Raises:
         ValueError: a bad setting; KeyboardInterrupt: Ctrl-C / SIGTERM, after saving what was trained.
@@ -88,8 +83,7 @@ def train(args, step_callback: Optional[Callable[[int], None]] = None) -> dict:
     cfg = make_config(args)
     ctx = distributed.init(cfg.device, cfg.dist_backend)
     try:
-        # Under torchrun SIGINT / SIGTERM become a flag the ranks agree on at step boundaries (see StopRequest);
-        # a plain run keeps Python's KeyboardInterrupt.
+        # Under torchrun SIGINT / SIGTERM become a flag the ranks agree on (StopRequest); else KeyboardInterrupt.
         with (distributed.StopRequest() if ctx.enabled else contextlib.nullcontext()) as stop:
             run = setup(cfg, ctx, stop)
             resume(run)
@@ -113,11 +107,11 @@ class Data:
 @dataclass
 class Progress:
     """What changes while training; saved in training_state.pt and restored by --resume."""
-    step: int = 0  # optimizer steps done
+    step: int = 0
     history: dict = field(default_factory=lambda: {"train": [], "val": []})  # (step, loss) pairs
     seconds_before: float = 0.0  # training time of the runs this one resumes
-    # The RNG state at the last step boundary: a Ctrl-C in the middle of a step (dropout has drawn from the RNG)
-    # saves the weights of the last completed step, and --resume must draw that step's dropout masks again.
+    # The RNG state at the last step boundary: a Ctrl-C mid-step saves the last completed step's weights, and
+    # --resume must draw that step's dropout masks again.
     rng_boundary: Optional[dict] = None
     t_start: float = 0.0  # when this process's training loop started
     tokens_seen: int = 0  # by this process's training loop, all ranks together
@@ -125,15 +119,15 @@ class Progress:
 
 @dataclass
 class Run:
-    """Everything :func:`setup` builds for a run, and its progress."""
+    """Everything :func:`setup` builds, and the progress."""
     cfg: TrainConfig
     ctx: distributed.Context
     stop: Optional[distributed.StopRequest]
     data: Data
-    model: torch.nn.Module  # the unwrapped model (validation, saving)
-    trainer: Trainer  # what trains it: ``trainer.model`` is ``model``, or DDP around it under torchrun
+    model: torch.nn.Module  # unwrapped (validation, saving); ``trainer.model`` may be DDP around it
+    trainer: Trainer
     fingerprint: str  # of the float32 base
-    base: Base  # --init_checkpoint resolved: the model family, its files and tokenizer
+    base: Base
     precision: str
     counts: dict  # measure.param_counts of the model
     steps_per_epoch: int
@@ -146,7 +140,7 @@ class Run:
 
 
 def _log(ctx, msg: str) -> None:
-    if ctx.is_main:  # only rank 0 prints, so N processes print one log
+    if ctx.is_main:
         tqdm.write(msg)
 
 
@@ -157,8 +151,7 @@ def load_data(cfg: TrainConfig, ctx, base: Base) -> Data:
         DataError: data missing and not fetched, or malformed.
     """
     t_load = time.time()
-    # Rank 0 fetches missing data; the others wait for its verdict, so no rank reads a half-fetched directory.
-    fetch_error = None
+    fetch_error = None  # the other ranks wait for rank 0's verdict, so none reads a half-fetched directory
     if ctx.is_main:
         try:
             ensure_data(cfg.data_dir, ("train", "valid"), download=not cfg.no_download, progress=not cfg.no_progress)
@@ -168,7 +161,6 @@ def load_data(cfg: TrainConfig, ctx, base: Base) -> Data:
         raise DataError("rank 0 could not get the E2E data (its error says why)")
     if fetch_error is not None:
         raise fetch_error
-    # Only rank 0 writes, the token cache included.
     kw = dict(write_cache=ctx.is_main, delex=cfg.delex_slots, tokenizer=base.tokenizer)
     train_split = load_tokenized("train", cfg.data_dir, **kw)
     valid_split = load_tokenized("valid", cfg.data_dir, **kw)
@@ -181,8 +173,7 @@ def load_data(cfg: TrainConfig, ctx, base: Base) -> Data:
 
 
 def load_base(cfg: TrainConfig, ctx, precision: str, base: Base):
-    """The model to train (base from --init_checkpoint or --seed's random draw) and its base's fingerprint; logs
-    where the base and the recipe came from."""
+    """:func:`build`, logging where the base and the recipe came from."""
     line = base.source_line(precision)
     if line:
         _log(ctx, line)
@@ -193,15 +184,12 @@ def load_base(cfg: TrainConfig, ctx, precision: str, base: Base):
         if not cfg.init_checkpoint:
             _log(ctx, "note: no --init_checkpoint, so the base is a random GPT-2; the paper's recipe is meant for "
                       "--init_checkpoint gpt2-medium")
-    model, fingerprint = build(cfg, ctx.device, base, precision)
-    return model, fingerprint
+    return build(cfg, ctx.device, base, precision)
 
 
 def plan_steps(cfg: TrainConfig, n_train: int, world_size: int) -> tuple:
-    """``(steps_per_epoch, total_steps)``.
-
-    Every rank must run the same number of steps (a rank with one batch more would wait in a collective forever),
-    so an epoch is the global batches that fit: the same count one process with the global batch has.
+    """``(steps_per_epoch, total_steps)``. An epoch is the global batches that fit, so every rank runs the same
+    number of steps (a rank with one batch more would wait in a collective forever).
 
     Raises:
         ValueError: the training set makes no full step.
@@ -240,8 +228,8 @@ def setup(cfg: TrainConfig, ctx, stop) -> Run:
 
 
 def resume(run: Run) -> None:
-    """With --resume, continue from the output directory: the adapter through ``lora.load_adapter`` (which checks
-    that it fits this model), then training_state.pt (weights of its step, optimizer, schedule, step, history, RNG).
+    """With --resume, continue from the output directory: the adapter through ``lora.load_adapter`` (checked to
+    fit), then training_state.pt.
 
     Raises:
         ValueError: the saved run had another global batch; AdapterError: the adapter does not fit the model.
@@ -263,27 +251,18 @@ def resume(run: Run) -> None:
         raise AdapterError(f"--resume: {e}; resume with the model flags of the run that wrote it, or give another "
                            f"--output_dir") from e
     if state.get("lora") is not None:
-        # The LoRA weights saved inside training_state.pt (one atomic file) always belong to its optimizer state
-        # and step, even when a kill landed between the adapter's save and this file's.
-        load_lora_weights(run.model, state["lora"], STATE_NAME)
+        # The LoRA weights inside training_state.pt always belong to its optimizer state and step, even when a kill
+        # landed between the adapter's save and this file's.
+        own = lora.lora_state_dict(run.model)
+        if set(state["lora"]) != set(own) or any(state["lora"][k].shape != v.shape for k, v in own.items()):
+            raise AdapterError(f"{STATE_NAME} holds other LoRA weights than this model has (another model config?); "
+                               f"delete it to start over")
+        run.model.load_state_dict(state["lora"], strict=False)
     run.trainer.opt.load_state_dict(state["optimizer"])
     run.trainer.sched.load_state_dict(state["scheduler"])
     p.step, p.history, p.seconds_before = state["step"], state["history"], state["seconds"]
     train_utils.set_rng_state(state["rng"])
     run.log(f"resumed from {cfg.output_dir} at step {p.step} of {run.total_steps}")
-
-
-def load_lora_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
-    """Copy ``weights`` (``lora.lora_state_dict`` of the same model) into ``model``, every LoRA weight of it.
-
-    Raises:
-        AdapterError: a missing or extra key, or another shape.
-    """
-    own = lora.lora_state_dict(model)
-    if set(weights) != set(own) or any(weights[k].shape != v.shape for k, v in own.items()):
-        raise AdapterError(f"{source} holds other LoRA weights than this model has (another model config?); "
-                           f"delete it to start over")
-    model.load_state_dict(weights, strict=False)
 
 
 def distribute(run: Run) -> None:
@@ -298,15 +277,14 @@ def distribute(run: Run) -> None:
         raise distributed.DistributedError(
             f"--resume: the processes found different checkpoints in {cfg.output_dir} (steps {int(-neg_lo)} "
             f"to {int(hi)}); put --output_dir on a filesystem every node sees")
-    run.trainer.model = distributed.wrap_ddp(run.model, ctx.device)  # the LoRA gradients are what crosses processes
+    run.trainer.model = distributed.wrap_ddp(run.model, ctx.device)
     run.log(f"distributed: {ctx.world_size} processes ({ctx.backend}), global batch {cfg.batch_size} (batch_size) x "
             f"{ctx.world_size} (processes) x {cfg.grad_accum} (grad_accum) = {run.global_batch} examples per step; "
             f"DDP all-reduces the {run.counts['trainable']:,} LoRA gradients only")
 
 
 def train_and_save(run: Run, step_callback) -> Optional[dict]:
-    """Validate at step 0 (unless resumed past it), train to the last step, save; on an interruption save what
-    was trained and re-raise KeyboardInterrupt."""
+    """Validate at step 0 (unless resumed past it), train, save; on an interruption save and re-raise."""
     p, is_main = run.progress, run.ctx.is_main
     if not p.history["val"] and is_main:
         v = record_validation(run)
@@ -336,15 +314,14 @@ def train_and_save(run: Run, step_callback) -> Optional[dict]:
 
 
 def train_epochs(run: Run, hooks: "RunHooks") -> None:
-    """From the current step to ``total_steps``, validating (rank 0) at the end of each epoch and at the end."""
+    """From the current step to ``total_steps``, validating (rank 0) after each epoch and at the end."""
     cfg, p, is_main = run.cfg, run.progress, run.ctx.is_main
     start_epoch, skip = divmod(p.step, run.steps_per_epoch)
     for epoch in range(start_epoch, cfg.num_epochs):
         if p.step >= run.total_steps:
             break
-        # The data order depends only on (seed, epoch): a resumed run skips the steps already done. Rank r takes
-        # batches r, r+N, ...: at each step the N ranks together hold exactly the examples one process with the
-        # global batch would (the same reshuffled order, cut into batch_size pieces).
+        # The order depends only on (seed, epoch), so a resumed run skips the steps done. Rank r takes batches r,
+        # r+N, ...: at each step the N ranks hold exactly the examples one process with the global batch would.
         batches = iterate_batches(run.data.train, run.data.train_idx, cfg.batch_size, cfg.seq_len, shuffle=True,
                                   seed=cfg.seed * 1000 + epoch, rank=run.ctx.rank, world_size=run.ctx.world_size)
         for _ in range(skip * cfg.grad_accum):
@@ -363,8 +340,8 @@ def train_epochs(run: Run, hooks: "RunHooks") -> None:
 
 
 class RunHooks(Hooks):
-    """What run_training records at each step: the step counter, the RNG state, the loss history, the log line and
-    the progress bar; under torchrun it seeds each step's dropout."""
+    """What run_training records at each step (counter, RNG state, loss history, log line, progress bar); under
+    torchrun it seeds each step's dropout."""
 
     def __init__(self, run: Run, bar, step_callback: Optional[Callable[[int], None]]):
         self.run, self.bar, self.step_callback, self.epoch, self.t0 = run, bar, step_callback, 0, 0.0
@@ -379,7 +356,7 @@ class RunHooks(Hooks):
         p = self.run.progress
         p.tokens_seen += result.tokens
         p.step += 1
-        p.rng_boundary = train_utils.rng_state()  # a checkpoint records the RNG state at this step boundary
+        p.rng_boundary = train_utils.rng_state()
         if not train_utils.is_finite(result.loss):
             raise FloatingPointError(f"training loss became {result.loss} at step {p.step}; lower --lr")
         p.history["train"].append((p.step, result.loss))
@@ -408,38 +385,31 @@ def _stoppable(batches, stop):
         yield b
 
 
-def validate(run: Run) -> Optional[float]:
-    """Validation loss of the unwrapped model, rank 0 only (no collectives, so the other ranks cannot deadlock);
-    None when a stop request cut it short."""
+def record_validation(run: Run) -> Optional[float]:
+    """Validation loss of the unwrapped model (rank 0 only: no collectives), recorded in the history at the current
+    step; None when a stop request cut it short."""
     cfg = run.cfg
     batches = iterate_batches(run.data.valid, run.data.val_idx, cfg.val_batch_size, cfg.seq_len, shuffle=False)
     try:
-        return train_utils.evaluate(run.model, _stoppable(batches, run.stop), run.ctx.device, run.precision)
+        v = train_utils.evaluate(run.model, _stoppable(batches, run.stop), run.ctx.device, run.precision)
     except _ValidationAborted:
         return None
-
-
-def record_validation(run: Run) -> Optional[float]:
-    """:func:`validate`, the loss recorded in the history at the current step."""
-    v = validate(run)
-    if v is not None:
-        run.progress.history["val"].append((run.progress.step, v))
+    run.progress.history["val"].append((run.progress.step, v))
     return v
 
 
 def _stop_agreed(run: Run) -> bool:
-    """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+    """Whether any rank was asked to stop (a collective)."""
     return bool(distributed.all_reduce_max(run.ctx, [run.stop.requested])[0]) if run.ctx.enabled else False
 
 
 def save(run: Run, final: bool) -> Optional[dict]:
-    """Rank 0 writes the adapter, training_state.pt, metrics.json and the loss history; returns the metrics
-    (None on other ranks)."""
+    """Rank 0 writes the adapter, training_state.pt, metrics.json and the loss history; returns the metrics."""
     if not run.ctx.is_main:
         return None
     cfg, p = run.cfg, run.progress
     elapsed = p.seconds_before + time.time() - p.t_start
-    args = train_utils.to_jsonable(cfg.to_dict())
+    args = json.loads(json.dumps(cfg.to_dict(), default=str))
     init_checkpoint, init_revision = run.base.recorded_checkpoint
     save_adapter_dir(run.model, cfg.output_dir, base_seed=cfg.seed,
                      init_checkpoint=init_checkpoint, init_revision=init_revision,
@@ -451,7 +421,7 @@ def save(run: Run, final: bool) -> Optional[dict]:
         "global_batch": run.global_batch, "world_size": run.ctx.world_size,
         "lora": {k: v.detach().cpu() for k, v in lora.lora_state_dict(run.model).items()}})
     metrics = _metrics(run, final, elapsed)
-    train_utils.save_metrics(cfg.output_dir, metrics)
+    atomic_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
     vals = [v for _, v in p.history["val"]]
     train_utils.save_history(cfg.output_dir, p.history,
                              title=f"LoRA on E2E: {p.step} steps" + (f", val loss {vals[-1]:.3f}" if vals else ""))
@@ -459,8 +429,7 @@ def save(run: Run, final: bool) -> Optional[dict]:
 
 
 def _adapter_extra(run: Run, args: dict) -> dict:
-    """What adapter_config.json records besides the model: the training arguments, the data, the precision, the
-    recipe."""
+    """What adapter_config.json records besides the model."""
     d = run.data
     extra = {"training_args": args,
              "data": {"train_sha256": d.train.sha256, "valid_sha256": d.valid.sha256,
@@ -468,14 +437,13 @@ def _adapter_extra(run: Run, args: dict) -> dict:
                       "delexicalize": list(run.cfg.delex_slots),
                       "train_examples": len(d.train_idx), "val_examples": len(d.val_idx)},
              "step": run.progress.step, "precision": run.precision}
-    if run.cfg.recipe_info:
-        # The decoding half is what run_inference.py uses for an adapter trained with this recipe.
+    if run.cfg.recipe_info:  # run_inference.py decodes with the recipe's decoding half
         extra["recipe"] = {**run.cfg.recipe_info, "decode": RECIPES[run.cfg.recipe]["decode"]}
     return extra
 
 
 def _metrics(run: Run, final: bool, elapsed: float) -> dict:
-    """metrics.json: what the run did and measured."""
+    """metrics.json."""
     p, hist = run.progress, run.progress.history
     vals = [v for _, v in hist["val"]]
     return {"trainable_params": run.counts["trainable"], "total_params": run.counts["total"],
@@ -491,7 +459,7 @@ def _metrics(run: Run, final: bool, elapsed: float) -> dict:
 
 
 def _rank_prefix() -> str:
-    """Under torchrun each process prints its own error, so say which one it was."""
+    """Under torchrun each process prints its own error: say which one."""
     several = distributed.launched_by_torchrun() and os.environ.get("WORLD_SIZE") != "1"
     return f"[rank {os.environ['RANK']}] " if several else ""
 

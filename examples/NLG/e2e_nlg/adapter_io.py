@@ -1,19 +1,9 @@
-"""The adapter directory that run_training.py writes and run_inference.py reads: a loralib adapter directory.
-
-It is written by ``lora.save_adapter`` and loads with ``lora.load_adapter`` (or exports to PEFT) like any other.
-Layout of ``--output_dir`` (default ``lora_model``):
-    pytorch_model.bin     ``lora.lora_state_dict(model)``: loads with ``load_state_dict(strict=False)``, as with
-                          Microsoft's loralib (``--adapter_format bin``, the default)
-    adapter_model.safetensors   the same tensors as a safetensors file (``--adapter_format safetensors``): no
-                          pickle at all on the way back in
-    adapter_config.json   loralib's config (layers, ranks, scalings, the base's weight shapes, the weights file
-                          and its SHA-256) and, as its ``extra``, what rebuilds this example's model: ``model_config``
-                          (GPTConfig), ``base`` (``init_checkpoint`` / ``init_revision`` or the random ``base_seed``,
-                          and the base weights' ``fingerprint``), ``tokenizer``, ``lora_bias``, plus what the trainer
-                          adds (training arguments, data hashes and placeholders, precision, step, recipe)
-
-Directories written by the previous release (``"format": "loralib-nlg-adapter"``, the example's fields at the top
-level of the config) still load.
+"""The adapter directory run_training.py writes and run_inference.py reads: a loralib adapter directory
+(``lora.save_adapter`` / ``lora.load_adapter``) holding ``pytorch_model.bin`` (``lora.lora_state_dict``, as
+Microsoft's loralib saves it) or ``adapter_model.safetensors``, and ``adapter_config.json``, whose ``extra`` holds
+what rebuilds the example's model: ``model_config``, ``base`` (checkpoint or random ``base_seed``, fingerprint),
+``tokenizer``, and the trainer's record. Directories of the previous release (``"format": "loralib-nlg-adapter"``,
+the example's fields at the top level) still load.
 """
 import json
 import math
@@ -37,7 +27,7 @@ LEGACY_FORMAT = "loralib-nlg-adapter"  # the previous release's own config forma
 
 
 def atomic_json(path: str, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (see ``lora.serialization.atomic_write``)."""
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
@@ -45,23 +35,18 @@ def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
                      init_checkpoint: Optional[str] = None, extra: Optional[dict] = None,
                      lora_bias: str = "none", weights_format: str = "bin", init_revision: Optional[str] = None,
                      fingerprint: Optional[str] = None) -> dict:
-    """Write the adapter with ``lora.save_adapter`` (weights, then config, atomically, the last good pair kept
-    until the new one is complete); the model's description goes into the config's ``extra``.
+    """Write the adapter atomically with ``lora.save_adapter``, the model's description in the config's ``extra``.
 
     Args:
-        model: the model whose LoRA weights are saved.
-        out_dir: the adapter directory.
-        base_seed: the seed the random base was drawn from (recorded when there is no ``init_checkpoint``).
-        init_checkpoint: the base's checkpoint, recorded as an absolute path when it is a local one, as given
-            otherwise (a Hugging Face Hub name), with ``init_revision`` (the Hub commit sha) beside it.
-        extra: more fields for the config's ``extra`` (training arguments, data, step, precision, ...).
-        lora_bias: ``"none"``: the example trains no bias (other values are refused).
-        weights_format: ``"bin"`` (``pytorch_model.bin``) or ``"safetensors"`` (``adapter_model.safetensors``).
-        fingerprint: the base's, when the model's frozen weights were cast after it was built (half precision);
-            by default it is computed from the model.
+        base_seed: the random base's seed (recorded when there is no ``init_checkpoint``).
+        init_checkpoint: the base's checkpoint (a local one as an absolute path), ``init_revision`` its Hub commit.
+        extra: more fields for the config's ``extra``.
+        lora_bias: only ``"none"``: the example trains no bias.
+        weights_format: ``"bin"`` or ``"safetensors"``.
+        fingerprint: the base's, when its frozen weights were cast after building; default: computed.
 
     Returns:
-        The config written (loralib's, with the example's fields under ``"extra"``).
+        The config written.
 
     Raises:
         ValueError: an unknown ``weights_format`` or a ``lora_bias`` other than ``"none"``.
@@ -88,14 +73,8 @@ def save_adapter_dir(model: SimpleGPT2WithLoRA, out_dir: str, *, base_seed: int,
 
 
 def _previous_release(raw: dict, path: str) -> dict:
-    """The one place that knows the previous release's config (``"format": "loralib-nlg-adapter"``: the example's
-    fields at its top level, no layer specs): it returns the current form, the example's fields under ``extra``
-    with ``weights_file`` and ``weights_sha256`` beside them, and ``layers`` None (that release's LoRA layers are
-    the model config's own, so its weights are checked key by key against the model when they load).
-
-    Raises:
-        AdapterError: a ``weights_file`` other than the two names it wrote, or a ``weights_sha256`` not a string.
-    """
+    """The previous release's config in the current form: its fields under ``extra``, ``layers`` None (its weights
+    are checked key by key against the model when they load). Raises AdapterError on a bad weights_file / sha256."""
     name = raw.get("weights_file", WEIGHTS_NAME)
     if not isinstance(name, str) or name not in WEIGHTS_FILES.values():  # never an absolute or ../ path
         raise AdapterError(f"{path} names weights_file {name!r}; expected one of "
@@ -125,8 +104,7 @@ def _read(adapter_dir: str) -> dict:
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
-    """The example's fields of ``adapter_dir``'s config (``model_config``, ``base``, ``data``, ...): the ``extra``
-    of a loralib config, or the whole config of one written by the previous release.
+    """The example's fields of ``adapter_dir``'s config (``model_config``, ``base``, ``data``, ...).
 
     Raises:
         AdapterError: with the fix, when the directory or config is missing, malformed or not the example's.
@@ -134,28 +112,19 @@ def read_adapter_config(adapter_dir: str) -> dict:
     return _read(adapter_dir)["extra"]
 
 
-def _weights_file(adapter_dir: str, raw: dict) -> str:
-    return os.path.join(adapter_dir, raw.get("weights_file") or WEIGHTS_NAME)
+def weights_path(adapter_dir: str, raw: Optional[dict] = None) -> str:
+    """The weights file ``adapter_dir``'s config (``raw``: as read already) names (default pytorch_model.bin)."""
+    return os.path.join(adapter_dir, (raw or _read(adapter_dir)).get("weights_file") or WEIGHTS_NAME)
 
 
-def weights_path(adapter_dir: str) -> str:
-    """The weights file of ``adapter_dir``: the one its config names (``pytorch_model.bin`` in configs of the
-    previous release that name none)."""
-    return _weights_file(adapter_dir, _read(adapter_dir))
-
-
-def read_adapter_weights(adapter_dir: str) -> dict:
-    """The adapter's tensors, read safely (``lora.serialization.safe_load``: no code runs, the SHA-256 the config
-    recorded is checked) and checked to be finite floating-point LoRA weights.
+def read_adapter_weights(adapter_dir: str, raw: Optional[dict] = None) -> dict:
+    """The adapter's tensors, read safely (no code runs, the recorded SHA-256 checked), finite floating point.
 
     Raises:
         AdapterError: a missing, corrupted, unsafe or non-finite file, named.
     """
-    return _read_weights(adapter_dir, _read(adapter_dir))
-
-
-def _read_weights(adapter_dir: str, raw: dict) -> dict:
-    path = _weights_file(adapter_dir, raw)
+    raw = raw or _read(adapter_dir)
+    path = weights_path(adapter_dir, raw)
     if not os.path.lexists(path):
         raise AdapterError(f"{path} is missing: {adapter_dir!r} has a config but no adapter weights")
     state = safe_load(path, raw.get("weights_sha256"))
@@ -171,18 +140,17 @@ def _read_weights(adapter_dir: str, raw: dict) -> dict:
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str, adapter: str = "default") -> None:
     """Load ``adapter_dir``'s weights into ``model`` as ``adapter`` (``"default"``: the layers' own; another name:
-    an added adapter, inactive until ``lora.set_adapter``), with ``lora.load_adapter``. A previous release's
-    directory has no layer specs: its state dict is checked key by key against the model's LoRA weights.
+    an added adapter, inactive until ``lora.set_adapter``); a previous release's directory key by key.
 
     Raises:
-        AdapterError: a missing or corrupted file, or weights that do not fit the model (the first key named);
-            an adapter added for the load is removed again.
+        AdapterError: a missing or corrupted file, or weights that do not fit (the first key named); an adapter
+            added for the load is removed again.
     """
     raw = _read(adapter_dir)
     if raw["layers"] is not None:
         lora.load_adapter(model, adapter_dir, adapter=adapter)
         return
-    state, source = _read_weights(adapter_dir, raw), _weights_file(adapter_dir, raw)
+    state, source = read_adapter_weights(adapter_dir, raw), weights_path(adapter_dir, raw)
     if adapter == "default":
         load_adapter_weights(model, state, source=source)
         return
@@ -203,8 +171,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, adapter: str = "defau
 
 
 def check_adapter_fits(model: torch.nn.Module, state: dict, source: str = "adapter") -> None:
-    """Every key of ``state`` exists in ``model``'s state dict with the same shape, and ``state`` has every LoRA
-    weight the model has. Raises AdapterError naming the first difference."""
+    """Raises AdapterError naming the first key of ``state`` not in ``model`` with its shape, or LoRA weight of
+    ``model`` not in ``state``."""
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     if unexpected:
@@ -220,7 +188,7 @@ def check_adapter_fits(model: torch.nn.Module, state: dict, source: str = "adapt
 
 
 def load_adapter_weights(model: SimpleGPT2WithLoRA, state: dict, source: str = "adapter") -> None:
-    """Load LoRA weights into ``model``; every key must exist in the model with the same shape."""
+    """Load LoRA weights into ``model`` after :func:`check_adapter_fits`."""
     check_adapter_fits(model, state, source)
     model.load_state_dict(state, strict=False)
 
@@ -229,8 +197,7 @@ _INT_FIELDS = ("vocab_size", "max_positions", "hidden_dim", "num_layers", "num_h
 
 
 def _model_config(config: dict, path: str) -> GPTConfig:
-    """The GPTConfig a config describes, its fields type-checked first (a corrupted or hostile file must fail
-    here with the field named, not deep inside the model's constructor)."""
+    """The GPTConfig a config describes, its fields type-checked first (a hostile file fails here, named)."""
     d = config.get("model_config")
     if not isinstance(d, dict):
         raise AdapterError(f"model_config in {path} is not a JSON object; the config is corrupted")
@@ -264,10 +231,8 @@ def _base(config: dict, path: str) -> dict:
 
 
 def _check_size(cfg: GPTConfig, names: Iterable[str], path: str) -> None:
-    """Refuse a config that disagrees with its adapter on the number of layers (``names``: the adapted layers or
-    weights), or whose model (its frozen weights, counted from the config: 12 d^2 + 13 d per block, embeddings and
-    head) exceeds this machine's memory: checked before even a meta-device model is built, since building a
-    million blocks would itself hang."""
+    """Refuse a config that disagrees with its adapter's layers (``names``) on the number of blocks, or whose model
+    (12 d^2 + 13 d per block, embeddings, head) exceeds this machine's memory, before even a meta model is built."""
     layers = {int(k.split(".")[2]) for k in names
               if k.startswith("transformer.h.") and len(k.split(".")) > 2 and k.split(".")[2].isdigit()}
     if layers and layers != set(range(cfg.num_layers)):
@@ -290,17 +255,13 @@ def _physical_memory() -> Optional[int]:
 
 def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
                                 init_checkpoint: Optional[str] = None) -> Tuple[SimpleGPT2WithLoRA, dict]:
-    """Rebuild ``SimpleGPT2WithLoRA`` from ``adapter_config.json`` alone, load its base and the adapter
-    (``lora.load_adapter``; a directory of the previous release: its state dict, checked key by key).
+    """Rebuild ``SimpleGPT2WithLoRA`` from ``adapter_config.json`` alone, load its base and the adapter.
 
     Args:
-        adapter_dir: a directory written by :func:`save_adapter_dir` (this release's or the previous one's).
-        device: where to put the model.
-        init_checkpoint: overrides the base checkpoint (path or Hub name) recorded in the config.
+        init_checkpoint: overrides the base checkpoint recorded in the config.
 
     Returns:
-        (model in train mode, the example's config fields as :func:`read_adapter_config` returns them). Call
-        ``model.eval()`` to merge the adapter.
+        (model in train mode, :func:`read_adapter_config`'s fields). ``model.eval()`` merges the adapter.
 
     Raises:
         AdapterError: missing/corrupted files, a config that does not build, or weights that do not fit.
@@ -309,20 +270,18 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu",
     config, path = raw["extra"], os.path.join(adapter_dir, CONFIG_NAME)
     cfg, base = _model_config(config, path), _base(config, path)
     if raw["layers"] is None:
-        # The weights and the config must agree before the model is built for real: built on the meta device
-        # first, a config claiming a huge model (corrupted or hostile) fails here instead of allocating it.
-        state = _read_weights(adapter_dir, raw)
+        # Checked against a meta-device model first: a config claiming a huge model fails without allocating it.
+        state = read_adapter_weights(adapter_dir, raw)
         _check_size(cfg, state, path)
         with torch.device("meta"):
             shell = SimpleGPT2WithLoRA(cfg)
-        check_adapter_fits(shell, state, source=_weights_file(adapter_dir, raw))
+        check_adapter_fits(shell, state, source=weights_path(adapter_dir, raw))
     else:
         _check_size(cfg, raw["layers"], path)
     model = build_model(cfg, base_seed=base.get("base_seed") or 0)
     ckpt = init_checkpoint or base.get("init_checkpoint")
     if ckpt:
-        from .hf_checkpoint import load_hf_gpt2_weights, resolve_init_checkpoint  # the trainer's importer
-
+        from .hf_checkpoint import load_hf_gpt2_weights, resolve_init_checkpoint
         # The recorded Hub commit pins the very weights trained on; an overriding --init_checkpoint takes its own.
         revision = None if init_checkpoint else base.get("init_revision")
         load_hf_gpt2_weights(model, resolve_init_checkpoint(ckpt, revision).path)

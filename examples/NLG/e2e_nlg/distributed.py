@@ -1,8 +1,6 @@
-"""Data-parallel plumbing shared by the NLG scripts: process group set-up from torchrun's environment, the device
-of each process, cooperative stop on Ctrl-C / SIGTERM, and a DDP communication hook that measures what is synced.
-
-A plain ``python script.py`` (no ``WORLD_SIZE`` in the environment) gets a :class:`Context` of one process with no
-process group, so single-process code paths stay exactly as they were.
+"""Data-parallel plumbing: the process group from torchrun's environment, each process's device, a cooperative stop
+on Ctrl-C / SIGTERM, and a DDP hook that measures what is synced. A plain ``python script.py`` gets a one-process
+:class:`Context` with no process group.
 """
 import inspect
 import os
@@ -13,7 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .train_utils import DeviceError
+from .train_utils import DeviceError, check_device_name, select_device
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -53,24 +51,18 @@ class Context:
 
 def device_for_rank(name: str, local_rank: int) -> torch.device:
     """The device of the process with ``local_rank`` on its node: ``cuda:LOCAL_RANK`` for ``auto`` / ``cuda`` when
-    CUDA is there, else CPU. An explicit ``cuda:N`` is refused, since every process would pick the same GPU.
+    CUDA is there, else CPU.
 
     Raises:
-        DeviceError: CUDA asked for without a GPU, fewer GPUs than processes on this node, or ``cuda:N``.
+        DeviceError: CUDA asked for without a GPU, fewer GPUs than processes on this node, or ``cuda:N`` (every
+            process would pick the same GPU).
     """
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "auto" and not torch.cuda.is_available():
-        return torch.device("cpu")
     if name.startswith("cuda:"):
         raise DeviceError(f"--device {name} pins every process to one GPU; under torchrun use --device cuda "
                           "(process LOCAL_RANK gets cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose the GPUs")
-    if name not in ("auto", "cuda"):
-        raise DeviceError(f"unknown --device {name!r}; use auto, cuda or cpu")
-    if not torch.cuda.is_available():
-        raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available to this torch "
-                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-                          "use --device cpu or --device auto")
+    check_device_name(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
     n = torch.cuda.device_count()
     if local_rank >= n:
         raise DeviceError(f"process LOCAL_RANK {local_rank} needs GPU {local_rank} but only {n} GPU(s) are visible; "
@@ -91,11 +83,13 @@ def choose_backend(requested: str, device: torch.device) -> str:
 
 
 def init(device_name: str = "auto", backend: str = "auto") -> Context:
-    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...), or
-    return a one-process context without a group when the script was not started by torchrun."""
-    if not launched_by_torchrun():
-        from .train_utils import select_device
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ...), or return a one-process context
+    without a group when the script was not started by torchrun.
 
+    Raises:
+        DistributedError: a bad torchrun environment or backend; DeviceError: see :func:`device_for_rank`.
+    """
+    if not launched_by_torchrun():
         return Context(device=select_device(device_name))
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
@@ -117,10 +111,8 @@ def cleanup(ctx: Context) -> None:
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
-    """``model`` in DistributedDataParallel, syncing parameters only: rank 0's weights once at wrap time, then the
-    LoRA gradients. Buffers (the causal mask) never change, so they are not re-sent on every forward. torch 2.13
-    names that ``forward_sync_buffers=False`` (deprecating ``broadcast_buffers``); earlier releases only know
-    ``broadcast_buffers=False``, which there means the same."""
+    """``model`` in DistributedDataParallel, syncing the LoRA gradients only (buffers such as the causal mask never
+    change): ``forward_sync_buffers=False`` in torch 2.13, ``broadcast_buffers=False`` before."""
     ddp = torch.nn.parallel.DistributedDataParallel
     ids = [device] if device.type == "cuda" else None
     if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
@@ -138,23 +130,22 @@ def _all_reduce(ctx: Context, values, op) -> list:
 
 
 def all_reduce_sum(ctx: Context, values) -> list:
-    """Element-wise sum over processes of a short list of numbers (float64, so token counts stay exact)."""
+    """Element-wise sum over processes (float64, so token counts stay exact)."""
     return _all_reduce(ctx, values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(ctx: Context, values) -> list:
-    """Element-wise maximum over processes of a short list of numbers."""
+    """Element-wise maximum over processes."""
     return _all_reduce(ctx, values, dist.ReduceOp.MAX)
 
 
 class StopRequest:
-    """Turns SIGINT / SIGTERM into a flag that the training loop checks at step boundaries.
+    """Turns SIGINT / SIGTERM into a flag the training loop checks at step boundaries.
 
-    Under torchrun every worker gets the signal (torchrun forwards it, and a terminal's Ctrl-C reaches the whole
-    process group), but at different points of a step: raising ``KeyboardInterrupt`` there would leave some ranks
-    inside a collective the others have left. With a flag the ranks agree at the next step boundary, stop together
-    and rank 0 saves a consistent checkpoint. Repeated signals are not escalated, because each worker normally gets
-    two for one Ctrl-C; torchrun kills workers that do not exit within its shutdown timeout (30 s).
+    Under torchrun every worker gets the signal at a different point of a step: a ``KeyboardInterrupt`` there would
+    leave some ranks inside a collective the others have left. With a flag the ranks stop together at the next step
+    boundary and rank 0 saves a consistent checkpoint. Repeated signals are not escalated (each worker normally gets
+    two for one Ctrl-C); torchrun kills workers that do not exit within its shutdown timeout (30 s).
     """
 
     def __init__(self):
@@ -179,19 +170,14 @@ class StopRequest:
 
 class AllReduceCounter:
     """A DDP communication hook that all-reduces each gradient bucket as DDP's default does, and counts the bytes
-    of the buckets it was handed: what DDP really syncs, measured at the point it syncs it."""
+    of the buckets it was handed: what DDP really syncs."""
 
     def __init__(self):
         self.bytes = 0
         self.buckets = 0
 
-    def reset(self):
-        self.bytes = 0
-        self.buckets = 0
-
     def hook(self, state, bucket):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
         buf = bucket.buffer()
         self.bytes += buf.numel() * buf.element_size()
         self.buckets += 1

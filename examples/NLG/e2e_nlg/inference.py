@@ -1,6 +1,5 @@
-"""Inference pieces run_inference.py is made of: checking meaning representations, loading one base with several
-named adapters, generating with one adapter or with all of them in mixed batches, and timing it.
-"""
+"""What run_inference.py is made of: checking MRs, one base with several named adapters, generating with one
+adapter or all of them in mixed batches, timed."""
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -23,13 +22,9 @@ class MRError(ValueError):
 
 
 def check_mr(mr: str, source: str = "--input") -> str:
-    """Validate one meaning representation in the E2E prompt format and return it stripped.
-
-    Well formed means: one or more fields separated by ``|``, each ``key : value`` with a non-empty key and value,
-    no ``||`` (the prompt's separator) and no line break.
+    """``mr`` stripped, checked to be one line of ``key : value`` fields separated by ``|``, without ``||``.
 
     Args:
-        mr: e.g. ``"name : The Eagle | Type : pub | area : riverside"``.
         source: where it came from, for the message (``--input``, ``FILE:LINE``).
 
     Raises:
@@ -50,7 +45,7 @@ def check_mr(mr: str, source: str = "--input") -> str:
 
 
 def read_mr_file(path: str) -> List[str]:
-    """One MR per non-blank line of ``path`` (an E2E data line's ``MR||text`` is accepted: its MR is used).
+    """One MR per non-blank line of ``path`` (of an E2E data line ``MR||text``, its MR).
 
     Raises:
         MRError: a missing/unreadable file, no MR in it, or a malformed line (named ``path:line``).
@@ -60,10 +55,7 @@ def read_mr_file(path: str) -> List[str]:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise MRError(f"--input_file {path!r}: cannot read it ({e})") from e
-    mrs = []
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            mrs.append(check_mr(line.split("||")[0], f"{path}:{i}"))
+    mrs = [check_mr(line.split("||")[0], f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()]
     if not mrs:
         raise MRError(f"--input_file {path!r} holds no meaning representation")
     return mrs
@@ -78,12 +70,7 @@ class Adapter:
 
 
 def ready(model, adapter: str = "default", merged: bool = True):
-    """``model`` in eval mode with ``adapter`` active (``lora.set_adapter``), merged into the weights or not
-    (unmerged: what batches whose rows use different adapters need, ``generate``'s ``adapter_names``).
-
-    Returns:
-        the model, ready for generation.
-    """
+    """``model`` in eval mode with ``adapter`` active, merged into the weights or not (what mixed batches need)."""
     model.train()  # unmerges whatever is merged
     lora.set_adapter(model, adapter)
     for _, layer in lora.layers.lora_layers(model):
@@ -104,15 +91,12 @@ def _same_base(first: dict, other: dict, path: str, first_path: str) -> None:
 
 def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Optional[str] = None,
                   precision: str = "fp32") -> Tuple[torch.nn.Module, List[Adapter]]:
-    """Build the base once (from the first adapter's config) and load every adapter into it as a named adapter
-    (the first the layers' own, ``"default"``, the others ``adapter1``, ``adapter2``, ...), checking it fits.
+    """Build the base once (from the first adapter's config) and load every adapter into it, checked: the first as
+    ``"default"``, the others as ``adapter1``, ``adapter2``, ...
 
     Args:
-        adapter_dirs: adapter directories written by run_training.py; the first decides the model.
-        device: where the model goes.
         init_checkpoint: overrides the base checkpoint recorded in the configs.
-        precision: the dtype the frozen base is stored in (``"fp32"``, ``"bf16"``, ``"fp16"``); the LoRA weights
-            stay float32. Checked against the recorded fingerprint before the cast.
+        precision: the frozen base's dtype (cast after the fingerprint check); LoRA weights stay float32.
 
     Returns:
         (the model, in train mode with ``"default"`` active; the adapters in the order given).
@@ -127,7 +111,7 @@ def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Op
     for i, d in enumerate(adapter_dirs[1:], 1):
         cfg = read_adapter_config(d)
         _same_base(config, cfg, d, adapter_dirs[0])
-        load_adapter(model, d, adapter=f"adapter{i}")  # every shape and key checked now, before any generation
+        load_adapter(model, d, adapter=f"adapter{i}")
         adapters.append(Adapter(d, cfg, f"adapter{i}"))
     lora.mark_only_lora_as_trainable(model)
     cast_frozen(model, precision)
@@ -136,14 +120,13 @@ def load_adapters(adapter_dirs: Sequence[str], device="cpu", init_checkpoint: Op
 
 def prompts_for(mrs: Sequence[str], delex: Sequence[str] = (), tokenizer: Optional[Tokenizer] = None
                 ) -> List[List[int]]:
-    """Token ids of ``format_prompt(mr, delex)`` for each MR: what training conditioned on (``tokenizer``: the
-    model family's, default GPT-2's)."""
+    """Token ids of ``format_prompt(mr, delex)`` for each MR (``tokenizer``: default GPT-2's)."""
     enc = (tokenizer or gpt2_tokenizer()).enc
     return [enc.encode_ordinary(format_prompt(mr, delex)) for mr in mrs]
 
 
 def adapter_delex(config: dict) -> List[str]:
-    """The attributes an adapter was trained with delexicalised (none for adapters from before that option)."""
+    """The attributes an adapter was trained with delexicalised."""
     return list(config.get("data", {}).get("delexicalize", []))
 
 
@@ -154,47 +137,41 @@ def _decoding(cfg: DecodeConfig, tokenizer: Optional[Tokenizer]) -> Tuple[Tokeni
     return tokenizer, dataclasses.replace(cfg, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
 
-def _texts(mrs: Sequence[str], delexes, out: List[List[int]], seconds: float, cfg: DecodeConfig, tok: Tokenizer):
-    """Decoded texts (placeholders filled back in from each MR) and the speed of one timed generation."""
-    enc = tok.enc
+def _timed_texts(model, mrs: Sequence[str], delexes, cfg: DecodeConfig, batch_size: int,
+                 tokenizer: Optional[Tokenizer], adapter_names=None) -> Tuple[List[str], dict]:
+    """The texts of one timed generation (placeholders filled back in from each MR), and its speed."""
+    tok, cfg = _decoding(cfg, tokenizer)
+    prompts = [prompts_for([mr], d, tok)[0] for mr, d in zip(mrs, delexes)]
+    t0 = time.perf_counter()
+    out = generate(model, prompts, cfg, batch_size=batch_size, adapter_names=adapter_names)
+    seconds = time.perf_counter() - t0
     n = sum(len(o) + (len(o) < cfg.max_new_tokens) for o in out)  # + the end-of-text each finished one produced
-    texts = [relexicalize(enc.decode(o).strip(), delexicalize(mr, None, d)[2]) for mr, d, o in zip(mrs, delexes, out)]
+    texts = [relexicalize(tok.enc.decode(o).strip(), delexicalize(mr, None, d)[2])
+             for mr, d, o in zip(mrs, delexes, out)]
     return texts, {"tokens": n, "seconds": seconds, "tokens_per_second": n / max(seconds, 1e-9)}
 
 
 def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
              delex: Sequence[str] = (), tokenizer: Optional[Tokenizer] = None) -> Tuple[List[str], dict]:
-    """Generate one description per MR and time it. With ``delex`` (what the adapter was trained with), the
-    prompts carry placeholders and the MR's values are put back into the generated texts. ``tokenizer``: the
-    model family's (``family.tokenizer_for``; default GPT-2's), whose end and padding ids decoding uses.
+    """Generate one description per MR, timed; ``delex``: the adapter's placeholders (values put back into the
+    texts); ``tokenizer``: the model family's (default GPT-2's).
 
     Returns:
-        (texts, stats) with stats ``{"tokens": generated tokens (end-of-text included when produced),
-        "seconds": wall time, "tokens_per_second": ...}``, measured in this call.
+        (texts, ``{"tokens": generated, end-of-text included; "seconds"; "tokens_per_second"}``).
     """
-    tok, cfg = _decoding(cfg, tokenizer)
-    prompts = prompts_for(mrs, delex, tok)
-    t0 = time.perf_counter()
-    out = generate(model, prompts, cfg, batch_size=batch_size)
-    return _texts(mrs, [delex] * len(mrs), out, time.perf_counter() - t0, cfg, tok)
+    return _timed_texts(model, mrs, [delex] * len(mrs), cfg, batch_size, tokenizer)
 
 
 def describe_mixed(model, adapters: Sequence[Adapter], mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
                    tokenizer: Optional[Tokenizer] = None) -> Tuple[List[List[str]], dict]:
-    """Every adapter's description of every MR, generated in mixed batches: the requests go in MR by MR, each
-    MR's for every adapter in turn, so a batch holds several adapters, each row generated by its own
-    (``generate``'s ``adapter_names``). The model is left unmerged.
+    """Every adapter's description of every MR, in mixed batches (each row its own adapter); the model is left
+    unmerged.
 
     Returns:
-        (texts per adapter, in ``adapters``' order, each a list per MR; stats of the whole run, as
-        :func:`describe`'s).
+        (texts per adapter, each a list per MR; stats of the whole run, as :func:`describe`'s).
     """
     requests = [(mr, a) for mr in mrs for a in adapters]
-    tok, cfg = _decoding(cfg, tokenizer)
-    prompts = [prompts_for([mr], adapter_delex(a.config), tok)[0] for mr, a in requests]
     model = ready(model, merged=False)
-    t0 = time.perf_counter()
-    out = generate(model, prompts, cfg, batch_size=batch_size, adapter_names=[a.name for _, a in requests])
-    texts, stats = _texts([mr for mr, _ in requests], [adapter_delex(a.config) for _, a in requests], out,
-                          time.perf_counter() - t0, cfg, tok)
+    texts, stats = _timed_texts(model, [mr for mr, _ in requests], [adapter_delex(a.config) for _, a in requests],
+                                cfg, batch_size, tokenizer, [a.name for _, a in requests])
     return [texts[i::len(adapters)] for i in range(len(adapters))], stats

@@ -1,10 +1,6 @@
-"""Named sets of flags: ``--recipe paper`` is Microsoft's examples/NLG recipe for GPT-2 M on E2E.
-
-Source: the training and beam-search commands for GPT-2 M in the README of github.com/microsoft/LoRA
-(``examples/NLG``), and the defaults of its ``src/optimizer.py`` for what those commands leave out (AdamW
-``eps`` 1e-6). Any flag given on the command line overrides the recipe's value. Length penalty: that README's
-command uses 0.8, the paper's Table 11 lists 0.9 for E2E; the recipe uses 0.8, ``--length_penalty 0.9`` gives the
-paper's.
+"""Named sets of flags, overridden by flags given on the command line. ``paper``: the GPT-2 M commands of
+github.com/microsoft/LoRA's examples/NLG README (AdamW eps 1e-6 from its ``src/optimizer.py``; length penalty 0.8
+as that README, the paper's Table 11 says 0.9).
 """
 import argparse
 from typing import Callable, Dict, Optional, Sequence, Set
@@ -40,10 +36,8 @@ SOURCE = "github.com/microsoft/LoRA examples/NLG README, GPT-2 M on E2E (train: 
 
 
 def explicit_dests(make_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str]) -> Set[str]:
-    """The ``dest`` of every option given on the command line ``argv``, even when its value equals the default.
-
-    Parses ``argv`` a second time with every default suppressed, so only what was typed lands in the namespace.
-    """
+    """The ``dest`` of every option typed in ``argv``, even with its default value (parsed with defaults
+    suppressed)."""
     p = make_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
@@ -55,14 +49,12 @@ def apply_recipe(args: argparse.Namespace, name: Optional[str], stage: str, expl
     """Set the recipe's values on ``args`` for every flag not in ``explicit``.
 
     Args:
-        args: the parsed arguments, changed in place.
-        name: a key of :data:`RECIPES`, or None / "none" for no recipe.
+        args: changed in place.
+        name: a key of :data:`RECIPES`, or None / "none".
         stage: "train" or "decode".
-        explicit: dests given on the command line; they keep their values.
 
     Returns:
-        ``{"name", "source", "values": the recipe's values, "overridden": {dest: value given instead}}`` for
-        adapter_config.json, or ``{}`` without a recipe.
+        ``{"name", "source", "values", "overridden": {dest: value given instead}}``, or ``{}`` without a recipe.
 
     Raises:
         ValueError: an unknown recipe name.

@@ -20,13 +20,9 @@ def _bpe_files():
 
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
-    """The GPT-2 encoding as a ``tiktoken.Encoding`` ("Hello world" -> [15496, 995]).
-
-    Use ``enc.encode_ordinary(text)`` for text and ``EOT_ID`` for the end-of-text token.
-    """
+    """The GPT-2 encoding as a ``tiktoken.Encoding`` ("Hello world" -> [15496, 995])."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
     vocab_bpe, encoder_json = _bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
     enc = tiktoken.Encoding(name="gpt2-offline", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
@@ -45,5 +41,5 @@ class Tokenizer:
 
 
 def gpt2_tokenizer() -> Tokenizer:
-    """GPT-2's BPE (:func:`get_tokenizer`) with ``<|endoftext|>`` as end and padding."""
+    """GPT-2's BPE with ``<|endoftext|>`` as end and padding."""
     return Tokenizer("gpt2", get_tokenizer(), EOT_ID, EOT_ID)

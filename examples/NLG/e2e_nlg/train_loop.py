@@ -1,7 +1,5 @@
-"""The one training loop: ``run_training.py``, ``compare_lora_vs_full.py`` (LoRA or full fine-tuning) and
-``benchmarks/bench_peers.py``'s NLG part all step through :func:`run_steps`; what each measures or records comes in
-through :class:`Hooks`.
-"""
+"""The one training loop (:func:`run_steps`) of run_training.py, compare_lora_vs_full.py and bench_peers.py's NLG
+part; what each measures or records comes in through :class:`Hooks`."""
 import contextlib
 import itertools
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ from .train_utils import autocast, sigint_deferred
 
 
 def model_loss(model: torch.nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The example's loss: the model's own, computed at the label positions only."""
+    """The model's own loss, computed at the label positions only."""
     return model(batch["input_ids"], labels=batch["labels"], label_smoothing=label_smoothing).loss
 
 
@@ -32,12 +30,10 @@ class Trainer:
     grad_accum: int = 1  # micro-batches per optimizer step
     ctx: Optional[distributed.Context] = None  # under torchrun: token counts, losses and stop requests are shared
     stop: Optional[distributed.StopRequest] = None
-    # (model, batch) -> the mean loss of the batch's labelled tokens; the default is :func:`model_loss`
-    loss_fn: Optional[Callable[[torch.nn.Module, dict], torch.Tensor]] = None
-    scaler: torch.amp.GradScaler = field(init=False)
+    loss_fn: Optional[Callable[[torch.nn.Module, dict], torch.Tensor]] = None  # default: model_loss
+    scaler: torch.amp.GradScaler = field(init=False)  # float16 gradients can underflow; bfloat16's cannot
 
     def __post_init__(self):
-        # float16 gradients can underflow; bfloat16 has float32's range and needs no scaler.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     @property
@@ -79,8 +75,8 @@ class Hooks:
 
 
 def run_steps(tr: Trainer, batches: Iterable[dict], start: int, stop: int, hooks: Optional[Hooks] = None) -> int:
-    """Optimizer steps ``start`` .. ``stop - 1``, each over ``tr.grad_accum`` micro-batches of ``batches``; stops
-    early when ``batches`` runs out. Returns the step it stopped at.
+    """Optimizer steps ``start`` .. ``stop - 1`` of ``tr.grad_accum`` micro-batches each, until ``batches`` runs out.
+    Returns the step it stopped at.
 
     Raises:
         KeyboardInterrupt: a rank was asked to stop (torchrun); ValueError: no token to learn in a step.
@@ -98,7 +94,7 @@ def run_steps(tr: Trainer, batches: Iterable[dict], start: int, stop: int, hooks
 
 
 def optimizer_step(tr: Trainer, micro: list, step: int, hooks: Hooks) -> StepResult:
-    """One optimizer step over the micro-batches ``micro`` (gradient accumulation). See :func:`run_steps`."""
+    """One optimizer step over the micro-batches ``micro``."""
     counts = [target_count(b["labels"]) for b in micro]
     n_tok = sum(counts)
     tokens = sum(int(b["input_ids"].numel()) for b in micro)
@@ -125,8 +121,7 @@ def optimizer_step(tr: Trainer, micro: list, step: int, hooks: Hooks) -> StepRes
     tr.scaler.unscale_(tr.opt)
     if tr.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([q for q in tr.model.parameters() if q.requires_grad], tr.max_grad_norm)
-    # Ctrl-C waits for the end of this block: weights, optimizer, schedule and the caller's step counter move
-    # together.
+    # Ctrl-C waits for the end of this block: weights, optimizer, schedule and step counter move together.
     with sigint_deferred():
         tr.scaler.step(tr.opt)
         tr.scaler.update()
@@ -139,14 +134,12 @@ def optimizer_step(tr: Trainer, micro: list, step: int, hooks: Hooks) -> StepRes
 
 def accumulate_gradients(tr: Trainer, micro: list, counts: List[int], n_tok: int, hooks: Hooks,
                          step: int) -> List[float]:
-    """Forward and backward of each micro-batch (``counts``: the tokens each predicts, ``n_tok``: all ranks'
-    total); returns their mean losses (this rank's)."""
+    """Forward and backward of each micro-batch; returns their mean losses (this rank's)."""
     world_size = tr.ctx.world_size if tr.is_distributed else 1
     loss_fn = tr.loss_fn or (lambda model, b: model_loss(model, b, tr.label_smoothing))
     losses = []
     for i, (b, n) in enumerate(zip(micro, counts)):
-        # DDP syncs gradients once, on the last micro-batch of the step.
-        last = i == len(micro) - 1
+        last = i == len(micro) - 1  # DDP syncs gradients once, on the last micro-batch
         with (tr.model.no_sync() if tr.is_distributed and not last else contextlib.nullcontext()):
             b = {k: v.to(tr.device) for k, v in b.items()}
             with hooks.forward_context(step), autocast(tr.device, tr.precision):

@@ -1,12 +1,11 @@
 """Pieces of the training loop that other scripts share: device choice, LR schedule, evaluation, saving state."""
 import contextlib
-import json
 import math
 import os
 import random
 import signal
 import threading
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 
@@ -14,7 +13,6 @@ from .adapter_io import atomic_json, atomic_write
 from .data import target_count
 
 STATE_NAME = "training_state.pt"
-METRICS_NAME = "metrics.json"
 HISTORY_NAME = "loss_history.json"
 PLOT_NAME = "loss.png"
 
@@ -23,23 +21,26 @@ class DeviceError(RuntimeError):
     """The requested device is not available."""
 
 
+def check_device_name(name: str) -> None:
+    """Raises DeviceError: ``name`` is not auto, cpu or cuda[:N], or asks for CUDA where there is none."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise DeviceError(f"unknown --device {name!r}; use auto, cuda or cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available to this torch "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                          "use --device cpu or --device auto")
+
+
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cuda`` (or ``cuda:N``) without a GPU is an error.
+    """``auto``: CUDA when available, else CPU.
 
     Raises:
         DeviceError: CUDA asked for but not available; or an unknown device name.
     """
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available to this torch "
-                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-                              "use --device cpu or --device auto")
-        return torch.device(name)
-    raise DeviceError(f"unknown --device {name!r}; use auto, cuda or cpu")
+    return torch.device(name)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -47,20 +48,17 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX), as torch's kernels see it.
-    Without them bfloat16 matmuls are emulated and slower than float32."""
+    """Whether this CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX); without them bfloat16
+    matmuls are emulated and slower than float32."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def resolve_precision(name: str, device: torch.device, cpu_bf16: Optional[bool] = None) -> tuple:
-    """The precision a run uses, and why.
-
-    ``auto``: on CPU, bf16 when the processor has native bfloat16 matrix instructions, else fp32; on CUDA, bf16
-    where the GPU supports it, else fp16 (which then needs a gradient scaler).
+    """The precision a run uses, and why. ``auto``: bf16 where the CPU or GPU has it natively, else fp32 on CPU and
+    fp16 (with a gradient scaler) on a GPU.
 
     Args:
         name: one of :data:`PRECISIONS`.
-        device: the run's device.
         cpu_bf16: overrides the CPU capability check (tests).
 
     Returns:
@@ -80,8 +78,7 @@ def resolve_precision(name: str, device: torch.device, cpu_bf16: Optional[bool] 
         if torch.cuda.is_bf16_supported():
             return "bf16", "auto: this GPU supports bfloat16"
         return "fp16", "auto: this GPU has no bfloat16, so float16 with a gradient scaler"
-    has = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
-    if has:
+    if cpu_has_bf16() if cpu_bf16 is None else cpu_bf16:
         return "bf16", "auto: this CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX)"
     return "fp32", "auto: this CPU has no native bfloat16 matrix instructions, where bfloat16 would be slower"
 
@@ -90,35 +87,27 @@ def precision_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-# oneDNN, which runs torch's bfloat16 matmuls on CPU, compiles a kernel for every matrix shape it meets and keeps
-# it in two caches of 1,024 entries each (oneDNN's own and ideep's). E2E batches come in hundreds of shapes (the
-# padded length and the count of label positions vary), so a default bf16 run grew to 3.8 GB of RSS before the
-# caches filled (3.77 GB). 256 entries each bound it (2.05 GB) for a few percent of the speed; 64 bound it lower
-# (about 1.4 GB) for about 9% (benchmarks/RESULTS.md, 2026-12-03 second round). oneDNN reads these variables when
-# it builds its first kernel: set before any half-precision matmul.
+# oneDNN (torch's bfloat16 matmuls on CPU) keeps a kernel per matrix shape in two caches of 1,024 entries; E2E's
+# hundreds of batch shapes grew a default bf16 run to 3.8 GB of RSS. 256 entries each bound it (2.05 GB) for a few
+# percent of the speed (benchmarks/RESULTS.md, 2026-12-03 second round). Read when oneDNN builds its first kernel.
 ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "256"}
 
 
 def cap_onednn_caches() -> Dict[str, str]:
-    """Set the variables of :data:`ONEDNN_CACHE_ENV` that the environment does not set already (a user's own
-    values win). Returns the values now in effect."""
+    """Set the variables of :data:`ONEDNN_CACHE_ENV` the user has not set; returns the values in effect."""
     for k, v in ONEDNN_CACHE_ENV.items():
         os.environ.setdefault(k, v)
     return {k: os.environ[k] for k in ONEDNN_CACHE_ENV}
 
 
 def cast_frozen(model: torch.nn.Module, precision: str) -> None:
-    """Store the frozen (non-trainable) weights in ``precision``'s dtype; trainable ones (LoRA) stay float32.
-
-    In a half precision this also caps oneDNN's per-shape kernel caches (:func:`cap_onednn_caches`) before the
-    model's first half-precision matmul, so a CPU run's memory stays flat however many batch shapes it meets.
-    """
+    """Store the frozen (non-trainable) weights in ``precision``'s dtype (capping oneDNN's caches first in a half
+    precision); trainable ones (LoRA) stay float32."""
     if precision != "fp32":
         cap_onednn_caches()
-    dtype = precision_dtype(precision)
     for p in model.parameters():
         if not p.requires_grad:
-            p.data = p.data.to(dtype)
+            p.data = p.data.to(precision_dtype(precision))
 
 
 def autocast(device: torch.device, precision: str):
@@ -140,10 +129,11 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]], device,
              precision: str = "fp32") -> float:
-    """Mean next-token loss per predicted token (reference tokens and end-of-text) over ``batches``.
+    """Mean next-token loss per predicted token over ``batches``, in eval mode *without* merging LoRA (a merge and
+    unmerge is not bit-exact, so evaluating during training would nudge the frozen base).
 
-    The model runs in eval mode *without* merging LoRA into the frozen weights: a merge followed by an unmerge is
-    not bit-exact in floating point, so evaluating during training would otherwise nudge the frozen base.
+    Raises:
+        ValueError: no token to predict.
     """
     import loralib as lora
 
@@ -188,11 +178,8 @@ def set_rng_state(s: dict) -> None:
 
 @contextlib.contextmanager
 def sigint_deferred():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then raise KeyboardInterrupt.
-
-    For the few lines that must run together (optimizer step, schedule step, step counter). Does nothing outside
-    the main thread, or where SIGINT has another handler than Python's default (torchrun's stop flag).
-    """
+    """Hold a Ctrl-C arriving inside the block (lines that must run together) until it ends, then raise
+    KeyboardInterrupt. Does nothing outside the main thread or under another SIGINT handler (torchrun's)."""
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
@@ -208,15 +195,15 @@ def sigint_deferred():
 
 
 def save_training_state(out_dir: str, state: dict) -> None:
-    """Write ``training_state.pt`` atomically (optimizer, scheduler, counters, RNG, history)."""
+    """Write ``training_state.pt`` atomically."""
     atomic_write(os.path.join(out_dir, STATE_NAME), lambda f: torch.save(state, f))
 
 
 def load_training_state(out_dir: str) -> Optional[dict]:
-    """``training_state.pt`` from ``out_dir``, or None when there is none.
+    """``training_state.pt`` from ``out_dir`` (loaded with ``weights_only=True``), or None when there is none.
 
-    It holds only tensors, numbers, strings and containers, so it loads with ``weights_only=True``; the Python
-    RNG state is stored as a list and turned back into the tuple ``random.setstate`` wants.
+    Raises:
+        ValueError: the file does not load.
     """
     path = os.path.join(out_dir, STATE_NAME)
     if not os.path.isfile(path):
@@ -231,10 +218,8 @@ def save_history(out_dir: str, history: dict, title: str = "") -> None:
     """Raw loss numbers (``loss_history.json``) and their plot (``loss.png``), both written atomically."""
     atomic_json(os.path.join(out_dir, HISTORY_NAME), history)
     import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4))
     if history.get("train"):
         steps, losses = zip(*history["train"])
@@ -252,16 +237,5 @@ def save_history(out_dir: str, history: dict, title: str = "") -> None:
     plt.close(fig)
 
 
-def save_metrics(out_dir: str, metrics: dict) -> None:
-    atomic_json(os.path.join(out_dir, METRICS_NAME), metrics)
-
-
 def is_finite(x: float) -> bool:
     return math.isfinite(x)
-
-
-def to_jsonable(x):
-    return json.loads(json.dumps(x, default=str))
-
-
-__all__: List[str] = [n for n in dir() if not n.startswith("_")]
