@@ -3,10 +3,9 @@
     python examples/NLG/score_e2e.py references.txt predictions.txt
     python examples/NLG/score_e2e.py references.txt predictions.txt --json scores.json --nist python
 
-REFS is the official E2E scorer's plain-text format: each MR's references one per line, MRs separated by one
-blank line (a file without any blank line holds one reference per MR, as the official script reads it). PREDS has
-one output per line, in the same MR order. Prints BLEU, NIST, METEOR, ROUGE-L and CIDEr on the official script's
-scales (README.md, "Inference and scores", says how each is computed and how close it is to the official script).
+REFS is the official scorer's format: each MR's references one per line, MRs separated by one blank line (without
+any blank line, one reference per MR). PREDS has one output per line, in the same MR order. Prints BLEU, NIST,
+METEOR, ROUGE-L and CIDEr on the official script's scales (README.md, "Inference and scores", says how).
 """
 import argparse
 import json
@@ -30,18 +29,10 @@ def _read_text(path: str) -> str:
 
 
 def read_references(path: str) -> List[List[str]]:
-    """References in the official multi-reference format.
-
-    Args:
-        path: a UTF-8 file: each MR's references one per line, MRs separated by one blank line; without any blank
-            line, each line is the single reference of one MR (the official script's reading).
-
-    Returns:
-        Per MR, its references (stripped).
+    """Per MR, its (stripped) references from a UTF-8 file in the official format (see the module docstring).
 
     Raises:
-        ValueError: unreadable file, no references, or a blank line that does not end a block (two in a row, or
-            one at the start).
+        ValueError: unreadable file, no references, or a blank line that ends no block (two in a row, or first).
     """
     lines = [x.strip() for x in _read_text(path).splitlines()]
     while lines and not lines[-1]:
@@ -63,7 +54,7 @@ def read_references(path: str) -> List[List[str]]:
 
 
 def read_predictions(path: str) -> List[str]:
-    """One system output per line (stripped; an empty line is an empty output).
+    """One system output per line, stripped (an empty line is an empty output).
 
     Raises:
         ValueError: unreadable or empty file.

@@ -1,12 +1,8 @@
 """E2E NLG data: finding the files, parsing them, tokenising them (cached), and batching with dynamic padding.
 
-Line format (Microsoft LoRA's ``examples/NLG/data/e2e/*.txt``): ``<meaning representation>||<reference> \\n``.
-
-Prompt format (shared with run_inference.py, which imports :func:`format_prompt`):
-    prompt     = format_prompt(mr) = mr + " ||"       -> tokens the model reads but is not trained to predict
-    completion = " " + reference.strip()  + <|endoftext|> -> the tokens the loss is computed on
-so a training example is ``tokens(prompt) + tokens(completion) + [EOT]``, and generation feeds
-``tokens(format_prompt(mr))`` and stops at ``<|endoftext|>``.
+A line of Microsoft LoRA's ``data/e2e/*.txt`` is ``<meaning representation>||<reference>``. A training example is
+``tokens(format_prompt(mr)) + tokens(format_completion(ref)) + [end of text]``, the loss on the last two parts;
+generation feeds the prompt and stops at the end of text.
 """
 import hashlib
 import importlib.util
@@ -35,20 +31,19 @@ class DataError(ValueError):
     """Missing or malformed E2E data; the message says which file and how to fix it."""
 
 
-# Attributes whose values the default run replaces by placeholders (delexicalisation, as the E2E challenge's
-# baseline TGen does): the venue names are open-class words a random frozen base cannot learn to copy in minutes.
+# Attributes the default run delexicalises (as the E2E baseline TGen does): a random frozen base cannot learn to
+# copy open-class venue names in minutes.
 DELEX_SLOTS = ("name", "near")
 
 
 def placeholder(attr: str) -> str:
-    """The text that stands for ``attr``'s value in a delexicalised MR and text: ``[name]``, ``[near]``."""
+    """The text standing for ``attr``'s value in a delexicalised MR and text: ``[name]``, ``[near]``."""
     return f"[{attr}]"
 
 
 def mr_fields(mr: str) -> List[Tuple[str, str, Optional[str]]]:
-    """The one reading of a meaning representation ``"key : value | key : value ..."``: its fields as
-    ``(field, key, value)``, each stripped, ``value`` None for a field without ``:`` (each caller decides what
-    a malformed field means)."""
+    """The fields of an MR ``"key : value | ..."`` as stripped ``(field, key, value)``, ``value`` None for a field
+    without ``:`` (the caller decides what that means)."""
     fields = []
     for field in mr.strip().split("|"):
         key, sep, value = field.partition(":")
@@ -58,15 +53,13 @@ def mr_fields(mr: str) -> List[Tuple[str, str, Optional[str]]]:
 
 def delexicalize(mr: str, text: Optional[str] = None, slots: Sequence[str] = DELEX_SLOTS
                  ) -> Tuple[str, Optional[str], Dict[str, str]]:
-    """Replace the values of ``slots`` by their placeholders in an MR and (optionally) a text about it.
+    """Replace the values of ``slots`` (those the MR has) by their placeholders in an MR and optionally a text.
 
     Args:
-        mr: ``"name : The Eagle | ... | near : Burger King"``.
         text: a reference; every case-insensitive occurrence of a value becomes its placeholder.
-        slots: the attributes to replace; an attribute the MR lacks is skipped.
 
     Returns:
-        (the MR, the text or None, ``{attr: value}`` of what was replaced), so that :func:`relexicalize` can undo it.
+        (the MR, the text or None, ``{attr: value}`` replaced, for :func:`relexicalize`).
     """
     fields, values = [], {}
     for field, key, value in mr_fields(mr):
@@ -90,30 +83,23 @@ def relexicalize(text: str, values: Dict[str, str]) -> str:
 
 
 def format_prompt(mr: str, delex: Sequence[str] = ()) -> str:
-    """The text the model is conditioned on for one meaning representation: ``mr + " ||"``, with the values of
-    the ``delex`` attributes replaced by placeholders (see :func:`delexicalize`)."""
+    """The prompt for an MR: ``mr + " ||"``, the ``delex`` attributes' values as placeholders."""
     if delex:
         mr = delexicalize(mr, None, delex)[0]
     return mr.strip() + " ||"
 
 
 def format_completion(reference: str) -> str:
-    """The text the model learns to produce after the prompt (end-of-text is appended as a token, not text)."""
+    """The text the model learns after the prompt (end of text is appended as a token)."""
     return " " + reference.strip()
 
 
 def find_data_dir(data_dir: Optional[str] = None, split: str = "train") -> str:
-    """Where the E2E files are: ``data_dir`` (``--data_dir``), then ``$E2E_DATA_DIR``, then ``data/e2e/``.
-
-    Args:
-        data_dir: an explicit directory; when given it must hold ``{split}.txt`` (no silent fallback).
-        split: the file that must exist there.
-
-    Returns:
-        The first directory, in that order, holding ``{split}.txt``.
+    """The first of ``data_dir`` (``--data_dir``), ``$E2E_DATA_DIR`` and ``data/e2e/`` that holds ``{split}.txt``;
+    a ``data_dir`` given must hold it (no fallback).
 
     Raises:
-        DataError: none of the three places has it; the message names all three and the download command.
+        DataError: none has it; the message names the three places and the download command.
     """
     fname = f"{split}.txt"
     if data_dir:
@@ -132,8 +118,7 @@ def find_data_dir(data_dir: Optional[str] = None, split: str = "train") -> str:
 
 
 def downloader():
-    """``data/download_e2e.py`` as a module (it is a script, not a package): its ``fetch_e2e`` does the fetching,
-    so the examples and the command line share one sha256-checked, atomic implementation.
+    """The script ``data/download_e2e.py`` as a module, so the examples share its ``fetch_e2e``.
 
     Raises:
         DataError: the script is not there (a copy of ``examples/`` outside the repository).
@@ -152,21 +137,15 @@ def downloader():
 
 def ensure_data(data_dir: Optional[str] = None, splits: Sequence[str] = ("train", "valid"), download: bool = True,
                 progress: bool = True) -> None:
-    """Make sure every split in ``splits`` is found (see :func:`find_data_dir`), fetching the E2E files into
-    ``data/e2e/`` when none of the three places has them, as torchvision's and Hugging Face's datasets do.
-
-    An explicit ``data_dir`` is never replaced by a download: it must hold the files itself. A directory that
-    ``$E2E_DATA_DIR`` points at and that holds them means nothing is downloaded (CI and offline machines).
+    """Make sure :func:`find_data_dir` finds each of ``splits``, else fetch the E2E files into ``data/e2e/``
+    (never for an explicit ``data_dir``, which must hold them itself).
 
     Args:
-        data_dir: ``--data_dir``, or None.
-        splits: the files the caller is about to read.
-        download: False (``--no_download``) turns fetching off: a missing split is an error.
+        download: False (``--no_download``): a missing split is an error.
         progress: show tqdm bars while downloading.
 
     Raises:
-        DataError: a split is missing and fetching is off or failed; one line naming the three places, the
-            ``--from`` command and ``$E2E_DATA_DIR``.
+        DataError: a split is missing and fetching is off or failed; the message says how to fix it.
     """
     if data_dir:
         for split in splits:
@@ -208,11 +187,10 @@ def split_path(split: str, data_dir: Optional[str] = None) -> str:
 
 
 def read_e2e(path: str) -> List[Tuple[str, str]]:
-    """Parse an E2E file into (MR, reference) pairs, in file order.
+    """An E2E file's (MR, reference) pairs, in file order.
 
     Raises:
-        DataError: a line without exactly one ``||``, or with an empty MR or reference (names file:line), or a
-            file that is not UTF-8.
+        DataError: not UTF-8, no examples, or a line (named) without exactly one ``||`` or with an empty side.
     """
     pairs = []
     try:
@@ -252,14 +230,14 @@ def cache_dir() -> str:
 
 @dataclass
 class TokenizedSplit:
-    """Examples stored flat: example i is ``tokens[offsets[i]:offsets[i+1]]``, its first ``prompt_lens[i]`` tokens
-    being the prompt."""
-    tokens: torch.Tensor  # int32 (total,)
-    offsets: torch.Tensor  # int64 (n+1,)
-    prompt_lens: torch.Tensor  # int32 (n,)
+    """Examples stored flat: example i is ``tokens[offsets[i]:offsets[i+1]]``, the first ``prompt_lens[i]`` the
+    prompt; ``faithful[i]``: its reference realises every attribute of its MR (slots.py)."""
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    prompt_lens: torch.Tensor
     sha256: str
-    faithful: torch.Tensor  # bool (n,): the reference realises every attribute of its MR (e2e_nlg/slots.py)
-    pad_id: int = EOT_ID  # the tokenizer's padding id, which batches are padded with
+    faithful: torch.Tensor
+    pad_id: int = EOT_ID
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -287,10 +265,12 @@ def tokenize_pairs(pairs: Sequence[Tuple[str, str]], delex: Sequence[str] = (), 
 def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool = True,
                    write_cache: bool = True, delex: Sequence[str] = (), tokenizer: Optional[Tokenizer] = None
                    ) -> TokenizedSplit:
-    """Parse and tokenise a split, caching the result under :func:`cache_dir` keyed by the file's sha256.
-    ``write_cache=False`` reads a cache entry but never writes one (data-parallel ranks other than 0).
-    ``delex``: attributes whose values become placeholders in MR and reference (:func:`delexicalize`).
-    ``tokenizer``: the model family's (default GPT-2's); its name is part of the cache key.
+    """Parse and tokenise a split, cached under :func:`cache_dir` by the file's sha256.
+
+    Args:
+        write_cache: False reads a cache entry but never writes one (data-parallel ranks other than 0).
+        delex: attributes to delexicalise (:func:`delexicalize`).
+        tokenizer: the model family's (default GPT-2's); its name is part of the cache key.
 
     Raises:
         DataError: as :func:`find_data_dir` and :func:`read_e2e`.
@@ -323,7 +303,6 @@ def load_tokenized(split: str, data_dir: Optional[str] = None, use_cache: bool =
 
 def _faithful(mr: str, ref: str) -> bool:
     from .slots import check
-
     try:
         return check(mr, ref).errors == 0
     except ValueError:  # an MR field the matcher cannot parse: not known to be faithful
@@ -331,10 +310,8 @@ def _faithful(mr: str, ref: str) -> bool:
 
 
 def make_example(tokens: List[int], prompt_len: int, max_len: Optional[int] = None) -> Tuple[List[int], List[int]]:
-    """(input_ids, labels) for one example: labels are the tokens themselves on the completion (reference and the
-    closing end-of-text) and IGNORE_INDEX on the prompt. The model shifts labels by one internally.
-
-    ``max_len`` truncates from the right (the prompt is kept whole when it fits)."""
+    """(input_ids, labels) of one example, truncated to ``max_len``: labels are the tokens on the completion and
+    IGNORE_INDEX on the prompt (the model shifts them by one)."""
     if max_len is not None:
         tokens = tokens[:max_len]
     labels = [IGNORE_INDEX] * min(prompt_len, len(tokens)) + tokens[prompt_len:]
@@ -342,12 +319,8 @@ def make_example(tokens: List[int], prompt_len: int, max_len: Optional[int] = No
 
 
 def collate(examples: Sequence[Tuple[List[int], List[int]]], pad_id: int = EOT_ID) -> Dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example: input_ids with ``pad_id`` (GPT-2's <|endoftext|>), labels with
-    IGNORE_INDEX.
-
-    Right padding needs no attention mask for training: causal attention never looks forward, so real tokens never
-    see the padding, and padding positions carry no loss.
-    """
+    """Right-pad a batch to its longest example: input_ids with ``pad_id``, labels with IGNORE_INDEX. Training needs
+    no attention mask: causal attention never sees the padding after a token, and padding carries no loss."""
     T = max(len(x) for x, _ in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
@@ -358,14 +331,12 @@ def collate(examples: Sequence[Tuple[List[int], List[int]]], pad_id: int = EOT_I
 
 
 def target_count(labels: torch.Tensor) -> int:
-    """The tokens a batch's mean loss is taken over: the labels after the first position (position t predicts
-    token t + 1) that are not ``IGNORE_INDEX``; what weights a batch's loss in a sum over batches."""
+    """The tokens a batch's mean loss is over (labels after the first position that are not ``IGNORE_INDEX``)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def select_indices(n: int, limit: Optional[int], seed: int, among: Optional[Sequence[int]] = None) -> List[int]:
-    """A fixed random subset of ``limit`` of ``n`` example indices (all of them when ``limit`` is None);
-    ``among``: choose from these indices only."""
+    """A fixed random subset of ``limit`` of ``n`` example indices (or of ``among``); all when ``limit`` is None."""
     idx = list(range(n)) if among is None else list(among)
     if limit is not None and limit < n:
         random.Random(seed).shuffle(idx)
@@ -376,17 +347,17 @@ def select_indices(n: int, limit: Optional[int], seed: int, among: Optional[Sequ
 def iterate_batches(split: TokenizedSplit, indices: Sequence[int], batch_size: int, max_len: Optional[int],
                     shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
                     ) -> Iterator[Dict[str, torch.Tensor]]:
-    """Batches over ``indices`` (shuffled by ``seed`` when asked). Each of ``world_size`` ranks takes every
-    ``world_size``-th batch, so data-parallel training only has to pass its rank."""
+    """Batches over ``indices`` (shuffled by ``seed`` when asked, then without the ragged last); rank ``rank`` of
+    ``world_size`` takes every ``world_size``-th batch."""
     order = list(indices)
     if shuffle:
         random.Random(seed).shuffle(order)
-    n_batches = len(order) // batch_size if shuffle else -(-len(order) // batch_size)  # drop the ragged last
-    for b in range(rank, n_batches, world_size):
+    for b in range(rank, num_batches(len(order), batch_size, shuffle), world_size):
         chunk = order[b * batch_size:(b + 1) * batch_size]
         yield collate([make_example(*split.example(i), max_len=max_len) for i in chunk], split.pad_id)
 
 
 def num_batches(n_examples: int, batch_size: int, shuffle: bool, world_size: int = 1) -> int:
+    """Batches per rank of :func:`iterate_batches`."""
     n = n_examples // batch_size if shuffle else -(-n_examples // batch_size)
     return -(-n // world_size)

