@@ -1,24 +1,19 @@
 """Batched greedy and beam-search decoding for this example's models (GPT-2, Llama), with their KV cache.
 
-Prompts of different lengths are padded on the *left* (so every row's next token sits in the last column); the
-attention mask hides the padding and ``position_ids`` count only real tokens, so a padded row computes exactly what
-it would alone. Decoding stops at ``<|endoftext|>`` (or any of ``stop_ids``, e.g. 628 = "\\n\\n" in Microsoft's E2E
-recipe) or after ``max_new_tokens``.
+Prompts are padded on the *left*; the attention mask hides the padding and ``position_ids`` count only real tokens,
+so a padded row computes what it would alone. Decoding stops at end-of-text (or any of ``stop_ids``, e.g. 628 =
+"\\n\\n" in Microsoft's E2E recipe) or after ``max_new_tokens``.
 
-Beam search follows Hugging Face ``transformers``' ``generate(num_beams=K, early_stopping=False)`` (tested to give
-the same tokens): 2K candidates per step, only the K best-ranked may finish, a finished hypothesis scores
-``sum(log p) / len ** length_penalty`` (``len`` counts generated tokens, end-of-text included), and an input is done
-once K hypotheses finished and the best running beam, normalised at its current length, cannot beat the worst.
-``no_repeat_ngram_size`` bans n-grams repeated *within the generated text*, as Microsoft's E2E beam search does
-(the meaning representation's words are meant to reappear in the description); Hugging Face also counts the prompt.
+Beam search follows ``transformers``' ``generate(num_beams=K, early_stopping=False)`` (tested to give the same
+tokens): 2K candidates per step, only the K best-ranked may finish, a finished hypothesis scores
+``sum(log p) / len ** length_penalty``, and an input is done once K hypotheses finished and its best running beam
+cannot beat the worst. ``no_repeat_ngram_size`` bans n-grams repeated *within the generated text*, as Microsoft's
+E2E beam search does (transformers also counts the prompt).
 
-Speed: :func:`generate` decodes prompts sorted by length (similar prompts give similar output lengths, so a batch
-pads little and its rows finish together), the beams' bookkeeping and the n-gram bans are tensor operations over
-all rows at once, and an input (greedy: a row) that is done leaves the batch, so the model never runs rows whose
-result is already decided. None of this changes a token: each row computes what it would alone, in float32.
-With a bfloat16 base (``--precision bf16`` / ``auto``), oneDNN's matrix kernels may round a row differently
-when the batch has another number of rows, so a text can depend on which MRs share its batch (measured: the
-first 64 test MRs decoded on their own and within all 630 gave 14 different greedy SmolLM2 texts out of 64).
+:func:`generate` decodes prompts sorted by length, does the beams' bookkeeping and n-gram bans as tensor operations
+over all rows, and drops inputs that are done from the batch; none of this changes a token in float32. With a
+bfloat16 base, oneDNN may round a row differently for another number of rows, so a text can depend on which MRs
+share its batch (measured: 14 of the first 64 greedy SmolLM2 test texts differed decoded alone and within all 630).
 """
 import contextlib
 import inspect
@@ -59,15 +54,8 @@ class DecodeConfig:
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into one batch.
-
-    Args:
-        prompts: non-empty token lists.
-        pad_id: the id padding positions hold (they are masked, so its value does not matter).
-
-    Returns:
-        ``(input_ids, attention_mask, position_ids)``, each ``(B, max_len)``; positions start at 0 at each
-        row's first real token.
+    """Left-pad non-empty token lists with ``pad_id`` (masked) into ``(input_ids, attention_mask, position_ids)``,
+    each ``(B, max_len)``; positions start at 0 at each row's first real token.
 
     Raises:
         ValueError: an empty prompt (there would be no position to predict from).
@@ -85,15 +73,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tenso
 
 
 def banned_tokens(generated: Sequence[int], n: int) -> List[int]:
-    """Tokens that would complete an n-gram already present in ``generated`` (the reference for :func:`ban_ngrams`).
-
-    Args:
-        generated: the tokens generated so far (the prompt excluded).
-        n: the n-gram size; 0 bans nothing.
-
-    Returns:
-        The banned next tokens (possibly with duplicates).
-    """
+    """The next tokens (with duplicates) that would complete an n-gram already in ``generated``, the tokens generated
+    so far; ``n`` 0 bans nothing. The reference :func:`ban_ngrams` is tested against."""
     if n <= 0 or len(generated) < n:
         return []
     if n == 1:
@@ -104,16 +85,8 @@ def banned_tokens(generated: Sequence[int], n: int) -> List[int]:
 
 
 def ban_ngrams(logprobs: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
-    """Set to -inf, in place, every token that would repeat an n-gram of its row's history: all rows at once.
-
-    Args:
-        logprobs: (R, V) next-token scores.
-        history: (R, t) the tokens generated so far, one row per row of ``logprobs``.
-        n: the n-gram size; 0 bans nothing.
-
-    Returns:
-        ``logprobs``.
-    """
+    """Set to -inf, in place, every token of ``logprobs`` (R, V) that would repeat an n-gram of its row of
+    ``history`` (R, t), the tokens generated so far; all rows at once. ``n`` 0 bans nothing. Returns ``logprobs``."""
     R, t = history.shape
     if n <= 0 or t < n:
         return logprobs

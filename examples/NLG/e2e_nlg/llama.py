@@ -1,10 +1,8 @@
 """LlamaWithLoRA: a Llama-architecture decoder (SmolLM2's) with loralib layers on the projections named as targets.
 
-RMSNorm, rotary position embeddings (Hugging Face's rotate-half layout), SwiGLU MLP, grouped-query attention, an
-output head tied to the input embedding. Module names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.N.
-self_attn.q_proj``...), so its state dict, or one read from a GGUF file, imports key by key (:func:`load_weights`).
-It has GPT-2's interface (``model.py``): the loss computed only at label positions, the same KV cache, so
-``generate.py`` decodes it unchanged.
+RMSNorm, rotary position embeddings (rotate-half layout), SwiGLU, grouped-query attention, a head tied to the
+embedding. Module names follow Hugging Face's ``LlamaForCausalLM``, so its state dict (or a GGUF file's) imports key
+by key (:func:`load_weights`). GPT-2's interface (``model.py``): loss only at label positions, the same KV cache.
 """
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional, Sequence, Tuple

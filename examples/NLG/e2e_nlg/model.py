@@ -82,10 +82,9 @@ KVPairs = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, ea
 
 class KVCache:
     """Every layer's keys and values for incremental decoding, in buffers allocated once for ``rows`` rows and
-    ``capacity`` positions: a step writes its keys and values in place, where concatenating would allocate and
-    copy the whole cache at every step and layer. Buffers are time-major, (capacity, rows, nh, hs), so that
-    :meth:`select` (beam search's reordering, finished rows leaving) copies whole contiguous blocks into a second
-    buffer rather than allocating a new cache. ``cache[i]`` is layer i's ``(keys, values)``, each (B, nh, T, hs).
+    ``capacity`` positions and written in place (concatenating would copy the whole cache at every step and layer).
+    Time-major, (capacity, rows, nh, hs), so :meth:`select` (beams reordered, finished rows leaving) copies whole
+    contiguous blocks into a spare buffer. ``cache[i]`` is layer i's ``(keys, values)``, each (B, nh, T, hs).
     """
 
     def __init__(self, rows: int, capacity: int):
@@ -369,12 +368,8 @@ class SimpleGPT2WithLoRA(LabelPositionLM, nn.Module):
 
 
 def build_model(cfg: GPTConfig, base_seed: int = 0) -> SimpleGPT2WithLoRA:
-    """Build the model with its random base drawn from ``base_seed``.
-
-    Without pre-trained weights the frozen base *is* this random draw, so an adapter is only meaningful on the
-    same draw: training records ``base_seed`` and inference rebuilds the base from it (checked by fingerprint).
-    The global RNG state is restored afterwards.
-    """
+    """The model with its random base drawn from ``base_seed`` (the global RNG state restored afterwards). Without
+    pretrained weights the base *is* this draw, so training records ``base_seed`` and inference re-draws it."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base_seed)
         return SimpleGPT2WithLoRA(cfg)
