@@ -55,8 +55,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def build_pair(args, workdir: str):
-    """(transformers model, our model), the same weights, both in eval mode and float32; sets ``args.eos`` and
-    ``args.pad``."""
+    """(transformers model, our model), the same weights, both in eval mode and float32; sets ``args.eos``,
+    ``args.pad`` and ``args.model_line`` (the table's description of the model)."""
     if args.model != "gpt2":
         return build_llama_pair(args)
     import torch
@@ -68,6 +68,8 @@ def build_pair(args, workdir: str):
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     eos = args.eos = args.pad = args.vocab - 1  # GPT-2's <|endoftext|> (50256), or a smaller vocabulary's last id
+    args.model_line = (f"GPT-2 shape: {args.layers} layers, width {args.hidden}, {args.heads} heads, vocabulary "
+                       f"{args.vocab}, random weights (seed 0), float32")
     cfg = transformers.GPT2Config(vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
                                   n_positions=1024, bos_token_id=eos, eos_token_id=eos)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
@@ -87,14 +89,13 @@ def build_llama_pair(args):
     base = resolve(args.model)
     args.eos, args.pad, args.tokenizer = base.tokenizer.eos_id, base.tokenizer.pad_id, base.tokenizer
     ours = base.build(TrainConfig(init_checkpoint=args.model))  # LoRA's B is zero: the base's outputs
+    c = ours.config
+    args.model_line = (f"{args.model}: Llama architecture from GGUF, {c.num_layers} layers, width {c.hidden_dim}, "
+                       f"{c.num_heads} heads ({c.num_kv_heads} key/value), vocabulary {c.vocab_size}, dequantised "
+                       "to float32")
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(base.gguf), gguf_file=os.path.basename(base.gguf),
                                               dtype=torch.float32)
     return hf.eval(), ours.eval()
-
-
-def describe_llama(c) -> str:
-    return (f"Llama architecture from GGUF, {c.num_layers} layers, width {c.hidden_dim}, {c.num_heads} heads "
-            f"({c.num_kv_heads} key/value), vocabulary {c.vocab_size}")
 
 
 def load_prompts(args, n: int):
@@ -200,10 +201,7 @@ def main(argv=None) -> int:
     for k in models:  # warm-up: first calls allocate and pick kernels
         RUNNERS[k](models[k], prompts[:2], "beam5", 2, 2, args.eos, args.pad)
     rows = [measure(models, prompts[:args.b1_prompts if b == 1 else b], m, b, args) for m in modes for b in batches]
-    model = (f"{args.model}: {describe_llama(models['ours'].config)}, dequantised to float32" if args.model != "gpt2"
-             else f"GPT-2 shape: {args.layers} layers, width {args.hidden}, {args.heads} heads, vocabulary {args.vocab}, "
-             "random weights (seed 0), float32")
-    header = (f"{model}; {args.new_tokens} new tokens at most; prompts: {source} "
+    header = (f"{args.model_line}; {args.new_tokens} new tokens at most; prompts: {source} "
               f"({min(map(len, prompts))}–{max(map(len, prompts))} tokens); {args.rounds} rounds, order alternating; "
               f"{args.threads} threads; torch {torch.__version__}, transformers {transformers.__version__}; "
               f"{os.cpu_count()} CPUs")

@@ -33,8 +33,7 @@ import loralib as lora  # noqa: E402
 from e2e_nlg import distributed, measure, metrics, slots  # noqa: E402
 from e2e_nlg.adapter_io import atomic_json, atomic_write  # noqa: E402
 from e2e_nlg.data import (DataError, ensure_data, iterate_batches, load_references, load_tokenized,  # noqa: E402
-                          select_indices,
-                      target_count)
+                          select_indices, target_count)
 from e2e_nlg.generate import DecodeConfig  # noqa: E402
 from e2e_nlg.inference import describe  # noqa: E402
 from e2e_nlg.family import DISPLAY_NAMES, family_of, resolve  # noqa: E402
@@ -96,9 +95,9 @@ def parse_args(argv=None):
                    help="AdamW learning rate of full fine-tuning (default: --lr). Full fine-tuning moves every "
                         "weight, so it usually wants a smaller one than LoRA's")
     t.add_argument("--score", type=int, default=0, metavar="N",
-                   help="after training, each mode writes a text for N test MRs spread evenly over test.txt (MR "
-                        "i * 630 // N for i < N, the same N for both) with beam 5 and no repeated 4-grams, scored "
-                        "with BLEU (the official script's) and the slot error rate; 0: no scoring")
+                   help="after training, each mode writes a text for N test MRs spread evenly over test.txt (of "
+                        "its M unique MRs, MR i * M // N for i < N, the same for both) with beam 5 and no repeated "
+                        "4-grams, scored with BLEU (the official script's) and the slot error rate; 0: no scoring")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
     o.add_argument("--plot", default=None, metavar="PATH", help="write a bar chart (PNG) to this file")
@@ -343,7 +342,7 @@ def score_sample(args, model, device, precision: str) -> dict:
         texts, stats = describe(model, mrs, decode, delex=train_config(args).delex_slots,
                                 tokenizer=resolve(args.init_checkpoint).tokenizer)
     model.train()
-    return {"mrs": len(mrs), "of": len(groups), "indices": indices, "decoding": "beam 5, no-repeat 4-grams",
+    return {"mrs": len(mrs), "of": len(groups), "indices": indices, "decoding": vars(decode),
             "bleu": metrics.bleu(texts, refs), "slots": slots.slot_scores(mrs, texts), "texts": texts,
             "tokens_per_second": stats["tokens_per_second"]}
 
