@@ -83,22 +83,23 @@ KVPairs = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, ea
 class KVCache:
     """Every layer's keys and values for incremental decoding, in buffers allocated once for ``rows`` rows and
     ``capacity`` positions and written in place (concatenating would copy the whole cache at every step and layer).
-    Time-major, (capacity, rows, nh, hs), so :meth:`select` (beams reordered, finished rows leaving) copies whole
-    contiguous blocks into a spare buffer. ``cache[i]`` is layer i's ``(keys, values)``, each (B, nh, T, hs).
+    Laid out (rows, nh, capacity, hs), so attention reads each head's positions contiguously and :meth:`select`
+    (beams reordered, finished rows leaving) copies whole rows into a spare buffer. ``cache[i]`` is layer i's
+    ``(keys, values)``, each (B, nh, T, hs).
     """
 
     def __init__(self, rows: int, capacity: int):
         self.rows, self.capacity = rows, capacity
         self.length = 0  # positions filled; a forward pass advances it once all layers have written
         self._bufs: List[List[torch.Tensor]] = []  # per layer: keys, values, spare keys, spare values (flat)
-        self._kv: List[Tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (capacity, batch, nh, hs) views
+        self._kv: List[Tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (batch, nh, capacity, hs) views
 
     def __len__(self) -> int:
         return len(self._kv)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         k, v = self._kv[i]
-        return k[:self.length].permute(1, 2, 0, 3), v[:self.length].permute(1, 2, 0, 3)
+        return k[:, :, :self.length], v[:, :, :self.length]
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Write layer ``i``'s new keys and values (B, nh, T, hs) after the cached ones; return all of them,
@@ -112,13 +113,13 @@ class KVCache:
             self._bufs.append([k.new_empty(self.capacity * self.rows * nh * hs) for _ in range(4)])
             self._kv.append(tuple(self._view(b, B, nh, hs) for b in self._bufs[i][:2]))
         kb, vb = self._kv[i]
-        kb[self.length:end] = k.permute(2, 0, 1, 3)  # (T, B, nh, hs)
-        vb[self.length:end] = v.permute(2, 0, 1, 3)
-        return kb[:end].permute(1, 2, 0, 3), vb[:end].permute(1, 2, 0, 3)
+        kb[:, :, self.length:end] = k
+        vb[:, :, self.length:end] = v
+        return kb[:, :, :end], vb[:, :, :end]
 
     def _view(self, flat: torch.Tensor, n: int, nh: int, hs: int) -> torch.Tensor:
-        """The start of a flat buffer as the (capacity, n, nh, hs) cache of n rows (contiguous)."""
-        return flat[:self.capacity * n * nh * hs].view(self.capacity, n, nh, hs)
+        """The start of a flat buffer as the (n, nh, capacity, hs) cache of n rows (contiguous)."""
+        return flat[:self.capacity * n * nh * hs].view(n, nh, self.capacity, hs)
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep the rows ``idx`` (B',), in that order (repeats allowed): beams reordered, finished rows gone."""
@@ -127,9 +128,9 @@ class KVCache:
             raise ValueError(f"KVCache holds {self.rows} rows; cannot select {n}")
         for i, (kb, vb) in enumerate(self._kv):
             bufs = self._bufs[i]
-            new = tuple(self._view(b, n, *kb.shape[2:]) for b in bufs[2:])
-            torch.index_select(kb[:L], 1, idx, out=new[0][:L])
-            torch.index_select(vb[:L], 1, idx, out=new[1][:L])
+            new = tuple(self._view(b, n, kb.shape[1], kb.shape[3]) for b in bufs[2:])
+            torch.index_select(kb[:, :, :L], 0, idx, out=new[0][:, :, :L])  # the filled positions only
+            torch.index_select(vb[:, :, :L], 0, idx, out=new[1][:, :, :L])
             self._kv[i] = new
             bufs[:] = bufs[2:] + bufs[:2]  # the old buffers are the next spare ones
 
@@ -270,8 +271,8 @@ class LabelPositionLM:
         """
         if labels is None:
             h, presents = self.hidden_states(input_ids, attention_mask, position_ids, past_key_values)
-            if logits_to_keep > 0:
-                h = h[:, -logits_to_keep:]  # (B, n, C)
+            if logits_to_keep > 0:  # contiguous: a strided slice would take bmm, several times slower than mm
+                h = h[:, -logits_to_keep:].contiguous()  # (B, n, C)
             return GPTOutput(self.lm_head(h), None, presents if use_cache else None)
         targets = labels[:, 1:]
         keep = targets != -100  # (B, T-1): the position t predicts the token t + 1
