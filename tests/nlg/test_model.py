@@ -133,3 +133,21 @@ def test_kv_cache_buffers_equal_concatenated_pairs(family):
             model(torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="holds 6 rows; cannot select 7"):
             cache.select(torch.zeros(7, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_heads=0), "num_heads must be positive, got 0"),  # checked before hidden_dim % num_heads divides by it
+    (dict(num_layers=-1), "num_layers must be positive, got -1"),
+    (dict(hidden_dim=30, num_heads=4), "divisible by num_heads"),
+    (dict(lora_targets=["attn", "q_proj"]), "lora_targets must be a non-empty subset"),
+    (dict(lora_targets=[]), "lora_targets must be a non-empty subset"),
+])
+def test_config_errors(bad, message):
+    from e2e_nlg.llama import LlamaConfig
+
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**bad)
+    if "hidden_dim" not in bad:  # the same shared checks in the other family's config
+        llama_bad = {k: (["q_proj", "attn"] if k == "lora_targets" and v else v) for k, v in bad.items()}
+        with pytest.raises(ValueError, match=message):
+            LlamaConfig(**llama_bad)

@@ -39,11 +39,8 @@ class LlamaConfig(ModelConfigJSON):
     TARGETS: ClassVar[Tuple[str, ...]] = LORA_TARGETS
 
     def __post_init__(self):
-        self._check_targets()
-        for name in ("vocab_size", "max_positions", "hidden_dim", "intermediate_dim", "num_layers", "num_heads",
-                     "num_kv_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self._check(("vocab_size", "max_positions", "hidden_dim", "intermediate_dim", "num_layers", "num_heads",
+                     "num_kv_heads"))
         if self.hidden_dim % self.num_heads or self.num_heads % self.num_kv_heads or self.head_dim % 2:
             raise ValueError(f"hidden_dim {self.hidden_dim} / num_heads {self.num_heads} / num_kv_heads "
                              f"{self.num_kv_heads}: heads must divide the width, key/value heads the heads, and "

@@ -24,11 +24,15 @@ DEFAULT_TARGETS = ("attn", "mlp", "lm_head")
 
 
 class ModelConfigJSON:
-    """What the model families' config dataclasses share: ``lora_targets`` checked against the class's
-    ``TARGETS``, and the round trip through adapter_config.json."""
+    """What the model families' config dataclasses share: their checks (sizes positive, ``lora_targets`` among the
+    class's ``TARGETS``) and the round trip through adapter_config.json."""
     TARGETS: ClassVar[Tuple[str, ...]] = ()
 
-    def _check_targets(self) -> None:
+    def _check(self, positive: Sequence[str]) -> None:
+        """Every field named in ``positive`` > 0, and ``lora_targets`` a non-empty subset of ``TARGETS``."""
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)  # a JSON list in adapter_config.json
             bad = [t for t in self.lora_targets if t not in self.TARGETS]
@@ -65,12 +69,9 @@ class GPTConfig(ModelConfigJSON):
     TARGETS: ClassVar[Tuple[str, ...]] = LORA_TARGETS
 
     def __post_init__(self):
-        self._check_targets()
+        self._check(("vocab_size", "max_positions", "hidden_dim", "num_layers", "num_heads"))
         if self.hidden_dim % self.num_heads != 0:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
-        for name in ("vocab_size", "max_positions", "hidden_dim", "num_layers", "num_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     def lora_r(self, target: str) -> int:
         """The LoRA rank of ``target`` (one of LORA_TARGETS): ``lora_dim`` where LoRA is placed, else 0."""
