@@ -216,7 +216,7 @@ def run_mode(args, mode: str) -> dict:
     out = {"mode": mode, "device": str(device), "precision": precision, "precision_why": why,
            "param_dtypes": dtypes, "base_fingerprint": fingerprint, "params": counts,
            "param_bytes": measure.param_bytes(model), "model_config": model.config.to_dict()}
-    out.update(train_measured(args, model, train_batches, device, precision))
+    out.update(train_measured(args, model, train_batches, device, precision, mode))
     log(f"{len(out['step_times_s'])} steps, median step {out['median_step_s'] * 1e3:.1f} ms, "
         f"train loss {out['train_losses'][0]:.3f} -> {out['train_losses'][-1]:.3f}")
     phases.done("train")
@@ -243,11 +243,11 @@ def run_mode(args, mode: str) -> dict:
     return out
 
 
-def train_measured(args, model, batches, device, precision: str) -> dict:
-    """AdamW steps over ``batches`` under ``precision``'s autocast (the one training loop, at a constant learning
-    rate, without clipping): the time of each step, the losses, and, on the first step, the gradient and
+def train_measured(args, model, batches, device, precision: str, mode: str) -> dict:
+    """AdamW steps over ``batches`` under ``precision``'s autocast (the one training loop, at ``mode``'s constant
+    learning rate, without clipping): the time of each step, the losses, and, on the first step, the gradient and
     optimizer-state bytes and the bytes autograd saves; peak memory over all steps."""
-    lr = args.full_lr if args.full_lr and model.config.lora_dim == 0 else args.lr
+    lr = args.full_lr if mode == "full" and args.full_lr else args.lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=args.weight_decay)
     hooks = StepMeasures(model, opt, device)

@@ -98,7 +98,7 @@ def test_lora_keeps_its_frozen_base_in_the_precision_and_full_trains_float32(pre
         model, fingerprints[mode] = cmp.prepare_model(args, mode, cpu, precision)
         want = {"trainable": ["float32"], "frozen": [half] if mode == "lora" else []}
         assert cmp.param_dtypes(model) == want
-        out = cmp.train_measured(args, model, batches, cpu, precision)
+        out = cmp.train_measured(args, model, batches, cpu, precision, mode)
         assert cmp.param_dtypes(model) == want
         n = measure.param_counts(model)["trainable"]
         assert out["grad_bytes"] == 4 * n  # float32 gradients
@@ -352,7 +352,7 @@ def test_llama_gguf_base_lora_vs_full(tmp_path, e2e_dir):
     train_batches, _ = cmp.load_batches(args, cpu)
     assert int(max(b["input_ids"].max() for b in train_batches)) < cfg["vocab_size"]
     for mode, model in models.items():
-        out = cmp.train_measured(args, model, train_batches, cpu, "fp32")
+        out = cmp.train_measured(args, model, train_batches, cpu, "fp32", mode)
         assert len(out["train_losses"]) == 2 and all(0 < x < 10 for x in out["train_losses"])
 
 
