@@ -84,9 +84,9 @@ KVPairs = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, ea
 class KVCache:
     """Every layer's keys and values for incremental decoding, in buffers allocated once for ``rows`` rows and
     ``capacity`` positions and written in place (concatenating would copy the whole cache at every step and layer).
-    Laid out (rows, nh, capacity, hs), so attention reads each head's positions contiguously and :meth:`select`
-    (beams reordered, finished rows leaving) copies whole rows into a spare buffer. ``cache[i]`` is layer i's
-    ``(keys, values)``, each (B, nh, T, hs).
+    Laid out (rows, nh, capacity, hs), so attention reads each head's positions contiguously; :meth:`select` (beams
+    reordered, finished rows leaving) copies the kept rows' filled positions into a spare buffer. ``cache[i]`` is
+    layer i's ``(keys, values)``, each (B, nh, T, hs).
     """
 
     def __init__(self, rows: int, capacity: int):
