@@ -229,8 +229,9 @@ def run_mode(args, mode: str) -> dict:
     phases.done("checkpoint")
     if args.score:
         out["score"] = score_sample(args, model, device, precision)
-        log(f"{args.score} test MRs: BLEU {out['score']['bleu']:.4f}, slot error rate "
-            f"{out['score']['slots']['slot_error_rate']:.1%}; e.g. {out['score']['texts'][0]!r}")
+        sc = out["score"]
+        log(f"{sc['mrs']} of {sc['of']} test MRs: BLEU {sc['bleu']:.4f}, slot error rate "
+            f"{sc['slots']['slot_error_rate']:.1%}; e.g. {sc['texts'][0]!r}")
         phases.done("score")
     out.update(val_loss_before=val_before,
                val_tokens=sum(target_count(b["labels"]) for b in val_batches))
@@ -546,9 +547,9 @@ def plot(s: dict, path: str) -> None:
         ("prefill latency (ms)", inf["merged_lora_median_s"] * 1e3, inf["plain_median_s"] * 1e3),
     ]
     if "score" in lo:
-        n = lo["score"]["mrs"]
-        panels += [(f"BLEU, {n} test MRs", lo["score"]["bleu"], fu["score"]["bleu"]),
-                   (f"slot error rate (%), {n} test MRs", 100 * lo["score"]["slots"]["slot_error_rate"],
+        n = f"{lo['score']['mrs']} of {lo['score']['of']} test MRs"
+        panels += [(f"BLEU, {n}", lo["score"]["bleu"], fu["score"]["bleu"]),
+                   (f"slot error rate (%), {n}", 100 * lo["score"]["slots"]["slot_error_rate"],
                     100 * fu["score"]["slots"]["slot_error_rate"])]
     fig, axes = plt.subplots(2, len(panels) // 2, figsize=(3.75 * len(panels) // 2, 7))
     for ax, (title, a, b) in zip(axes.flat, panels):

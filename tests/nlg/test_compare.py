@@ -299,6 +299,7 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
         assert (sc["mrs"], sc["of"], sc["indices"]) == (3, n_test, [0, n_test // 3, 2 * n_test // 3])
         assert len(sc["texts"]) == 3 and 0 <= sc["bleu"] <= 1 and sc["slots"]["slots"] > 0
     assert f"BLEU, 3 of {n_test} test MRs" in proc.stdout and "slot error rate, same MRs" in proc.stdout
+    assert f"[lora] 3 of {n_test} test MRs: BLEU" in proc.stderr  # the log says it is a subset too
 
 
 def test_tiny_run_in_bf16_records_its_precision(e2e_dir, tmp_path):
