@@ -5,7 +5,9 @@ from collections import Counter
 import pytest
 import torch
 
-from e2e_nlg.generate import DecodeConfig, ban_ngrams, banned_tokens, beam_search_batch, generate, greedy_batch, left_pad
+import loralib as lora
+from e2e_nlg.generate import (DecodeConfig, ban_ngrams, banned_tokens, beam_search_batch, generate, greedy_batch,
+                            left_pad, packed_linears)
 from e2e_nlg.model import GPTConfig, build_model
 
 V = 67
@@ -82,6 +84,43 @@ def test_prefill_output_layer_is_one_matrix_product(model):
         model(ids, logits_to_keep=1)
     ops = {e.name for e in prof.events()}
     assert "aten::bmm" not in ops and "aten::mm" in ops
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
+
+
+@needs_onednn
+def test_packed_linears_match_the_layers_and_are_removed_after(model):
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(7, 3, m.in_features, generator=g) for m in layers]
+    with torch.no_grad():
+        plain = [m(x) for m, x in zip(layers, xs)]
+        with packed_linears(model):
+            assert all("forward" in vars(m) for m in layers)  # every layer of the merged model runs packed
+            packed = [m(x) for m, x in zip(layers, xs)]
+            firsts = [m(x[:2]) for m, x in zip(layers, xs)]
+    assert not any("forward" in vars(m) for m in layers)
+    for p, q, f in zip(plain, packed, firsts):
+        torch.testing.assert_close(q.double(), p.double(), rtol=0, atol=1e-5 * p.abs().max().item())
+        assert torch.equal(f, q[:2])  # a row's result does not depend on the rows beside it
+
+
+@needs_onednn
+def test_packed_linears_fall_back_to_the_layer_when_it_changes():
+    lin = lora.Linear(8, 6, r=2).eval()  # merged
+    x = torch.randn(4, 8)
+    with packed_linears(lin):
+        with torch.no_grad():
+            lin.weight.add_(1.0)  # an in-place edit after packing: the packed copy is stale
+            assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        lin.train()  # unmerged: the LoRA update runs again
+        with torch.no_grad():
+            lin.lora_B.fill_(0.5)
+            assert torch.equal(lin(x), lin.__class__.forward(lin, x))
+        plain = torch.nn.Linear(8, 6)
+    with packed_linears(plain):
+        assert plain(x).requires_grad  # a call that needs gradients runs the layer's own forward
 
 
 def test_stops_at_end_of_text(model):
