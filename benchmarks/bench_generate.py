@@ -20,6 +20,7 @@ Token ids are compared row by row. transformers' no-repeat rule also counts the 
 only the generated text's (as Microsoft's E2E decoder): where a prompt 4-gram comes back, beam ids can differ.
 """
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -164,11 +165,36 @@ def measure(models, prompts, mode, batch, args):
     tps = {k: [toks[k] / s for s in secs[k]] for k in names}
     ratios = [a / b for a, b in zip(tps["ours"], tps["transformers"])]
     same = sum(a == b for a, b in zip(outs["ours"], outs["transformers"]))
-    return {"mode": MODES[mode]["label"], "batch": batch, "prompts": len(prompts), "tokens": toks,
+    ties = [] if mode != "greedy" else greedy_ties(models["ours"], prompts, outs["ours"], outs["transformers"],
+                                                    args.eos)
+    return {"mode": MODES[mode]["label"], "batch": batch, "prompts": len(prompts), "tokens": toks, "ties": ties,
             "tps": {k: statistics.median(v) for k, v in tps.items()}, "ratio": statistics.median(ratios),
             "ratio_by_order": (statistics.median(ratios[0::2]), statistics.median(ratios[1::2]) if
                                len(ratios) > 1 else float("nan")),
             "ratio_range": (min(ratios), max(ratios)), "identical": same}
+
+
+def greedy_ties(model, prompts, ours, theirs, eos: int):
+    """For each prompt whose greedy ids differ: where they first differ, and how far apart the two tokens' logits
+    are in a float64 forward of this project's model (the same weights): a near-tie that float32 rounding can break
+    either way, or a real difference."""
+    import torch
+
+    exact, notes = None, []
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a == b:
+            continue
+        if exact is None:
+            exact = copy.deepcopy(model).double()
+        j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        with torch.no_grad():
+            logits = exact(torch.tensor([prompts[i] + a[:j]])).logits[0, -1]
+        ta, tb = (a + [eos])[j], (b + [eos])[j]
+        ahead = "transformers'" if logits[tb] > logits[ta] else "ours"
+        notes.append(f"row {i}: the same first {j} tokens, then ours {ta}, transformers' {tb}; in float64 their "
+                     f"logits are {logits[ta]:.6f} and {logits[tb]:.6f}: {ahead} ahead by "
+                     f"{abs(logits[ta] - logits[tb]).item():.1e}")
+    return notes
 
 
 def render(rows, header: str) -> str:
@@ -180,7 +206,8 @@ def render(rows, header: str) -> str:
                      f"{r['tps']['transformers']:.1f} | {r['ratio']:.2f} ({r['ratio_range'][0]:.2f}–"
                      f"{r['ratio_range'][1]:.2f}) | {r['ratio_by_order'][0]:.2f} / {r['ratio_by_order'][1]:.2f} | "
                      f"{r['identical']} of {r['prompts']} |")
-    return "\n".join(lines)
+    notes = [f"- {r['mode']}, batch {r['batch']}, {t}" for r in rows for t in r["ties"]]
+    return "\n".join(lines + (["", "Greedy rows whose ids differ:"] + notes if notes else []))
 
 
 def main(argv=None) -> int:

@@ -247,6 +247,24 @@ def test_bench_generate_counts_tokens_as_generated():
         bench_generate.main(["--modes", "sampling"])
 
 
+def test_bench_generate_explains_greedy_rows_that_differ():
+    """A row whose ids differ gets where they part and both tokens' float64 logits from the model's own weights."""
+    import torch
+
+    import bench_generate
+    from e2e_nlg.model import GPTConfig, build_model
+
+    model = build_model(GPTConfig(vocab_size=50, max_positions=32, hidden_dim=16, num_layers=1, num_heads=2),
+                        base_seed=3).eval()
+    prompts, ours = [[4, 5, 6], [7, 8]], [[9, 10, 11], [1, 2]]
+    notes = bench_generate.greedy_ties(model, prompts, ours, [[9, 10, 11], [1, 3, 4]], eos=49)
+    with torch.no_grad():
+        want = model.double()(torch.tensor([[7, 8, 1]])).logits[0, -1]
+    assert len(notes) == 1 and notes[0].startswith("row 1: the same first 1 tokens, then ours 2, transformers' 3; ")
+    assert f"their logits are {want[2]:.6f} and {want[3]:.6f}: " in notes[0]
+    assert f"ahead by {abs(want[2] - want[3]).item():.1e}" in notes[0]
+
+
 def test_bench_generate_on_a_llama_gguf(tmp_path, capsys):
     """--model with a Llama GGUF file: the example's Llama and transformers' LlamaForCausalLM read the same file,
     and greedy ids agree row by row; the header names the model the file holds."""
@@ -263,3 +281,17 @@ def test_bench_generate_on_a_llama_gguf(tmp_path, capsys):
     assert f"Llama architecture from GGUF, {cfg['n_layer']} layers, width {cfg['n_embd']}" in printed
     row = next(line.split(" | ") for line in printed.splitlines() if line.startswith("| greedy"))
     assert row[1:3] == ["4", "4"] and row[-1].strip(" |") == "4 of 4"
+
+
+def test_bench_packed_linear_table(capsys):
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    import bench_packed_linear
+
+    assert bench_packed_linear.main(["--rows", "3", "--repeats", "1"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| GPT")
+            or line.startswith("| Smol")]
+    assert len(rows) == 10 and {r[1] for r in rows} == {"3"}
+    assert all(float(r[-1].strip(" |")) < 1e-5 for r in rows)  # the same layer, summed in another order

@@ -1,7 +1,7 @@
 """LoRA vs full fine-tuning of the same model, measured side by side in one run.
 
     python examples/NLG/compare_lora_vs_full.py --json compare.json --plot compare.png
-    python examples/NLG/compare_lora_vs_full.py --init_checkpoint smollm2 --score 100 --full_lr 1e-4   # scored
+    python examples/NLG/compare_lora_vs_full.py --init_checkpoint smollm2 --score 630 --full_lr 1e-4   # scored
 
 Both modes start from the same base weights (a random GPT-2 from ``--seed``, or ``--init_checkpoint``), see the
 same batches of E2E training data in the same order and run on the same device. ``lora``: only the LoRA matrices
@@ -343,7 +343,7 @@ def score_sample(args, model, device, precision: str) -> dict:
         texts, stats = describe(model, mrs, decode, delex=train_config(args).delex_slots,
                                 tokenizer=resolve(args.init_checkpoint).tokenizer)
     model.train()
-    return {"mrs": len(mrs), "of": len(groups), "indices": indices, "decoding": vars(decode),
+    return {"mrs": len(mrs), "of": len(groups), "indices": indices, "decoding": stats["decoding"],
             "bleu": metrics.bleu(texts, refs), "slots": slots.slot_scores(mrs, texts), "texts": texts,
             "tokens_per_second": stats["tokens_per_second"]}
 

@@ -210,11 +210,10 @@ def generate_with(args, model, adapter, mrs, decode: DecodeConfig, device, preci
         print()
     print(line)
     return {"adapter_dir": adapter.path, "texts": texts, "tokens_per_second": speed,
-            "merged_equals_unmerged": same, "generated_tokens": stats["tokens"]}
+            "merged_equals_unmerged": same, "generated_tokens": stats["tokens"], "decoding": stats["decoding"]}
 
 
-def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, recipe, precision: str,
-          jar=None) -> dict:
+def score(args, result: dict, out_dir: str, mrs, refs, recipe, precision: str, jar=None) -> dict:
     """``--eval``: write predictions.txt, references.txt and scores.json to ``out_dir``, print the table and return
     the scores (``jar``: a started ``MeteorJar``)."""
     texts = result["texts"]
@@ -224,7 +223,7 @@ def score(args, result: dict, out_dir: str, mrs, refs, decode: DecodeConfig, rec
     write_lines(os.path.join(out_dir, "references.txt"), [x for rs in refs for x in [*rs, ""]])
     scores = metrics.score_all(texts, refs, meteor_impl=args.meteor, nist_variant=args.nist, meteor_jar=jar)
     scores["slots"] = slots.slot_scores(mrs, texts)
-    scores.update({"split": args.split, "subset": args.subset, "decoding": vars(decode), "recipe": recipe,
+    scores.update({"split": args.split, "subset": args.subset, "decoding": result["decoding"], "recipe": recipe,
                    "precision": precision, "adapter_dir": result["adapter_dir"],
                    "tokens_per_second": result["tokens_per_second"]})
     atomic_json(os.path.join(out_dir, "scores.json"), scores)
@@ -288,7 +287,7 @@ def run_adapters(args, dirs, device, mrs, refs, decode: DecodeConfig, recipe, ja
             out_dir = args.output_dir or dirs[0]
             if len(dirs) > 1:
                 out_dir = os.path.join(out_dir, f"adapter{i}_{os.path.basename(os.path.normpath(adapter.path))}")
-            result.update(scores=score(args, result, out_dir, mrs, refs, decode, recipe, precision, jar),
+            result.update(scores=score(args, result, out_dir, mrs, refs, recipe, precision, jar),
                           output_dir=out_dir)
         results.append(result)
     return {"mrs": mrs, "results": results}

@@ -68,6 +68,9 @@ def test_training_records_the_file_and_inference_rebuilds_it(trained, capsys):
         ["--adapter_dir", out, "--input", mr, "--device", "cpu", "--max_new_tokens", "8"]))
     r = res["results"][0]
     assert r["merged_equals_unmerged"] is True and r["generated_tokens"] > 0
+    # What is recorded is what decoded: the Llama tokenizer's end and padding ids, not GPT-2's defaults.
+    assert (r["decoding"]["eos_id"], r["decoding"]["pad_id"]) == (base.tokenizer.eos_id, base.tokenizer.pad_id)
+    assert base.tokenizer.eos_id != 50256
     assert "base: " + os.path.abspath(gguf) in capsys.readouterr().out
 
 

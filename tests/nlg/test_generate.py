@@ -121,6 +121,9 @@ def test_packed_linears_fall_back_to_the_layer_when_it_changes():
         plain = torch.nn.Linear(8, 6)
     with packed_linears(plain):
         assert plain(x).requires_grad  # a call that needs gradients runs the layer's own forward
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = plain(x)  # autocast computes a float32 layer in bfloat16: the packed float32 weight would not
+            assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.Linear.forward(plain, x))
 
 
 def test_stops_at_end_of_text(model):

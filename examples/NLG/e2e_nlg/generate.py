@@ -14,6 +14,8 @@ E2E beam search does (transformers also counts the prompt).
 over all rows, and drops inputs that are done from the batch; none of this changes a token in float32. With a
 bfloat16 base, oneDNN may round a row differently for another number of rows, so a text can depend on which MRs
 share its batch (measured: 14 of the first 64 greedy SmolLM2 test texts differed decoded alone and within all 630).
+Its linear layers run with their weights packed once for oneDNN (:func:`packed_linears`): float32 sums in another
+order than ``F.linear``'s, so a near-tie between two tokens can break the other way (benchmarks/RESULTS.md).
 """
 import contextlib
 import inspect
@@ -147,8 +149,8 @@ def packed_linears(model: torch.nn.Module):
     their weights reordered once into its blocked layout, instead of re-reading the plain layout at every step: on
     the 2-core AMD EPYC measured in benchmarks/RESULTS.md that is 1.3-3x faster per layer. The sums are ordered
     differently than MKL's (float32 results differ in the last bits) and a row's result does not depend on the
-    other rows. A layer whose weight or LoRA state changes inside the block, or a call that needs gradients, runs
-    its own forward. Elsewhere (CUDA, no oneDNN) the block changes nothing.
+    other rows. A layer whose weight or LoRA state changes inside the block, a call that needs gradients, or one
+    that autocast would cast to another dtype, runs its own forward. Elsewhere (CUDA, no oneDNN) nothing changes.
     """
     ops = getattr(torch.ops, "mkldnn", None)
     usable = torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
@@ -156,7 +158,8 @@ def packed_linears(model: torch.nn.Module):
     try:
         for m in model.modules() if usable else ():
             w = m.weight if _plain_linear(m) else None
-            if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+            if (w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
+                    or (m.bias is not None and m.bias.dtype != w.dtype)):
                 continue
             m.forward = _packed_forward(m, ops._reorder_linear_weight(w.detach()), m.forward)
             patched.append(m)
@@ -171,6 +174,7 @@ def _packed_forward(m: torch.nn.Linear, packed: torch.Tensor, own_forward):
 
     def forward(x):
         if (m.weight._version != version or x.dtype != m.weight.dtype or torch.is_grad_enabled()
+                or (torch.is_autocast_enabled("cpu") and x.dtype != torch.get_autocast_dtype("cpu"))
                 or not _plain_linear(m)):
             return own_forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, packed, m.bias, "none", [], "")

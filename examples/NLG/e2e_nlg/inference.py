@@ -148,7 +148,8 @@ def _timed_texts(model, mrs: Sequence[str], delexes, cfg: DecodeConfig, batch_si
     n = sum(len(o) + (len(o) < cfg.max_new_tokens) for o in out)  # + the end-of-text each finished one produced
     texts = [relexicalize(tok.enc.decode(o).strip(), delexicalize(mr, None, d)[2])
              for mr, d, o in zip(mrs, delexes, out)]
-    return texts, {"tokens": n, "seconds": seconds, "tokens_per_second": n / max(seconds, 1e-9)}
+    return texts, {"tokens": n, "seconds": seconds, "tokens_per_second": n / max(seconds, 1e-9),
+                   "decoding": dataclasses.asdict(cfg)}
 
 
 def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
@@ -157,7 +158,8 @@ def describe(model, mrs: Sequence[str], cfg: DecodeConfig, batch_size: int = 16,
     texts); ``tokenizer``: the model family's (default GPT-2's).
 
     Returns:
-        (texts, ``{"tokens": generated, end-of-text included; "seconds"; "tokens_per_second"}``).
+        (texts, ``{"tokens": generated, end-of-text included; "seconds"; "tokens_per_second"; "decoding": the
+        settings used, with the tokenizer's end and padding ids}``).
     """
     return _timed_texts(model, mrs, [delex] * len(mrs), cfg, batch_size, tokenizer)
 
