@@ -101,6 +101,12 @@ def test_packed_linears_match_the_layers_and_are_removed_after(model):
             packed = [m(x) for m, x in zip(layers, xs)]
             firsts = [m(x[:2]) for m, x in zip(layers, xs)]
     assert not any("forward" in vars(m) for m in layers)
+    with packed_linears(model):
+        outer = {m: vars(m)["forward"] for m in layers}
+        with packed_linears(model):  # nested (generate inside generate): the inner block changes nothing
+            assert all(vars(m)["forward"] is outer[m] for m in layers)
+        assert all(vars(m)["forward"] is outer[m] for m in layers)
+    assert not any("forward" in vars(m) for m in layers)
     for p, q, f in zip(plain, packed, firsts):
         torch.testing.assert_close(q.double(), p.double(), rtol=0, atol=1e-5 * p.abs().max().item())
         assert torch.equal(f, q[:2])  # a row's result does not depend on the rows beside it

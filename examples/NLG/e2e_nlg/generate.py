@@ -146,11 +146,13 @@ def _plain_linear(m: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def packed_linears(model: torch.nn.Module):
     """Inside the block, the model's plain linear layers (:func:`_plain_linear`) on the CPU run through oneDNN with
-    their weights reordered once into its blocked layout, instead of re-reading the plain layout at every step: on
-    the 2-core AMD EPYC measured in benchmarks/RESULTS.md that is 1.3-3x faster per layer. The sums are ordered
-    differently than MKL's (float32 results differ in the last bits) and a row's result does not depend on the
-    other rows. A layer whose weight or LoRA state changes inside the block, a call that needs gradients, or one
-    that autocast would cast to another dtype, runs its own forward. Elsewhere (CUDA, no oneDNN) nothing changes.
+    their weights reordered once into its blocked layout (a second copy of them while the block runs), instead of
+    re-reading the plain layout at every step: on the AMD EPYC of benchmarks/RESULTS.md, up to 2.5x faster per
+    layer at 32 rows. The sums are ordered differently than MKL's (float32 results differ in the last bits) and a
+    row's result does not depend on the other rows. A layer whose weight or LoRA state changes inside the block, a
+    call that needs gradients, or one that autocast would cast to another dtype, runs its own forward; a layer whose
+    ``forward`` is already replaced on the instance (an enclosing block, or user code) is left as it is. Elsewhere
+    (CUDA, no oneDNN) nothing changes.
     """
     ops = getattr(torch.ops, "mkldnn", None)
     usable = torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
@@ -158,8 +160,8 @@ def packed_linears(model: torch.nn.Module):
     try:
         for m in model.modules() if usable else ():
             w = m.weight if _plain_linear(m) else None
-            if (w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
-                    or (m.bias is not None and m.bias.dtype != w.dtype)):
+            if (w is None or "forward" in vars(m) or w.device.type != "cpu" or w.dtype not in (torch.float32,
+                    torch.bfloat16) or (m.bias is not None and m.bias.dtype != w.dtype)):
                 continue
             m.forward = _packed_forward(m, ops._reorder_linear_weight(w.detach()), m.forward)
             patched.append(m)
