@@ -34,7 +34,7 @@ from e2e_nlg import distributed, measure, metrics, slots  # noqa: E402
 from e2e_nlg.adapter_io import atomic_json, atomic_write  # noqa: E402
 from e2e_nlg.data import (DataError, ensure_data, iterate_batches, load_references, load_tokenized,  # noqa: E402
                           select_indices, target_count)
-from e2e_nlg.generate import DecodeConfig  # noqa: E402
+from e2e_nlg.generate import DEFAULT_DECODING  # noqa: E402
 from e2e_nlg.inference import describe  # noqa: E402
 from e2e_nlg.family import DISPLAY_NAMES, family_of, resolve  # noqa: E402
 from e2e_nlg.model import base_fingerprint, base_state_dict  # noqa: E402
@@ -337,10 +337,9 @@ def score_sample(args, model, device, precision: str) -> dict:
     groups = load_references("test", args.data_dir)
     indices = [i * len(groups) // args.score for i in range(min(args.score, len(groups)))]
     mrs, refs = [groups[i][0] for i in indices], [groups[i][1] for i in indices]
-    decode = DecodeConfig(beam_size=5, no_repeat_ngram_size=4)
     model.eval()
     with autocast(device, precision):
-        texts, stats = describe(model, mrs, decode, delex=train_config(args).delex_slots,
+        texts, stats = describe(model, mrs, DEFAULT_DECODING, delex=train_config(args).delex_slots,
                                 tokenizer=resolve(args.init_checkpoint).tokenizer)
     model.train()
     return {"mrs": len(mrs), "of": len(groups), "indices": indices, "decoding": stats["decoding"],

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 from e2e_nlg import data, metrics, slots, train_utils  # noqa: E402
 from e2e_nlg.adapter_io import AdapterError, atomic_json, atomic_write, read_adapter_config  # noqa: E402
-from e2e_nlg.generate import DEFAULT_BATCH_SIZE, DecodeConfig  # noqa: E402
+from e2e_nlg.generate import DEFAULT_BATCH_SIZE, DEFAULT_DECODING, DecodeConfig  # noqa: E402
 from e2e_nlg.hf_checkpoint import CheckpointError  # noqa: E402
 from e2e_nlg.family import tokenizer_for  # noqa: E402
 from e2e_nlg.inference import MRError, adapter_delex, check_mr, describe, describe_mixed, load_adapters, ready, \
@@ -69,13 +69,15 @@ def _add_decoding_flags(g) -> None:
                    help="decoding settings by name: auto = the recipe the (first) adapter was trained with, if any; "
                         "paper = beam 10, length penalty 0.8, no-repeat 4-grams, at most 64 new tokens, stop at "
                         "628 ('\\n\\n') too; the flags below, when given, override it")
-    g.add_argument("--beam_size", type=int, default=5, help="beams per input; 1 is greedy (E2E recipe: 10)")
+    g.add_argument("--beam_size", type=int, default=DEFAULT_DECODING.beam_size,
+                   help="beams per input; 1 is greedy (E2E recipe: 10)")
     g.add_argument("--length_penalty", type=float, default=1.0,
                    help="beam score = sum of log-probs / length ** length_penalty (recipe paper: 0.8, from "
                         "Microsoft's README; the paper's Table 11 says 0.9)")
-    g.add_argument("--no_repeat_ngram_size", type=int, default=4,
+    g.add_argument("--no_repeat_ngram_size", type=int, default=DEFAULT_DECODING.no_repeat_ngram_size,
                    help="never repeat an n-gram of this size within the generated text; 0: off (E2E recipe: 4)")
-    g.add_argument("--max_new_tokens", type=int, default=64, help="stop after this many tokens without end-of-text")
+    g.add_argument("--max_new_tokens", type=int, default=DEFAULT_DECODING.max_new_tokens,
+                   help="stop after this many tokens without end-of-text")
     g.add_argument("--stop_token_ids", type=int, nargs="*", default=[],
                    help="token ids that end a text besides <|endoftext|> (recipe paper: 628, '\\n\\n')")
     g.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,

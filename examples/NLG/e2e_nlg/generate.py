@@ -55,6 +55,10 @@ class DecodeConfig:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
 
 
+# run_inference.py's default decoding, which compare_lora_vs_full.py's --score uses too (chosen on valid.txt: README).
+DEFAULT_DECODING = DecodeConfig(beam_size=5, no_repeat_ngram_size=4)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad non-empty token lists with ``pad_id`` (masked) into ``(input_ids, attention_mask, position_ids)``,
     each ``(B, max_len)``; positions start at 0 at each row's first real token.
