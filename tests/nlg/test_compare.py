@@ -17,6 +17,7 @@ REPO = os.path.abspath(os.path.join(NLG, "..", ".."))
 SCRIPT = os.path.join(NLG, "compare_lora_vs_full.py")
 sys.path.insert(0, NLG)
 
+import run_inference  # noqa: E402
 from e2e_nlg import measure  # noqa: E402
 from e2e_nlg.data import load_references  # noqa: E402
 from e2e_nlg.model import GPTConfig, base_fingerprint  # noqa: E402
@@ -298,6 +299,10 @@ def test_tiny_run_writes_every_measured_figure(e2e_dir, tmp_path):
         sc = m["score"]
         assert (sc["mrs"], sc["of"], sc["indices"]) == (3, n_test, [0, n_test // 3, 2 * n_test // 3])
         assert len(sc["texts"]) == 3 and 0 <= sc["bleu"] <= 1 and sc["slots"]["slots"] > 0
+        inference = run_inference.get_parser().parse_args([])  # decoded as run_inference.py does by default
+        assert (sc["decoding"]["beam_size"], sc["decoding"]["no_repeat_ngram_size"],
+                sc["decoding"]["max_new_tokens"]) == (inference.beam_size, inference.no_repeat_ngram_size,
+                                                      inference.max_new_tokens)
     assert f"BLEU, 3 of {n_test} test MRs" in proc.stdout and "slot error rate, same MRs" in proc.stdout
     assert f"[lora] 3 of {n_test} test MRs: BLEU" in proc.stderr  # the log says it is a subset too
 
