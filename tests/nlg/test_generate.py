@@ -113,6 +113,20 @@ def test_packed_linears_match_the_layers_and_are_removed_after(model):
 
 
 @needs_onednn
+def test_bfloat16_layers_are_packed_only_where_onednn_runs_bfloat16(monkeypatch):
+    lin = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    for supported in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+        with torch.no_grad(), packed_linears(lin):
+            assert ("forward" in vars(lin)) is supported
+            if supported:  # bfloat16 in, bfloat16 out, within bfloat16's rounding of the float64 result
+                y, want = lin(x), torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+                assert y.dtype == torch.bfloat16
+                torch.testing.assert_close(y.double(), want, rtol=0, atol=2 ** -7 * want.abs().max().item())
+
+
+@needs_onednn
 def test_packed_linears_fall_back_to_the_layer_when_it_changes():
     lin = lora.Linear(8, 6, r=2).eval()  # merged
     x = torch.randn(4, 8)

@@ -155,17 +155,18 @@ def packed_linears(model: torch.nn.Module):
     layer at 32 rows. The sums are ordered differently than MKL's (float32 results differ in the last bits) and a
     row's result does not depend on the other rows. A layer whose weight or LoRA state changes inside the block, a
     call that needs gradients, or one that autocast would cast to another dtype, runs its own forward; a layer whose
-    ``forward`` is already replaced on the instance (an enclosing block, or user code) is left as it is. Elsewhere
-    (CUDA, no oneDNN) nothing changes.
+    ``forward`` is already replaced on the instance (an enclosing block, or user code) is left as it is, and so are
+    bfloat16 layers where oneDNN has no bfloat16 support. Elsewhere (CUDA, no oneDNN) nothing changes.
     """
     ops = getattr(torch.ops, "mkldnn", None)
     usable = torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+    dtypes = (torch.float32, torch.bfloat16) if usable and ops._is_mkldnn_bf16_supported() else (torch.float32,)
     patched = []
     try:
         for m in model.modules() if usable else ():
             w = m.weight if _plain_linear(m) else None
-            if (w is None or "forward" in vars(m) or w.device.type != "cpu" or w.dtype not in (torch.float32,
-                    torch.bfloat16) or (m.bias is not None and m.bias.dtype != w.dtype)):
+            if (w is None or "forward" in vars(m) or w.device.type != "cpu" or w.dtype not in dtypes
+                    or (m.bias is not None and m.bias.dtype != w.dtype)):
                 continue
             m.forward = _packed_forward(m, ops._reorder_linear_weight(w.detach()), m.forward)
             patched.append(m)
