@@ -69,6 +69,21 @@ def test_generation_equals_transformers_generate(beams):
         assert g == [t for t in want if t != EOS][:len(g)] and len(g) > 0
 
 
+def test_tied_head_is_the_embedding_and_generate_packs_it():
+    ref, ours = _hf_pair()
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert not any(k.startswith("lm_head") for k in ours.state_dict())  # the embedding keeps its one name
+    h = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.lm_head(h), ref.lm_head(h), rtol=0, atol=1e-6)
+        if torch.backends.mkldnn.is_available():
+            from e2e_nlg.generate import packed_linears
+
+            with packed_linears(ours):
+                assert "forward" in vars(ours.lm_head)  # runs through oneDNN with the blocked weight
+                torch.testing.assert_close(ours.lm_head(h), ref.lm_head(h), rtol=0, atol=1e-5)
+
+
 def test_lora_sits_on_the_named_projections_and_trains():
     ref, ours = _hf_pair(lora_targets=["q_proj", "down_proj"])
     adapted = sorted({n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if isinstance(m, lora.LoRALayer)})

@@ -138,7 +138,10 @@ def _takes_logits_to_keep(model) -> bool:
 
 def _plain_linear(m: torch.nn.Module) -> bool:
     """Whether ``m`` computes exactly ``F.linear(x, weight, bias)``: an ``nn.Linear``, or a LoRA linear layer whose
-    update is merged (or has none), with the default adapter and no per-row adapters."""
+    update is merged (or has none), with the default adapter and no per-row adapters; or a module that says so
+    (``plain_linear = True``, e.g. Llama's tied output layer)."""
+    if getattr(m, "plain_linear", False):
+        return True
     if not isinstance(m, torch.nn.Linear) or getattr(m, "fan_in_fan_out", False):
         return False
     if not isinstance(m, lora.LoRALayer):

@@ -145,6 +145,25 @@ class Block(nn.Module):
         return x, present
 
 
+class TiedHead(nn.Module):
+    """The output layer on the input embedding's weight E (tied): ``F.linear(h, E)``. A module with no parameter of
+    its own (E keeps its one name in the state dict) that ``generate`` can run as a plain linear layer."""
+    plain_linear = True  # forward(h) is F.linear(h, self.weight, self.bias) when h has the weight's dtype
+    bias = None
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = (embedding,)  # in a tuple: not registered as a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, h):
+        """Logits (..., V) of hidden states (..., C)."""
+        return F.linear(h, self.weight.to(h.dtype))
+
+
 class LlamaWithLoRA(LabelPositionLM, nn.Module):
     """Llama with LoRA. ``forward`` is GPT-2's (``model.LabelPositionLM``): with labels the tied 49,152-way head
     runs only at the label positions."""
@@ -160,10 +179,7 @@ class LlamaWithLoRA(LabelPositionLM, nn.Module):
         hs = cfg.head_dim
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def lm_head(self, h):
-        """Logits (..., V) of hidden states (..., C): the output head is the input embedding (tied)."""
-        return F.linear(h, self.model.embed_tokens.weight.to(h.dtype))
+        self.lm_head = TiedHead(self.model.embed_tokens)  # logits (..., V) of hidden states (..., C)
 
     def _rope_angles(self, position_ids, dtype):
         """cos and sin, (B, 1, T, hs), of positions (B, T): in float32, then the activations' dtype."""
