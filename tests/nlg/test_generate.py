@@ -116,7 +116,8 @@ def test_packed_linears_match_the_layers_and_are_removed_after(model):
 def test_bfloat16_layers_are_packed_only_where_onednn_runs_bfloat16(monkeypatch):
     lin = torch.nn.Linear(8, 6).to(torch.bfloat16)
     x = torch.randn(4, 8, dtype=torch.bfloat16)
-    for supported in (True, False):
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for supported in ((True, False) if native else (False,)):  # never claim a support this CPU lacks
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
         with torch.no_grad(), packed_linears(lin):
             assert ("forward" in vars(lin)) is supported
