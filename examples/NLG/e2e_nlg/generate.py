@@ -15,7 +15,8 @@ over all rows, and drops inputs that are done from the batch; none of this chang
 bfloat16 base, oneDNN may round a row differently for another number of rows, so a text can depend on which MRs
 share its batch (measured: 14 of the first 64 greedy SmolLM2 test texts differed decoded alone and within all 630).
 Its linear layers run with their weights packed once for oneDNN (:func:`packed_linears`): float32 sums in another
-order than ``F.linear``'s, so a near-tie between two tokens can break the other way (benchmarks/RESULTS.md).
+order than ``F.linear``'s, so a near-tie between two tokens can break the other way (benchmarks/RESULTS.md);
+``generate(..., packed=False)`` keeps ``F.linear``.
 """
 import contextlib
 import inspect
@@ -320,7 +321,7 @@ def _add_finished(fin: List[Tuple[float, List[int]]], K: int, score: float, seq:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_size: int = DEFAULT_BATCH_SIZE,
-             adapter_names: Optional[Sequence[Optional[str]]] = None) -> List[List[int]]:
+             adapter_names: Optional[Sequence[Optional[str]]] = None, packed: bool = True) -> List[List[int]]:
     """Decode every prompt, ``batch_size`` at a time (greedy when ``cfg.beam_size == 1``, else beam search).
 
     Prompts are decoded in order of length (a stable sort, so equal lengths keep their order) and returned in
@@ -334,6 +335,8 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_s
         adapter_names: per prompt, the adapter that generates it (None: the base model), mixed in one batch
             through ``lora.batch_adapters``; each prompt's tokens are those its adapter gives alone. Keep the
             model unmerged (``merge_weights=False``), or every batch unmerges and re-merges it.
+        packed: run the plain linear layers on packed weights (:func:`packed_linears`; not with
+            ``adapter_names``). False: ``F.linear`` (slower on the CPU; its sums are those of transformers' layers).
 
     Returns:
         Per prompt, in order, the generated token ids without the closing end-of-text.
@@ -355,7 +358,7 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: DecodeConfig, batch_s
     fn = greedy_batch if cfg.beam_size == 1 else beam_search_batch
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: List[List[int]] = [[] for _ in prompts]
-    with packed_linears(model) if adapter_names is None else contextlib.nullcontext():
+    with packed_linears(model) if packed and adapter_names is None else contextlib.nullcontext():
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
             names = None if adapter_names is None else [adapter_names[i] for i in chunk]
