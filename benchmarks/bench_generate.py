@@ -54,7 +54,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="2 rounds, 2 prompts at batch 1, 16 new tokens")
     p.add_argument("--unpacked", action="store_true",
                    help="ours computes its linear layers with F.linear (MKL's sums on the CPU, as transformers') "
-                        "instead of on weights packed for oneDNN: slower, and a near-tie breaks as it does in transformers' layers")
+                        "instead of on weights packed for oneDNN: slower, and a near-tie breaks as it does in "
+                        "transformers' layers")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     return p
 

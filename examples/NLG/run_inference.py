@@ -71,7 +71,7 @@ def _add_decoding_flags(g) -> None:
                         "628 ('\\n\\n') too; the flags below, when given, override it")
     g.add_argument("--beam_size", type=int, default=DEFAULT_DECODING.beam_size,
                    help="beams per input; 1 is greedy (E2E recipe: 10)")
-    g.add_argument("--length_penalty", type=float, default=1.0,
+    g.add_argument("--length_penalty", type=float, default=DEFAULT_DECODING.length_penalty,
                    help="beam score = sum of log-probs / length ** length_penalty (recipe paper: 0.8, from "
                         "Microsoft's README; the paper's Table 11 says 0.9)")
     g.add_argument("--no_repeat_ngram_size", type=int, default=DEFAULT_DECODING.no_repeat_ngram_size,
